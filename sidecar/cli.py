@@ -1,0 +1,295 @@
+"""The ``bitrix-sidecar`` command: run, authorize, status, token, emulator, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+
+from sidecar import __version__
+from sidecar.app import create_app, make_oauth, oauth_session, serve
+from sidecar.config import OPTIONS, Settings, load_settings, parse_listen
+from sidecar.errors import ConfigError, OAuthError, SidecarError
+from sidecar.logging import Redactor, configure_logging
+from sidecar.store import TokenStore
+from sidecar.tokens import TokenManager, authorize_url, describe
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+DEMO_CLIENT_ID = "local.demo0000000000.00000001"
+DEMO_CLIENT_SECRET = "demo-secret-not-for-production"  # noqa: S105 - the emulator's own app
+
+log = structlog.get_logger("sidecar.cli")
+
+
+def _settings_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (each overrides its environment variable)")
+    for option in OPTIONS:
+        group.add_argument(option.flag, dest=option.dest, default=None, metavar="VALUE",
+                           help=f"{option.help} [{option.env}]")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="bitrix-sidecar",
+        description="A token-keeping reverse proxy for the Bitrix24 REST API.",
+    )
+    parser.add_argument("--version", action="version", version=f"bitrix-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    settings = _settings_parent()
+    sub.add_parser("run", parents=[settings], help="serve the proxy")
+    sub.add_parser("authorize-url", parents=[settings],
+                   help="print the address to open in a browser to approve the app")
+    auth = sub.add_parser(
+        "authorize", parents=[settings],
+        help="exchange a code (or the pasted redirect address) and store the pair",
+    )
+    auth.add_argument("code", metavar="CODE_OR_URL",
+                      help="the code, or the whole address the browser was redirected to")
+    sub.add_parser("status", parents=[settings],
+                   help="print the token's state as JSON (never a token); exit 1 unless usable")
+    sub.add_parser("token", parents=[settings],
+                   help="print the current access token, refreshing it first if it has expired")
+    emu = sub.add_parser("emulator", help="run the built-in Bitrix24 portal and OAuth emulator")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=int, default=9000)
+    emu.add_argument("--client-id", default=DEMO_CLIENT_ID)
+    emu.add_argument("--client-secret", default=DEMO_CLIENT_SECRET)
+    emu.add_argument("--redirect-uri", default=None,
+                     help="the app's handler address the authorize page redirects to")
+    emu.add_argument("--rate", type=float, default=None,
+                     help="enable the leaky-bucket limit at this many requests per second")
+    emu.add_argument("--burst", type=int, default=50)
+    demo = sub.add_parser("demo", help="the emulator and the sidecar together, authorized")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="the proxy's host:port")
+    demo.add_argument("--log-level", default="warning")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "emulator":
+            return _run(_emulator(args))
+        if args.command == "demo":
+            return _run(_demo(args))
+        flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
+        settings = load_settings(
+            os.environ, flags, need_secret=args.command in ("run", "authorize", "token")
+        )
+    except ConfigError as exc:
+        print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "run":
+        redactor = configure_logging(fmt=settings.log_format, level=settings.log_level)
+        return _run(_serve(settings, redactor))
+    # One-shot commands keep stdout for their answer and log only what matters.
+    configure_logging(fmt=settings.log_format, level="warning")
+    if args.command == "authorize-url":
+        print(authorize_url(settings))
+        return 0
+    if args.command == "authorize":
+        return _run(_authorize(settings, args.code))
+    if args.command == "status":
+        return _run(_status(settings))
+    return _run(_token(settings))
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a coroutine on uvloop (where available) and return its exit code."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional on platforms without it
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        try:
+            return runner.run(coro)
+        except KeyboardInterrupt:
+            return 130
+
+
+async def _serve(settings: Settings, redactor: Redactor) -> int:
+    try:
+        await serve(create_app(settings, redactor=redactor), settings.listen.host,
+                    settings.listen.port)
+    except SidecarError as exc:
+        log.error("startup_failed", error=exc.description)
+        return EXIT_FAILED
+    except OSError as exc:
+        log.error("startup_failed", error=f"cannot listen on {settings.listen}: {exc.strerror}")
+        return EXIT_FAILED
+    return 0
+
+
+def parse_code(text: str) -> tuple[str, dict[str, str]]:
+    """Take a bare code or a pasted redirect address; return the code and the address's fields."""
+    value = text.strip()
+    if "code=" not in value:
+        return value, {}
+    query = urlsplit(value).query if "?" in value else value
+    fields = {k: v[0] for k, v in parse_qs(query).items() if v}
+    return fields.get("code", ""), fields
+
+
+async def _authorize(settings: Settings, text: str) -> int:
+    code, fields = parse_code(text)
+    if not code:
+        print("bitrix-sidecar: no code found in the argument", file=sys.stderr)
+        return EXIT_FAILED
+    portal_host = urlsplit(settings.portal).netloc
+    domain = fields.get("domain", "")
+    if domain and domain.lower() != portal_host:
+        print(f"bitrix-sidecar: the address is from {domain}, but BITRIX_PORTAL is "
+              f"{portal_host}: authorize on the configured portal", file=sys.stderr)
+        return EXIT_FAILED
+    async with (
+        TokenStore(settings.db_path, portal=settings.portal, client_id=settings.client_id)
+        as store,
+        oauth_session() as http,
+    ):
+        tokens = TokenManager(store, make_oauth(http, settings), settings)
+        try:
+            await tokens.authorize(code, trigger="cli")
+        except OAuthError as exc:
+            hint = ""
+            if exc.error.lower() in ("invalid_grant", "expired_token"):
+                hint = (" The code was already used or has expired (codes live 30 seconds): "
+                        f"open {authorize_url(settings)} again and paste the new address at once.")
+            print(f"bitrix-sidecar: {exc.description}.{hint}", file=sys.stderr)
+            return EXIT_FAILED
+        except SidecarError as exc:
+            print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(tokens.status(), indent=2))
+    return 0
+
+
+async def _status(settings: Settings) -> int:
+    try:
+        async with TokenStore(settings.db_path, portal=settings.portal,
+                              client_id=settings.client_id) as store:
+            info = describe(settings, await store.load())
+    except SidecarError as exc:
+        print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(info, indent=2))
+    return 0 if info["state"] == "valid" else EXIT_FAILED
+
+
+async def _token(settings: Settings) -> int:
+    try:
+        async with (
+            TokenStore(settings.db_path, portal=settings.portal,
+                       client_id=settings.client_id) as store,
+            oauth_session() as http,
+        ):
+            tokens = TokenManager(store, make_oauth(http, settings), settings)
+            await tokens.start()
+            pair = tokens.current() or await tokens.refresh(
+                tokens.pair.access_token if tokens.pair else "", trigger="cli"
+            )
+    except SidecarError as exc:
+        print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        return EXIT_FAILED
+    print(pair.access_token)
+    return 0
+
+
+async def _emulator(args: argparse.Namespace) -> int:
+    from sidecar.emulator import Emulator, run_emulator  # noqa: PLC0415 - only this command
+
+    configure_logging(fmt="console", level="info")
+    emulator = Emulator(rate=args.rate, burst=args.burst)
+    emulator.register_app(args.client_id, args.client_secret, redirect_uri=args.redirect_uri)
+    async with run_emulator(emulator, host=args.host, port=args.port) as base_url:
+        print(f"Bitrix24 emulator at {base_url}\n"
+              f"  client id:      {args.client_id}\n"
+              f"  client secret:  {args.client_secret}\n"
+              f"  authorize at:   {base_url}/oauth/authorize/?client_id={args.client_id}\n"
+              f"  sidecar env:    BITRIX_PORTAL={base_url} BITRIX_CLIENT_ID={args.client_id} "
+              "BITRIX_CLIENT_SECRET=...\n"
+              "Ctrl-C stops it.", flush=True)
+        await _wait_for_signal()
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from sidecar.emulator import Emulator, run_emulator  # noqa: PLC0415 - only this command
+
+    try:
+        listen = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"bitrix-sidecar: --listen: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    redactor = configure_logging(fmt="console", level=args.log_level)
+    emulator = Emulator()
+    emulator.register_app(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
+    with tempfile.TemporaryDirectory(prefix="bitrix-sidecar-demo-") as workdir:
+        async with run_emulator(emulator) as base_url:
+            settings = Settings(
+                portal=base_url,
+                client_id=DEMO_CLIENT_ID,
+                client_secret=DEMO_CLIENT_SECRET,
+                oauth_url=base_url,
+                scope=("crm", "user"),
+                auth_code=emulator.issue_code(DEMO_CLIENT_ID),
+                listen=listen,
+                db_path=Path(workdir) / "tokens.db",
+                log_format="console",
+                log_level=args.log_level,
+            )
+
+            def ready(port: int) -> None:
+                base = f"http://{listen.host}:{port}"
+                print(_demo_banner(base, base_url), flush=True)
+
+            try:
+                await serve(create_app(settings, redactor=redactor), listen.host, listen.port,
+                            shutdown_grace=2.0, ready=ready)
+            except OSError as exc:
+                print(f"bitrix-sidecar: cannot listen on {listen}: {exc.strerror}; "
+                      "try --listen 127.0.0.1:8081", file=sys.stderr)
+                return EXIT_FAILED
+    return 0
+
+
+def _demo_banner(base: str, portal: str) -> str:
+    return f"""
+bitrix-sidecar demo: the sidecar at {base} in front of a Bitrix24 emulator at {portal},
+authorized automatically. Try, from another terminal (no credentials needed):
+
+  curl -s {base}/rest/profile
+  curl -s {base}/rest/crm.lead.add.json -d 'fields[TITLE]=First lead' -d 'fields[NAME]=Ann'
+  curl -s {base}/rest/crm.lead.list -H 'Content-Type: application/json' \\
+       -d '{{"select": ["ID", "TITLE"]}}'
+  curl -s '{base}/rest/crm.lead.get?id=1'
+  curl -s {base}/rest/1/anycode/user.current.json      # the inbound-webhook address shape
+  curl -s {base}/token                                 # the token itself, for direct calls
+
+Ctrl-C stops it.
+"""
+
+
+async def _wait_for_signal() -> None:
+    import signal  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()

@@ -1,0 +1,315 @@
+"""Settings: parsed once from the environment and flags, every problem named at once."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sidecar.errors import ConfigError
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d)?)+$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
+_SIZE_RE = re.compile(r"^(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+}
+_BARE_PORTAL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$", re.IGNORECASE)
+_HOST_RE = re.compile(r"^[a-z0-9.-]+(?::\d{1,5})?$", re.IGNORECASE)
+_SCOPE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_RU_ZONES = (".ru", ".by", ".kz")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("json", "console")
+OAUTH_WEST = "https://oauth.bitrix.info"
+OAUTH_RU = "https://oauth.bitrix24.tech"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sidecar needs to know, validated."""
+
+    portal: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    oauth_url: str
+    scope: tuple[str, ...] = ()
+    auth_code: str = field(default="", repr=False)
+    listen: Listen = Listen("127.0.0.1", 8080)
+    db_path: Path = Path("bitrix-sidecar.db")
+    refresh_interval: float = 25 * 60.0
+    upstream_timeout: float = 60.0
+    max_body: int = 16 * 1024**2
+    log_format: str = "json"
+    log_level: str = "info"
+
+    @property
+    def rest_base(self) -> str:
+        """Return the portal's REST base used until a token names its own ``client_endpoint``."""
+        return f"{self.portal}/rest/"
+
+    @property
+    def token_url(self) -> str:
+        """Return the OAuth server's token endpoint."""
+        return f"{self.oauth_url}/oauth/token/"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its environment variable, its flag and how to parse it."""
+
+    env: str
+    flag: str
+    dest: str
+    help: str
+    parse: Callable[[str], Any] | None = None
+    default: str = ""
+    secret: bool = False
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``90``, ``90s``, ``25m``, ``1h``, ``1h30m`` or ``500ms`` into seconds."""
+    value = text.strip().lower()
+    if not value or not _DURATION_RE.fullmatch(value):
+        raise ValueError(f"{text!r} is not a duration (examples: 90, 90s, 25m, 1h)")
+    return sum(
+        float(number) * _DURATION_UNITS[unit]
+        for number, unit in _DURATION_PART_RE.findall(value)
+    )
+
+
+def parse_size(text: str) -> int:
+    """Parse ``16MiB``, ``512k`` or ``1048576`` into bytes."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 1048576, 512KiB, 16MiB)")
+    unit = match.group(2).lower() if match.group(2) else None
+    size = int(match.group(1)) * _SIZE_UNITS[unit]
+    if size <= 0:
+        raise ValueError("must be larger than zero")
+    return size
+
+
+def parse_listen(text: str) -> Listen:
+    """Parse ``host:port`` or ``[v6]:port``."""
+    value = text.strip()
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not host:port (example: 127.0.0.1:8080)")
+    return Listen(host, int(port))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _normalize_url(text: str, what: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) address")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"{what} must be a plain address with no user, query or fragment")
+    try:
+        parts.port  # noqa: B018 - reading the property validates it
+    except ValueError as exc:
+        raise ValueError(f"{text!r} has a bad port") from exc
+    return f"{parts.scheme}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+def parse_portal(text: str) -> str:
+    """Turn ``corezoid``, ``corp.bitrix24.com`` or a full URL into a base URL with no slash."""
+    value = text.strip()
+    if "://" in value:
+        return _normalize_url(value, "BITRIX_PORTAL")
+    if _BARE_PORTAL_RE.fullmatch(value):
+        return f"https://{value.lower()}.bitrix24.ru"
+    if _HOST_RE.fullmatch(value):
+        return f"https://{value.lower()}"
+    raise ValueError(f"{text!r} is not a portal name, host or URL")
+
+
+def parse_oauth_url(text: str) -> str:
+    """Accept the OAuth server's base, tolerating a pasted ``/oauth/token/`` tail."""
+    url = _normalize_url(text.strip(), "BITRIX_OAUTH_URL")
+    for tail in ("/oauth/token", "/rest"):
+        url = url.removesuffix(tail)
+    return url
+
+
+def default_oauth_url(portal: str) -> str:
+    """Pick the OAuth server by the portal's zone; an emulator on loopback serves its own."""
+    host = urlsplit(portal).hostname or ""
+    if _is_loopback(host):
+        return portal
+    if host.endswith(_RU_ZONES):
+        return OAUTH_RU
+    return OAUTH_WEST
+
+
+def parse_scope(text: str) -> tuple[str, ...]:
+    """Split a comma-separated scope list."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    bad = [name for name in names if not _SCOPE_RE.fullmatch(name)]
+    if bad:
+        raise ValueError(f"bad scope name(s): {', '.join(bad)}")
+    return names
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _non_negative(parse: Callable[[str], float]) -> Callable[[str], float]:
+    def checked(text: str) -> float:
+        value = parse(text)
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    return checked
+
+
+def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
+    def checked(text: str) -> float:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError("must be larger than zero")
+        return value
+
+    return checked
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("BITRIX_PORTAL", "--portal", "portal",
+           "portal: bare name (= NAME.bitrix24.ru), host, or full URL", parse_portal),
+    Option("BITRIX_CLIENT_ID", "--client-id", "client_id", "application code (client_id)"),
+    Option("BITRIX_CLIENT_SECRET", "--client-secret", "client_secret",
+           "application key (prefer the _FILE form)", secret=True),
+    Option("BITRIX_CLIENT_SECRET_FILE", "--client-secret-file", "client_secret_file",
+           "file holding the application key"),
+    Option("BITRIX_SCOPE", "--scope", "scope", "requested permissions, comma separated",
+           parse_scope),
+    Option("BITRIX_AUTH_CODE", "--auth-code", "auth_code",
+           "first authorization code, used only when no token is stored", secret=True),
+    Option("BITRIX_OAUTH_URL", "--oauth-url", "oauth_url",
+           "OAuth server base (default by portal zone)", parse_oauth_url),
+    Option("SIDECAR_LISTEN", "--listen", "listen", "proxy listener host:port", parse_listen,
+           "127.0.0.1:8080"),
+    Option("SIDECAR_DB", "--db", "db_path", "SQLite token store", Path, "./bitrix-sidecar.db"),
+    Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
+           "background refresh period; 0 = only when needed", _non_negative(parse_duration),
+           "25m"),
+    Option("SIDECAR_UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout",
+           "total time for one upstream call", _positive(parse_duration), "60s"),
+    Option("SIDECAR_MAX_BODY", "--max-body", "max_body", "largest request body accepted",
+           parse_size, "16MiB"),
+    Option("SIDECAR_LOG_FORMAT", "--log-format", "log_format", "json or console",
+           _choice(LOG_FORMATS), "json"),
+    Option("SIDECAR_LOG_LEVEL", "--log-level", "log_level", "debug, info, warning, error",
+           _choice(LOG_LEVELS), "info"),
+)
+
+
+def load_settings(
+    env: Mapping[str, str],
+    flags: Mapping[str, str | None] | None = None,
+    *,
+    need_secret: bool = True,
+) -> Settings:
+    """Build settings from ``env`` and ``flags`` (flags win), or raise one ConfigError naming all.
+
+    ``flags`` is keyed by ``Option.dest``; a ``None`` value means the flag was not given.
+    """
+    flags = flags or {}
+    raw: dict[str, tuple[str, str]] = {}  # dest -> (source name, text)
+    for option in OPTIONS:
+        given = flags.get(option.dest)
+        if given is not None:
+            raw[option.dest] = (option.flag, given)
+        elif env.get(option.env, "").strip():
+            raw[option.dest] = (option.env, env[option.env])
+        elif option.default:
+            raw[option.dest] = (option.env, option.default)
+    # A secret given by flag overrides both environment forms, not just its twin.
+    secret_flags = [d for d in ("client_secret", "client_secret_file") if flags.get(d) is not None]
+    if secret_flags:
+        for dest in ("client_secret", "client_secret_file"):
+            if dest not in secret_flags:
+                raw.pop(dest, None)
+
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.dest not in raw:
+            continue
+        source, text = raw[option.dest]
+        if option.parse is None:
+            values[option.dest] = text.strip()
+            continue
+        try:
+            values[option.dest] = option.parse(text)
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+
+    for option in OPTIONS[:2]:
+        if option.dest not in raw:
+            problems.append(f"{option.env}: required ({option.help})")
+
+    secret = values.pop("client_secret", "")
+    secret_file = values.pop("client_secret_file", "")
+    if secret and secret_file:
+        problems.append(
+            "BITRIX_CLIENT_SECRET and BITRIX_CLIENT_SECRET_FILE: set only one of them"
+        )
+    elif secret_file:
+        try:
+            secret = Path(secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"BITRIX_CLIENT_SECRET_FILE: cannot read {secret_file}: "
+                            f"{exc.strerror if isinstance(exc, OSError) else 'not UTF-8'}")
+        else:
+            if not secret:
+                problems.append(f"BITRIX_CLIENT_SECRET_FILE: {secret_file} is empty")
+    elif not secret and need_secret:
+        problems.append(
+            "BITRIX_CLIENT_SECRET or BITRIX_CLIENT_SECRET_FILE: one is required (application key)"
+        )
+
+    if problems:
+        raise ConfigError(problems)
+    if "oauth_url" not in values:
+        values["oauth_url"] = default_oauth_url(values["portal"])
+    return Settings(client_secret=secret, **values)

@@ -1,0 +1,1132 @@
+"""A small Bitrix24 portal and OAuth server in one aiohttp app, faithful to the wire protocol.
+
+Tests (and local experiments) point the sidecar at it instead of a real portal. All state lives on
+the `Emulator` instance, so a test can inspect and poke it while the app is serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import html
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import HTTP
+from email.utils import collapse_rfc2231_value
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from yarl import URL
+
+from sidecar import phpquery
+
+__all__ = [
+    "BATCH_MAX_LENGTH",
+    "EMULATOR_KEY",
+    "PAGE_SIZE",
+    "Emulator",
+    "EmulatorStats",
+    "OAuthFailure",
+    "RestCall",
+    "TokenPair",
+    "run_emulator",
+]
+
+OAuthFailure = Literal["html", "garbage", "500", "invalid_client", "slow", "reset"]
+TokenSource = Literal["header", "auth", "access_token", "webhook"]
+OutputFormat = Literal["json", "xml"]
+
+PAGE_SIZE = 50
+BATCH_MAX_LENGTH = 50
+# Bitrix reports the operating-time budget over a 10-minute window.
+_OPERATING_WINDOW = 600
+
+_Ordered = TypeVar("_Ordered", float, str)
+
+_XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_FILTER_KEY = re.compile(r"(>=|<=|!=|>|<|!|=|%)?(.*)", re.DOTALL)
+_RESULT_REF = re.compile(r"\$result\[([^\]]+)\]((?:\[[^\]]*\])*)")
+_REF_SEGMENT = re.compile(r"\[([^\]]*)\]")
+
+_LEAD_FIELDS = (
+    "ID",
+    "TITLE",
+    "HONORIFIC",
+    "NAME",
+    "SECOND_NAME",
+    "LAST_NAME",
+    "COMPANY_TITLE",
+    "SOURCE_ID",
+    "STATUS_ID",
+    "OPENED",
+    "CURRENCY_ID",
+    "OPPORTUNITY",
+    "HAS_PHONE",
+    "HAS_EMAIL",
+    "ASSIGNED_BY_ID",
+    "CREATED_BY_ID",
+    "MODIFY_BY_ID",
+    "DATE_CREATE",
+    "DATE_MODIFY",
+    "COMMENTS",
+)
+_MULTI_FIELDS = ("PHONE", "EMAIL", "WEB", "IM")
+_READ_ONLY_FIELDS = frozenset({"ID", "DATE_CREATE", "DATE_MODIFY", "HAS_PHONE", "HAS_EMAIL"})
+
+
+@dataclass
+class EmulatorStats:
+    """Counters a test reads to see what the sidecar did upstream."""
+
+    # Every /oauth/token/ request, keyed by the grant_type it named ("" when none).
+    token_requests: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Refresh grants that issued a new pair; refresh_rejected counts all other refresh answers
+    # (injected failures included), so the two add up to token_requests["refresh_token"].
+    refresh_ok: int = 0
+    refresh_rejected: int = 0
+    # Method runs: requests that passed auth and the rate limit, plus each dispatched batch command.
+    rest_calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    limited: int = 0
+    upstream_requests: int = 0
+
+
+@dataclass(frozen=True)
+class RestCall:
+    """One REST HTTP request as the emulator received it."""
+
+    method: str
+    http_method: str
+    path: str
+    query: str
+    params: dict[str, Any]
+    token: str | None
+    token_source: TokenSource | None
+    headers: dict[str, str]
+    body: bytes
+    fmt: OutputFormat
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """A token pair whose refresh token is still usable."""
+
+    client_id: str
+    access_token: str
+    refresh_token: str
+    expires: float
+
+
+class RestError(Exception):
+    """A Bitrix error answer: HTTP status plus the error body."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        """Keep the status and body fields."""
+        super().__init__(f"{status} {error}: {description}")
+        self.status = status
+        self.error = error
+        self.description = description
+
+    def body(self) -> dict[str, str]:
+        """Return the JSON error body."""
+        return {"error": self.error, "error_description": self.description}
+
+
+@dataclass
+class _App:
+    client_id: str
+    client_secret: str
+    scope: str
+    redirect_uri: str | None
+
+
+@dataclass
+class _Code:
+    client_id: str
+    issued_at: float
+
+
+@dataclass
+class _Access:
+    client_id: str
+    expires_at: float
+    expired: bool = False
+
+
+@dataclass
+class _Refresh:
+    client_id: str
+    access_token: str
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """Who is calling: an app by token, or a webhook user (client_id None, any scope)."""
+
+    client_id: str | None
+    scope: frozenset[str] | None
+    user_id: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    result: Any
+    next: int | None = None
+    total: int | None = None
+
+
+_Handler = Callable[[_Caller, dict[str, Any]], _Outcome]
+
+
+@dataclass(frozen=True)
+class _Method:
+    scope: str | None
+    handler: _Handler
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What a /rest/ path names."""
+
+    method: str
+    fmt: OutputFormat
+    webhook: tuple[int, str] | None
+    known_shape: bool
+
+
+def _iso(ts: float) -> str:
+    """Format a unix time the way Bitrix dates look."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _time_block(start: float, finish: float) -> dict[str, Any]:
+    """Build the `time` object Bitrix adds to successful answers."""
+    duration = max(0.0, finish - start)
+    return {
+        "start": start,
+        "finish": finish,
+        "duration": duration,
+        "processing": duration,
+        "date_start": _iso(start),
+        "date_finish": _iso(finish),
+        "operating_reset_at": int(start) + _OPERATING_WINDOW,
+        "operating": 0,
+    }
+
+
+def _php_map(items: dict[str, Any]) -> Any:
+    """Serialize a keyed map as PHP's json_encode would: `[]` when empty, a list when 0..n-1."""
+    if all(key == str(i) for i, key in enumerate(items)):
+        return list(items.values())
+    return items
+
+
+def _truthy(value: Any) -> bool:
+    """Read a flag the way PHP casts a request value to bool."""
+    if isinstance(value, str):
+        return value not in ("", "0")
+    return bool(value)
+
+
+def _parse_route(tail: str) -> _Route:
+    """Split the part after /rest/ into method, output format and webhook credentials."""
+    parts = tail.split("/")
+    webhook: tuple[int, str] | None = None
+    if len(parts) == 3 and parts[0].isascii() and parts[0].isdigit():
+        webhook = (int(parts[0]), parts[1])
+        name = parts[2]
+    elif len(parts) == 1:
+        name = parts[0]
+    else:
+        return _Route(tail.lower(), "json", None, known_shape=False)
+    name = name.lower()
+    fmt: OutputFormat = "json"
+    if name.endswith(".json"):
+        name = name[: -len(".json")]
+    elif name.endswith(".xml"):
+        name = name[: -len(".xml")]
+        fmt = "xml"
+    return _Route(name, fmt, webhook, known_shape=bool(name))
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
+    """Read multipart/form-data fields; file parts become {filename, size}."""
+    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    message = BytesParser(policy=HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return {}
+    pairs: list[tuple[str, str]] = []
+    payload = message.get_payload()
+    parts = [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
+    for part in parts:
+        raw_name = part.get_param("name", header="content-disposition")
+        if raw_name is None:
+            continue
+        name = collapse_rfc2231_value(raw_name)
+        content = part.get_payload(decode=True)
+        data = content if isinstance(content, bytes) else b""
+        filename = part.get_filename()
+        if filename is not None:
+            pairs.append((f"{name}[filename]", filename))
+            pairs.append((f"{name}[size]", str(len(data))))
+        else:
+            charset = part.get_content_charset() or "utf-8"
+            pairs.append((name, data.decode(charset, "replace")))
+    return phpquery.parse(pairs)
+
+
+def _xml_text(value: Any) -> str:
+    """Render a value's content the way PHP would stringify it in XML."""
+    if isinstance(value, Mapping):
+        return "".join(_xml_element(str(k), v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return "".join(_xml_element("item", v) for v in value)
+    if isinstance(value, bool):
+        # PHP prints true as 1 and false as an empty string.
+        return "1" if value else ""
+    if value is None:
+        return ""
+    return html.escape(str(value), quote=False)
+
+
+def _xml_element(name: str, value: Any) -> str:
+    """Render one element, falling back to <item key="..."> for keys that are not XML names."""
+    if _XML_NAME.fullmatch(name) and not name.lower().startswith("xml"):
+        return f"<{name}>{_xml_text(value)}</{name}>"
+    return f'<item key="{html.escape(name)}">{_xml_text(value)}</item>'
+
+
+def render_xml(payload: Mapping[str, Any]) -> str:
+    """Render a response body as the minimal XML document Bitrix's .xml suffix asks for."""
+    return f'<?xml version="1.0" encoding="UTF-8"?><response>{_xml_text(payload)}</response>'
+
+
+def _number(value: Any) -> float | None:
+    """Read a value as a number if it looks like one."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        return None
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    """Compare a stored field with a filter value, numerically when both are numbers."""
+    a, b = _number(actual), _number(expected)
+    if a is not None and b is not None:
+        return a == b
+    return ("" if actual is None else str(actual)) == str(expected)
+
+
+def _compare(op: str, actual: Any, expected: Any) -> bool:
+    """Apply one filter operator to one stored value."""
+    if op in ("", "="):
+        if isinstance(expected, list):
+            return any(_equal(actual, e) for e in expected)
+        return _equal(actual, expected)
+    if op == "%":
+        return str(expected).lower() in ("" if actual is None else str(actual)).lower()
+    a, b = _number(actual), _number(expected)
+    if a is not None and b is not None:
+        return _ordered(op, a, b)
+    return _ordered(op, "" if actual is None else str(actual), str(expected))
+
+
+def _ordered(op: str, left: _Ordered, right: _Ordered) -> bool:
+    """Apply an ordering operator (>, <, >=, <=) to two values of one type."""
+    if op == ">":
+        return left > right
+    if op == "<":
+        return left < right
+    if op == ">=":
+        return left >= right
+    return left <= right
+
+
+def _matches(view: Mapping[str, Any], conditions: Mapping[str, Any]) -> bool:
+    """Tell whether a lead passes every filter condition."""
+    for raw_key, expected in conditions.items():
+        match = _FILTER_KEY.fullmatch(str(raw_key))
+        op, name = (match.group(1) or "", match.group(2)) if match else ("", str(raw_key))
+        actual = view.get(name, view.get(name.upper()))
+        # Multi-fields (PHONE, EMAIL) match when any of their values does.
+        values = (
+            [item.get("VALUE") for item in actual if isinstance(item, Mapping)]
+            if isinstance(actual, list)
+            else [actual]
+        )
+        if op in ("!", "!="):
+            if any(_compare("=", v, expected) for v in values):
+                return False
+        elif not any(_compare(op, v, expected) for v in values):
+            return False
+    return True
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    """Order None first, then numbers, then strings, without comparing across types."""
+    if value is None:
+        return (0, 0.0, "")
+    number = _number(value)
+    if number is not None:
+        return (1, number, "")
+    return (2, 0.0, str(value))
+
+
+def _field_key(name: str) -> Callable[[Mapping[str, Any]], tuple[int, float, str]]:
+    """Return a sort key reading one field of a lead view."""
+
+    def key(view: Mapping[str, Any]) -> tuple[int, float, str]:
+        """Sort by the named field."""
+        return _sort_key(view.get(name))
+
+    return key
+
+
+def _names(value: Any) -> list[str]:
+    """Read a `select` parameter given as a list, a PHP map or a single name."""
+    if isinstance(value, Mapping):
+        return [str(v) for v in value.values()]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str) and value:
+        return [value]
+    return []
+
+
+def _id_param(params: Mapping[str, Any]) -> int:
+    """Read a positive integer `id` (or `ID`) parameter."""
+    raw = params.get("id", params.get("ID"))
+    if isinstance(raw, str | int) and not isinstance(raw, bool):
+        text = str(raw).strip()
+        if text.isascii() and text.isdigit() and int(text) > 0:
+            return int(text)
+    raise RestError(400, "", "ID is not defined or invalid.")
+
+
+def _fields_param(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Read the `fields` map a crm add/update needs."""
+    fields = params.get("fields")
+    if isinstance(fields, Mapping):
+        return fields
+    raise RestError(400, "", "Parameter 'fields' must be array.")
+
+
+def _stored(value: Any) -> Any:
+    """Store a scalar the way Bitrix hands it back: as a string, booleans as Y/N."""
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+class Emulator:
+    """A Bitrix24 portal and its OAuth server, both served by `create_app()`."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        access_ttl: float = 3600,
+        code_ttl: float = 30,
+        rate: float | None = None,
+        burst: int = 50,
+        call_delay: float = 0.0,
+    ) -> None:
+        """Set up an empty portal; register apps and webhooks before use."""
+        self.clock = clock
+        self.access_ttl = access_ttl
+        self.code_ttl = code_ttl
+        self.rate = rate
+        self.burst = burst
+        self.call_delay = call_delay
+        self.base_url = ""
+        self.member_id = secrets.token_hex(16)
+        self.oauth_failure: OAuthFailure | None = None
+        self.oauth_slow_seconds: float = 5.0
+        self.stats = EmulatorStats()
+        self.rest_log: list[RestCall] = []
+        self._apps: dict[str, _App] = {}
+        self._codes: dict[str, _Code] = {}
+        self._access: dict[str, _Access] = {}
+        self._refresh: dict[str, _Refresh] = {}
+        self._webhooks: set[tuple[int, str]] = set()
+        self._bucket_level = 0.0
+        self._bucket_at: float | None = None
+        self._leads: dict[int, dict[str, Any]] = {}
+        self._next_lead_id = 1
+        self._next_multi_id = 1
+        self._methods: dict[str, _Method] = {
+            "batch": _Method(None, self._batch),
+            "profile": _Method(None, self._profile),
+            "user.current": _Method("user", self._user_current),
+            "app.info": _Method(None, self._app_info),
+            "crm.lead.add": _Method("crm", self._lead_add),
+            "crm.lead.get": _Method("crm", self._lead_get),
+            "crm.lead.list": _Method("crm", self._lead_list),
+            "crm.lead.update": _Method("crm", self._lead_update),
+            "crm.lead.delete": _Method("crm", self._lead_delete),
+        }
+
+    # -- test controls -------------------------------------------------------------------------
+
+    def bind(self, base_url: str) -> None:
+        """Set the address the emulator is served at, as it appears in tokens and redirects."""
+        self.base_url = base_url.rstrip("/")
+
+    def register_app(
+        self,
+        client_id: str,
+        client_secret: str,
+        *,
+        scope: str = "crm,user",
+        redirect_uri: str | None = None,
+    ) -> None:
+        """Install an application on the portal."""
+        self._apps[client_id] = _App(client_id, client_secret, scope, redirect_uri)
+
+    def issue_code(self, client_id: str) -> str:
+        """Issue an authorization code as if a person approved the app in a browser now."""
+        if client_id not in self._apps:
+            raise ValueError(f"unknown client_id {client_id!r}")
+        code = secrets.token_hex(34)
+        self._codes[code] = _Code(client_id, self.clock())
+        return code
+
+    def issue_tokens(self, client_id: str) -> dict[str, Any]:
+        """Mint a token pair without a code, as ONAPPINSTALL delivers one; return the token body."""
+        app = self._apps.get(client_id)
+        if app is None:
+            raise ValueError(f"unknown client_id {client_id!r}")
+        return self._issue_pair(app, self.base_url)
+
+    def expire_access_tokens(self) -> None:
+        """Make every access token issued so far answer 401 expired_token."""
+        for access in self._access.values():
+            access.expired = True
+
+    def revoke_refresh_tokens(self) -> None:
+        """Make every refresh token issued so far answer invalid_grant."""
+        self._refresh.clear()
+
+    def register_webhook(self, user_id: int, code: str) -> None:
+        """Create an inbound webhook served at /rest/{user_id}/{code}/{method}."""
+        self._webhooks.add((user_id, code))
+
+    def current_tokens(self) -> list[TokenPair]:
+        """List the pairs whose refresh token is still usable, oldest first."""
+        pairs: list[TokenPair] = []
+        for refresh_token, refresh in self._refresh.items():
+            access = self._access.get(refresh.access_token)
+            expires = access.expires_at if access is not None else 0.0
+            pairs.append(TokenPair(refresh.client_id, refresh.access_token, refresh_token, expires))
+        return pairs
+
+    @property
+    def leads(self) -> dict[int, dict[str, Any]]:
+        """Expose stored leads by ID, for assertions."""
+        return self._leads
+
+    def create_app(self) -> web.Application:
+        """Build a fresh aiohttp application serving this emulator's state."""
+        app = web.Application()
+        app[EMULATOR_KEY] = self
+        for path in ("/oauth/token/", "/oauth/token"):
+            app.router.add_get(path, self._handle_token, allow_head=False)
+            app.router.add_post(path, self._handle_token)
+        for path in ("/oauth/authorize/", "/oauth/authorize"):
+            app.router.add_get(path, self._handle_authorize, allow_head=False)
+        app.router.add_get("/rest/{tail:.*}", self._handle_rest, allow_head=False)
+        app.router.add_post("/rest/{tail:.*}", self._handle_rest)
+        return app
+
+    # -- OAuth ---------------------------------------------------------------------------------
+
+    def _base(self, request: web.Request) -> str:
+        """Return the bound base URL, or the one this request came in on."""
+        return self.base_url or str(request.url.origin())
+
+    def _issue_pair(self, app: _App, base: str) -> dict[str, Any]:
+        """Create a new access/refresh pair and return the token endpoint's success body."""
+        access_token = secrets.token_hex(34)
+        refresh_token = secrets.token_hex(34)
+        expires = self.clock() + self.access_ttl
+        self._access[access_token] = _Access(app.client_id, expires)
+        self._refresh[refresh_token] = _Refresh(app.client_id, access_token)
+        endpoint = f"{base}/rest/"
+        return {
+            "access_token": access_token,
+            "expires": int(expires),
+            "expires_in": int(self.access_ttl),
+            "scope": app.scope,
+            "domain": URL(base).raw_authority if base else "",
+            "server_endpoint": endpoint,
+            "status": "L",
+            "client_endpoint": endpoint,
+            "member_id": self.member_id,
+            "user_id": 1,
+            "refresh_token": refresh_token,
+        }
+
+    def _grant(self, params: Mapping[str, str], base: str) -> dict[str, Any]:
+        """Run one token request; raise RestError with the OAuth error on refusal."""
+        grant = params.get("grant_type", "")
+        secret_name = {"authorization_code": "code", "refresh_token": "refresh_token"}.get(grant)
+        if secret_name is None:
+            raise RestError(400, "invalid_request", "Unsupported or missing grant_type")
+        for name in ("client_id", "client_secret", secret_name):
+            if not params.get(name):
+                raise RestError(400, "invalid_request", f"Parameter {name} is required")
+        app = self._apps.get(params["client_id"])
+        if app is None or not secrets.compare_digest(app.client_secret, params["client_secret"]):
+            raise RestError(401, "invalid_client", "Invalid client credentials")
+        if grant == "authorization_code":
+            code = self._codes.get(params["code"])
+            if code is None or code.client_id != app.client_id:
+                raise RestError(400, "invalid_grant", "Invalid authorization code")
+            del self._codes[params["code"]]
+            if self.clock() - code.issued_at >= self.code_ttl:
+                raise RestError(400, "expired_token", "The authorization code has expired")
+            return self._issue_pair(app, base)
+        refresh = self._refresh.get(params["refresh_token"])
+        if refresh is None or refresh.client_id != app.client_id:
+            raise RestError(400, "invalid_grant", "Invalid refresh token")
+        # Rotation: the used refresh token and the access token it came with both die now.
+        del self._refresh[params["refresh_token"]]
+        self._access.pop(refresh.access_token, None)
+        return self._issue_pair(app, base)
+
+    def _failure_response(self, request: web.Request, failure: OAuthFailure) -> web.Response:
+        """Answer the token endpoint with an injected failure."""
+        if failure == "html":
+            page = _html_page("502 Bad Gateway", "<h1>502 Bad Gateway</h1>")
+            return web.Response(status=502, text=page, content_type="text/html")
+        if failure == "garbage":
+            return web.Response(status=200, text="this is not JSON {", content_type="text/plain")
+        if failure == "500":
+            error = RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+            return _json_response(error.status, error.body())
+        if failure == "invalid_client":
+            return _json_response(
+                401, {"error": "invalid_client", "error_description": "Invalid client credentials"}
+            )
+        # "reset": drop the connection; aiohttp quietly discards the response written after it.
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=500)
+
+    async def _handle_token(self, request: web.Request) -> web.Response:
+        """Serve /oauth/token/ for both GET query strings and POST forms."""
+        params = dict(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
+        if request.method == "POST":
+            form = await request.post()
+            params.update({k: v for k, v in form.items() if isinstance(v, str)})
+        grant = params.get("grant_type", "")
+        is_refresh = grant == "refresh_token"
+        self.stats.token_requests[grant] += 1
+        failure = self.oauth_failure
+        if failure == "slow":
+            await asyncio.sleep(self.oauth_slow_seconds)
+        elif failure is not None:
+            if is_refresh:
+                self.stats.refresh_rejected += 1
+            return self._failure_response(request, failure)
+        try:
+            body = self._grant(params, self._base(request))
+        except RestError as exc:
+            if is_refresh:
+                self.stats.refresh_rejected += 1
+            return _json_response(exc.status, exc.body())
+        if is_refresh:
+            self.stats.refresh_ok += 1
+        return _json_response(200, body)
+
+    async def _handle_authorize(self, request: web.Request) -> web.Response:
+        """Auto-approve /oauth/authorize/: redirect with a code, or show it on a page."""
+        query = dict(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
+        client_id = query.get("client_id", "")
+        app = self._apps.get(client_id)
+        if app is None:
+            page = _html_page("Error", "<p>Application not found.</p>")
+            return web.Response(status=400, text=page, content_type="text/html")
+        code = self.issue_code(client_id)
+        state = query.get("state")
+        base = self._base(request)
+        authority = URL(base).raw_authority
+        if app.redirect_uri:
+            extra = {"code": code}
+            if state is not None:
+                extra["state"] = state
+            extra |= {
+                "domain": authority,
+                "member_id": self.member_id,
+                "scope": app.scope,
+                "server_domain": authority,
+            }
+            location = URL(app.redirect_uri).extend_query(extra)
+            return web.Response(status=302, headers={"Location": str(location)})
+        body = (
+            f"<p>Application {html.escape(client_id)} was granted access.</p>"
+            f'<p>Authorization code: <code id="code">{code}</code></p>'
+        )
+        if state is not None:
+            body += f'<p>State: <code id="state">{html.escape(state)}</code></p>'
+        return web.Response(text=_html_page("Authorization", body), content_type="text/html")
+
+    # -- REST ----------------------------------------------------------------------------------
+
+    def _credentials(
+        self, request: web.Request, params: Mapping[str, Any], route: _Route
+    ) -> tuple[str | None, TokenSource | None]:
+        """Find the token the server would use, by its priority: header, auth, access_token."""
+        if route.webhook is not None:
+            return None, "webhook"
+        scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip(), "header"
+        auth = params.get("auth")
+        if isinstance(auth, str) and auth:
+            return auth, "auth"
+        access_token = params.get("access_token")
+        if isinstance(access_token, str) and access_token:
+            return access_token, "access_token"
+        return None, None
+
+    def _authenticate(self, route: _Route, token: str | None) -> _Caller:
+        """Check webhook credentials or the access token; raise the Bitrix 401 on failure."""
+        if route.webhook is not None:
+            if route.webhook not in self._webhooks:
+                raise RestError(401, "INVALID_CREDENTIALS", "Invalid request credentials")
+            return _Caller(None, None, route.webhook[0])
+        if token is None:
+            raise RestError(401, "NO_AUTH_FOUND", "Wrong authorization data")
+        access = self._access.get(token)
+        if access is None:
+            raise RestError(401, "invalid_token", "The access token provided is invalid.")
+        if access.expired or self.clock() >= access.expires_at:
+            raise RestError(401, "expired_token", "The access token provided has expired.")
+        app = self._apps[access.client_id]
+        scope = frozenset(s.strip() for s in app.scope.split(",") if s.strip())
+        return _Caller(app.client_id, scope, 1)
+
+    def _admit(self) -> bool:
+        """Pass one request through the leaky bucket, or refuse it when the bucket is full."""
+        if self.rate is None:
+            return True
+        now = self.clock()
+        last = now if self._bucket_at is None else self._bucket_at
+        # A clock that steps backwards drains nothing rather than overfilling the bucket.
+        elapsed = max(0.0, now - last)
+        self._bucket_at = max(last, now)
+        self._bucket_level = max(0.0, self._bucket_level - elapsed * self.rate)
+        if self._bucket_level + 1 > self.burst:
+            return False
+        self._bucket_level += 1
+        return True
+
+    def _run(self, caller: _Caller, method: str, params: dict[str, Any]) -> _Outcome:
+        """Run a known method for a caller, checking its scope."""
+        spec = self._methods[method]
+        if spec.scope is not None and caller.scope is not None and spec.scope not in caller.scope:
+            raise RestError(
+                401,
+                "insufficient_scope",
+                "The request requires higher privileges than provided by the access token",
+            )
+        self.stats.rest_calls[method] += 1
+        return spec.handler(caller, params)
+
+    async def _handle_rest(self, request: web.Request) -> web.Response:
+        """Serve /rest/...: log, check method, auth and rate limit, run, render."""
+        start = self.clock()
+        body = await request.read()
+        route = _parse_route(request.match_info["tail"])
+        params: dict[str, Any] = phpquery.parse_qs(request.rel_url.raw_query_string)
+        body_error: str | None = None
+        try:
+            params |= self._body_params(request, body)
+        except ValueError as exc:
+            body_error = str(exc)
+        token, source = self._credentials(request, params, route)
+        self.stats.upstream_requests += 1
+        self.rest_log.append(
+            RestCall(
+                method=route.method,
+                http_method=request.method,
+                path=request.rel_url.raw_path,
+                query=request.rel_url.raw_query_string,
+                params=params,
+                token=token,
+                token_source=source,
+                headers=dict(request.headers),
+                body=body,
+                fmt=route.fmt,
+            )
+        )
+        try:
+            if not route.known_shape or route.method not in self._methods:
+                raise RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+            if body_error is not None:
+                raise RestError(400, "ERROR_ARGUMENT", body_error)
+            caller = self._authenticate(route, token)
+            if not self._admit():
+                self.stats.limited += 1
+                raise RestError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+            if self.call_delay > 0:
+                await asyncio.sleep(self.call_delay)
+            outcome = self._run(caller, route.method, params)
+        except RestError as exc:
+            return _render(route.fmt, exc.status, exc.body())
+        finish = self.clock()
+        payload: dict[str, Any] = {"result": outcome.result}
+        if outcome.next is not None:
+            payload["next"] = outcome.next
+        if outcome.total is not None:
+            payload["total"] = outcome.total
+        payload["time"] = _time_block(start, finish)
+        response = _render(route.fmt, 200, payload)
+        response.headers["X-Bitrix-Rest-Application"] = caller.client_id or "webhook"
+        response.headers["X-Bitrix-Rest-Time"] = f"{max(0.0, finish - start):.6f}"
+        return response
+
+    def _body_params(self, request: web.Request, body: bytes) -> dict[str, Any]:
+        """Parse a request body by its content type; raise ValueError for unreadable JSON."""
+        if not body:
+            return {}
+        content_type = request.content_type
+        if content_type == "application/x-www-form-urlencoded":
+            return phpquery.parse_qs(body.decode("utf-8", "replace"))
+        if content_type == "multipart/form-data":
+            return _parse_multipart(request.headers.get("Content-Type", ""), body)
+        if content_type == "application/json" or content_type.endswith("+json"):
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise ValueError("Request body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise ValueError("Request body must be a JSON object")
+            return data
+        # PHP fills no parameters from bodies of other types.
+        return {}
+
+    # -- methods -------------------------------------------------------------------------------
+
+    def _profile(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Answer `profile` for the fixed admin user."""
+        return _Outcome(
+            {
+                "ID": str(caller.user_id),
+                "ADMIN": True,
+                "NAME": "Admin",
+                "LAST_NAME": "Emulator",
+                "PERSONAL_GENDER": "",
+                "TIME_ZONE": "",
+                "TIME_ZONE_OFFSET": 0,
+            }
+        )
+
+    def _user_current(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Answer `user.current` for the fixed admin user."""
+        return _Outcome(
+            {
+                "ID": str(caller.user_id),
+                "XML_ID": None,
+                "ACTIVE": True,
+                "NAME": "Admin",
+                "LAST_NAME": "Emulator",
+                "SECOND_NAME": "",
+                "EMAIL": "admin@example.com",
+                "ADMIN": True,
+                "IS_ONLINE": "Y",
+                "TIME_ZONE": "",
+                "TIME_ZONE_OFFSET": "0",
+                "UF_DEPARTMENT": [1],
+                "USER_TYPE": "employee",
+            }
+        )
+
+    def _app_info(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Answer `app.info` for the calling application."""
+        app = self._apps.get(caller.client_id) if caller.client_id is not None else None
+        return _Outcome(
+            {
+                "ID": "1",
+                "CODE": app.client_id if app is not None else "",
+                "VERSION": 1,
+                "STATUS": "L",
+                "INSTALLED": True,
+                "PAYMENT_EXPIRED": "N",
+                "DAYS": None,
+                "LANGUAGE_ID": "en",
+                "LICENSE": "en_project",
+                "LICENSE_TYPE": "project",
+                "LICENSE_FAMILY": "project",
+                "SCOPE": app.scope.split(",") if app is not None else [],
+            }
+        )
+
+    def _merge_multi(self, current: Any, value: Any, type_id: str) -> list[dict[str, str]]:
+        """Apply a PHONE/EMAIL-style update: new items append, items with ID update or delete."""
+        items: list[dict[str, str]] = list(current) if isinstance(current, list) else []
+        given = list(value.values()) if isinstance(value, Mapping) else value
+        if not isinstance(given, list):
+            return items
+        for raw in given:
+            entry = raw if isinstance(raw, Mapping) else {"VALUE": raw}
+            text = "" if entry.get("VALUE") is None else str(entry.get("VALUE"))
+            kind = str(entry.get("VALUE_TYPE") or "WORK")
+            known = next((i for i in items if i["ID"] == str(entry.get("ID", ""))), None)
+            if known is not None:
+                if text:
+                    known.update(VALUE=text, VALUE_TYPE=kind)
+                else:
+                    items.remove(known)
+            elif text:
+                item_id = str(self._next_multi_id)
+                self._next_multi_id += 1
+                items.append({"ID": item_id, "VALUE_TYPE": kind, "VALUE": text, "TYPE_ID": type_id})
+        return items
+
+    def _apply_fields(self, lead: dict[str, Any], fields: Mapping[str, Any]) -> None:
+        """Store given lead fields, keeping what is given and ignoring read-only ones."""
+        for raw_key, value in fields.items():
+            key = str(raw_key)
+            if key.upper() in _READ_ONLY_FIELDS:
+                continue
+            if key.upper() in _MULTI_FIELDS:
+                key = key.upper()
+                lead[key] = self._merge_multi(lead.get(key), value, key)
+            else:
+                lead[key] = _stored(value)
+        lead["DATE_MODIFY"] = _iso(self.clock())
+
+    def _lead_view(self, lead: Mapping[str, Any]) -> dict[str, Any]:
+        """Return a lead as crm.lead.get shows it: all standard fields, then extras."""
+        view: dict[str, Any] = {name: lead.get(name) for name in _LEAD_FIELDS}
+        view["HAS_PHONE"] = "Y" if lead.get("PHONE") else "N"
+        view["HAS_EMAIL"] = "Y" if lead.get("EMAIL") else "N"
+        for key, value in lead.items():
+            if key not in view and (key not in _MULTI_FIELDS or value):
+                view[key] = value
+        return view
+
+    def _find_lead(self, params: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Look up the lead named by `id`, raising Bitrix's errors."""
+        lead_id = _id_param(params)
+        lead = self._leads.get(lead_id)
+        if lead is None:
+            raise RestError(400, "", "Not found")
+        return lead_id, lead
+
+    def _lead_add(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Create a lead; the result is its new integer ID."""
+        fields = _fields_param(params)
+        lead_id = self._next_lead_id
+        self._next_lead_id += 1
+        now = _iso(self.clock())
+        user = str(caller.user_id)
+        lead: dict[str, Any] = {
+            "ID": str(lead_id),
+            "STATUS_ID": "NEW",
+            "OPENED": "Y",
+            "ASSIGNED_BY_ID": user,
+            "CREATED_BY_ID": user,
+            "MODIFY_BY_ID": user,
+            "DATE_CREATE": now,
+        }
+        self._apply_fields(lead, fields)
+        self._leads[lead_id] = lead
+        return _Outcome(lead_id)
+
+    def _lead_get(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Return one lead by `id`."""
+        _, lead = self._find_lead(params)
+        return _Outcome(self._lead_view(lead))
+
+    def _lead_update(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Update a lead's fields; the result is true."""
+        _, lead = self._find_lead(params)
+        fields = _fields_param(params)
+        lead["MODIFY_BY_ID"] = str(caller.user_id)
+        self._apply_fields(lead, fields)
+        return _Outcome(True)
+
+    def _lead_delete(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Delete a lead; the result is true."""
+        lead_id, _ = self._find_lead(params)
+        del self._leads[lead_id]
+        return _Outcome(True)
+
+    def _lead_list(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """List leads in pages of 50 with filter, select, order and `start`."""
+        conditions = params.get("filter")
+        views = [self._lead_view(lead) for lead in self._leads.values()]
+        if isinstance(conditions, Mapping):
+            views = [v for v in views if _matches(v, conditions)]
+        order = params.get("order")
+        if isinstance(order, Mapping) and order:
+            # Stable sorts applied from the last key to the first give a multi-key order.
+            for name, direction in reversed(list(order.items())):
+                views.sort(key=_field_key(str(name)), reverse=str(direction).upper() == "DESC")
+        names = _names(params.get("select")) or ["*"]
+        wanted = {n.upper() for n in names} | {"ID"}
+        everything = "*" in wanted
+
+        def pick(view: dict[str, Any]) -> dict[str, Any]:
+            """Keep the selected fields; `*` means every field except multi-fields."""
+            return {
+                k: v
+                for k, v in view.items()
+                if k.upper() in wanted or (everything and k not in _MULTI_FIELDS)
+            }
+
+        start = int(_number(params.get("start")) or 0)
+        if start == -1:
+            # start=-1 asks Bitrix to skip counting: one page, no next, no total.
+            return _Outcome([pick(v) for v in views[:PAGE_SIZE]])
+        start = max(0, start)
+        page = [pick(v) for v in views[start : start + PAGE_SIZE]]
+        more = start + PAGE_SIZE < len(views)
+        return _Outcome(page, next=start + PAGE_SIZE if more else None, total=len(views))
+
+    def _resolve_refs(self, value: Any, results: Mapping[str, Any]) -> Any:
+        """Replace `$result[key][field]` references to earlier batch results."""
+        if isinstance(value, dict):
+            return {k: self._resolve_refs(v, results) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._resolve_refs(v, results) for v in value]
+        if not isinstance(value, str) or "$result[" not in value:
+            return value
+
+        def lookup(match: re.Match[str]) -> Any:
+            """Follow one reference; an unresolvable one stays as written."""
+            if match.group(1) not in results:
+                return match.group(0)
+            found: Any = results[match.group(1)]
+            for segment in _REF_SEGMENT.findall(match.group(2)):
+                if isinstance(found, Mapping) and segment in found:
+                    found = found[segment]
+                elif isinstance(found, list) and segment.isdigit() and int(segment) < len(found):
+                    found = found[int(segment)]
+                else:
+                    return match.group(0)
+            return found
+
+        whole = _RESULT_REF.fullmatch(value)
+        if whole is not None:
+            return lookup(whole)
+        return _RESULT_REF.sub(lambda m: str(lookup(m)), value)
+
+    def _batch(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+        """Run up to 50 commands, each as if called alone; later ones get LENGTH_EXCEEDED."""
+        cmd = params.get("cmd")
+        halt = _truthy(params.get("halt", 0))
+        if isinstance(cmd, Mapping):
+            commands = [(str(k), v) for k, v in cmd.items()]
+        elif isinstance(cmd, list):
+            commands = [(str(i), v) for i, v in enumerate(cmd)]
+        else:
+            commands = []
+        results: dict[str, Any] = {}
+        errors: dict[str, Any] = {}
+        totals: dict[str, Any] = {}
+        nexts: dict[str, Any] = {}
+        times: dict[str, Any] = {}
+        for index, (key, command) in enumerate(commands):
+            start = self.clock()
+            try:
+                if index >= BATCH_MAX_LENGTH:
+                    raise RestError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
+                if not isinstance(command, str):
+                    raise RestError(400, "ERROR_ARGUMENT", "Batch command must be a string")
+                name, _, query = command.partition("?")
+                method = _parse_route(name.strip().lstrip("/")).method
+                if method == "batch":
+                    raise RestError(
+                        405,
+                        "ERROR_BATCH_METHOD_NOT_ALLOWED",
+                        "Method is not allowed for batch usage",
+                    )
+                if method not in self._methods:
+                    raise RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+                command_params = self._resolve_refs(phpquery.parse_qs(query), results)
+                outcome = self._run(caller, method, command_params)
+            except RestError as exc:
+                errors[key] = exc.body()
+                if halt:
+                    break
+                continue
+            results[key] = outcome.result
+            if outcome.total is not None:
+                totals[key] = outcome.total
+            if outcome.next is not None:
+                nexts[key] = outcome.next
+            times[key] = _time_block(start, self.clock())
+        return _Outcome(
+            {
+                "result": _php_map(results),
+                "result_error": _php_map(errors),
+                "result_total": _php_map(totals),
+                "result_next": _php_map(nexts),
+                "result_time": _php_map(times),
+            }
+        )
+
+
+EMULATOR_KEY = web.AppKey("emulator", Emulator)
+
+
+def _json_response(status: int, payload: Any) -> web.Response:
+    """Answer with a JSON body as Bitrix does (application/json; charset=utf-8)."""
+    return web.Response(
+        status=status,
+        text=json.dumps(payload, ensure_ascii=False),
+        content_type="application/json",
+    )
+
+
+def _render(fmt: OutputFormat, status: int, payload: Mapping[str, Any]) -> web.Response:
+    """Answer in the format the method suffix asked for."""
+    if fmt == "xml":
+        return web.Response(status=status, text=render_xml(payload), content_type="text/xml")
+    return _json_response(status, payload)
+
+
+def _html_page(title: str, body: str) -> str:
+    """Wrap body HTML in a minimal page."""
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"</head><body>{body}</body></html>"
+    )
+
+
+@asynccontextmanager
+async def run_emulator(
+    emulator: Emulator, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve the emulator on a real socket, bind it to its address and yield the base URL."""
+    # A short shutdown timeout keeps teardown fast when a "slow" token answer is still sleeping.
+    runner = web.AppRunner(emulator.create_app(), access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in str(bound_host) else str(bound_host)
+        base_url = f"http://{url_host}:{bound_port}"
+        emulator.bind(base_url)
+        yield base_url
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,103 @@
+"""Exceptions of the sidecar: one base class, subclasses carrying data.
+
+The HTTP status of an error is chosen only at the edge (``sidecar.proxy``); these classes say what
+went wrong in Bitrix24's vocabulary (``error`` code and ``error_description``).
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+    code: str = "SIDECAR_ERROR"
+
+    def __init__(self, description: str, *, code: str | None = None) -> None:
+        super().__init__(description)
+        self.description = description
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(SidecarError):
+    """One or more settings are missing or malformed; each problem names its variable."""
+
+    code = "SIDECAR_CONFIG"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+class StoreError(SidecarError):
+    """The token store cannot be read or written."""
+
+    code = "SIDECAR_STORE_ERROR"
+
+
+class NotAuthorized(SidecarError):
+    """No token pair is held: a person has to authorize the app first."""
+
+    code = "SIDECAR_NOT_AUTHORIZED"
+
+
+class ReauthorizationRequired(SidecarError):
+    """The OAuth server refused the refresh token or the app for good: a person has to act."""
+
+    code = "SIDECAR_REAUTHORIZATION_REQUIRED"
+
+
+class TokenUnavailable(SidecarError):
+    """The token has expired and a renewal failed for a reason that may pass."""
+
+    code = "SIDECAR_TOKEN_UNAVAILABLE"
+
+
+class OAuthError(SidecarError):
+    """The OAuth server answered with an error, or did not answer usefully.
+
+    ``permanent`` errors (a dead refresh token, a rejected app) will not pass by retrying.
+    """
+
+    code = "SIDECAR_OAUTH_ERROR"
+
+    def __init__(self, description: str, *, error: str, permanent: bool) -> None:
+        super().__init__(description)
+        self.error = error
+        self.permanent = permanent
+
+
+class BadRequest(SidecarError):
+    """The client's request is outside what the proxy forwards."""
+
+    code = "SIDECAR_BAD_REQUEST"
+
+
+class NotFound(SidecarError):
+    """The path is not one the proxy serves."""
+
+    code = "SIDECAR_NOT_FOUND"
+
+
+class MethodNotAllowed(SidecarError):
+    """The HTTP method is not one Bitrix24 REST accepts."""
+
+    code = "SIDECAR_METHOD_NOT_ALLOWED"
+
+
+class BodyTooLarge(SidecarError):
+    """The request body is larger than ``SIDECAR_MAX_BODY``."""
+
+    code = "SIDECAR_BODY_TOO_LARGE"
+
+
+class UpstreamError(SidecarError):
+    """The portal could not be reached or answered something unusable."""
+
+    code = "SIDECAR_UPSTREAM_ERROR"
+
+
+class UpstreamTimeout(SidecarError):
+    """The portal did not answer within ``SIDECAR_UPSTREAM_TIMEOUT``."""
+
+    code = "SIDECAR_UPSTREAM_TIMEOUT"

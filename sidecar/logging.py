@@ -1,0 +1,114 @@
+"""Structured logs through structlog, with every secret redacted before anything is written."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections import deque
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[REDACTED]"
+_SECRET_KEYS = frozenset(
+    {"access_token", "refresh_token", "client_secret", "auth", "authorization", "auth_id",
+     "refresh_id", "application_token", "code", "password", "secret"}
+)
+# Secrets that travel as URL or form parameters, or as a bearer header, wherever they show up.
+_SECRET_PARAM_RE = re.compile(
+    r"(?i)(\b(?:access_token|refresh_token|client_secret|auth|auth_id|refresh_id|"
+    r"application_token|code)=)[^&\s\"'<>]+"
+)
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+
+
+class Redactor:
+    """A structlog processor that hides known secret values and secret-looking parameters."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self._secrets: deque[str] = deque(maxlen=keep)
+
+    def add(self, secret: str) -> None:
+        """Remember a secret value (a token, the client secret) to hide wherever it appears."""
+        if len(secret) >= 6 and secret not in self._secrets:
+            self._secrets.append(secret)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every known secret and secret parameter hidden."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        text = _SECRET_PARAM_RE.sub(rf"\g<1>{REDACTED}", text)
+        return _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
+
+    def _value(self, key: str, value: Any) -> Any:
+        if key.lower() in _SECRET_KEYS and value not in (None, ""):
+            return REDACTED
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {k: self._value(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._value("", v) for v in value]
+        if isinstance(value, BaseException):
+            return self.redact(repr(value))
+        return value
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        """Redact every value of the event."""
+        return {key: self._value(key, value) for key, value in event_dict.items()}
+
+
+def configure_logging(
+    *, fmt: str = "json", level: str = "info", redactor: Redactor | None = None,
+    stream: TextIO | None = None,
+) -> Redactor:
+    """Send structlog's and the standard library's records through one redacting pipeline."""
+    redactor = redactor or Redactor()
+    stream = stream or sys.stderr
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Render tracebacks to text first, so the redactor sees them too.
+        structlog.processors.format_exc_info,
+        redactor,
+    ]
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO))  # aiohttp's debug chatter is not ours to show
+    # Our own access-log event replaces aiohttp's.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return redactor
+
+
+def bind_request(request_id: str) -> None:
+    """Bind a request id to every log event of the current task."""
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+
+
+def event_values(event: MutableMapping[str, Any]) -> str:
+    """Flatten a captured event to one string, for tests that look for leaked secrets."""
+    return " ".join(f"{k}={v}" for k, v in event.items())

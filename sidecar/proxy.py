@@ -1,0 +1,413 @@
+"""The ``/rest/`` handler: parse path and body, attach the token, forward, retry once, answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.config import Settings
+from sidecar.errors import (
+    BadRequest,
+    BodyTooLarge,
+    MethodNotAllowed,
+    NotAuthorized,
+    NotFound,
+    ReauthorizationRequired,
+    SidecarError,
+    StoreError,
+    TokenUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from sidecar.store import TokenPair
+from sidecar.tokens import TokenManager
+
+log = structlog.get_logger("sidecar.proxy")
+
+# /rest/<method>[.json|.xml] and the inbound-webhook shape /rest/<user>/<code>/<method>[.json|.xml].
+# Matched on the raw request target: no percent-escape, dot segment or second slash gets through.
+_PATH_RE = re.compile(
+    r"/rest/(?:\d{1,10}/[A-Za-z0-9_]{1,64}/)?"
+    r"(?P<method>[A-Za-z][A-Za-z0-9_]{0,63}(?:\.[A-Za-z0-9_]{1,64}){0,15}?)"
+    r"(?P<suffix>\.json|\.xml)?",
+    re.IGNORECASE,
+)
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REFRESHABLE = frozenset({"expired_token", "invalid_token"})
+_CLIENT_AUTH_PARAMS = frozenset({"auth", "access_token"})
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade"}
+)
+# Not forwarded upstream: hop-by-hop headers, the client's own credentials, and what the
+# client library computes for its own connection.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "authorization", "content-length", "expect", "cookie"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# Answers up to this size are read whole (one write to the client); larger ones stream.
+STREAM_THRESHOLD = 256 * 1024
+CHUNK = 64 * 1024
+
+STATUS_OF: dict[type[SidecarError], int] = {
+    BadRequest: 400,
+    NotFound: 404,
+    MethodNotAllowed: 405,
+    BodyTooLarge: 413,
+    UpstreamError: 502,
+    UpstreamTimeout: 504,
+    NotAuthorized: 503,
+    ReauthorizationRequired: 503,
+    TokenUnavailable: 503,
+    StoreError: 503,
+}
+
+
+def error_response(
+    error: SidecarError, *, request_id: str | None = None
+) -> web.Response:
+    """Answer an error of the sidecar's own, in Bitrix24's shape."""
+    status = next((s for cls, s in STATUS_OF.items() if isinstance(error, cls)), 500)
+    headers = {"X-Request-ID": request_id} if request_id else None
+    if isinstance(error, MethodNotAllowed):
+        headers = {**(headers or {}), "Allow": "GET, POST"}
+    return web.json_response(
+        {"error": error.code, "error_description": error.description},
+        status=status,
+        headers=headers,
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a client asked for: a REST method, its output format, and the raw query string."""
+
+    method: str
+    suffix: str
+    query: str
+
+
+def parse_target(raw: str) -> Target:
+    """Split and check the raw request target; raise NotFound or BadRequest."""
+    path, _, query = raw.partition("?")
+    if not path.startswith("/rest/"):
+        raise NotFound(f"bitrix-sidecar serves /rest/<method> only, not {_show(path)}")
+    match = _PATH_RE.fullmatch(path)
+    if match is None:
+        raise BadRequest(
+            f"{_show(path)} is not a REST method address: use /rest/<method>, "
+            "/rest/<method>.json or /rest/<user_id>/<code>/<method>"
+        )
+    if any(c in query for c in "\r\n\0#"):
+        raise BadRequest("the query string holds control characters")
+    return Target(match["method"], (match["suffix"] or "").lower(), query)
+
+
+def _show(text: str) -> str:
+    """Quote a piece of client input safely for an error description."""
+    return json.dumps(text[:120])
+
+
+def _param_name(segment: bytes | str) -> str:
+    """Return the base name of a urlencoded ``key=value`` segment (``auth[x]`` -> ``auth``)."""
+    text = segment.decode("latin-1") if isinstance(segment, bytes) else segment
+    name = unquote_plus(text.partition("=")[0])
+    return name.partition("[")[0].strip().lower()
+
+
+def strip_query_auth(query: str) -> str:
+    """Drop ``auth`` and ``access_token`` parameters from a raw query string, keep the rest raw."""
+    if "auth" not in query and "access_token" not in query and "%" not in query:
+        return query
+    return "&".join(
+        seg for seg in query.split("&") if seg and _param_name(seg) not in _CLIENT_AUTH_PARAMS
+    )
+
+
+def strip_body_auth(body: bytes, content_type: str) -> bytes:
+    """Drop the client's ``auth``/``access_token`` from a form, JSON or multipart body."""
+    if not body or (b"auth" not in body and b"access_token" not in body and b"%" not in body):
+        return body
+    if content_type == "application/x-www-form-urlencoded":
+        return b"&".join(
+            seg for seg in body.split(b"&")
+            if seg and _param_name(seg) not in _CLIENT_AUTH_PARAMS
+        )
+    if content_type == "application/json":
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise BadRequest("the body is not valid JSON") from None
+        if isinstance(data, dict) and any(k.lower() in _CLIENT_AUTH_PARAMS for k in data):
+            data = {k: v for k, v in data.items() if k.lower() not in _CLIENT_AUTH_PARAMS}
+            return json.dumps(data, ensure_ascii=False).encode()
+    return body
+
+
+def strip_multipart_auth(body: bytes, boundary: str) -> bytes:
+    """Drop ``auth``/``access_token`` parts of a multipart body, keeping the others byte-exact."""
+    delimiter = b"--" + boundary.encode("latin-1")
+    pieces = body.split(delimiter)
+    kept = [pieces[0]]
+    for piece in pieces[1:]:
+        head = piece.split(b"\r\n\r\n", 1)[0].lower()
+        name = re.search(rb'content-disposition:[^\r\n]*\bname="([^"]*)"', head)
+        if name and name.group(1).partition(b"[")[0].decode("latin-1") in _CLIENT_AUTH_PARAMS:
+            continue
+        kept.append(piece)
+    return delimiter.join(kept)
+
+
+class Proxy:
+    """Forward REST calls to the portal with the current token attached."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tokens: TokenManager,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self._settings = settings
+        self._tokens = tokens
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one client request to ``/rest/``, ``/token`` or anything else (404)."""
+        started = time.perf_counter()
+        request_id = request.headers.get("X-Request-ID", "")
+        if not _REQUEST_ID_RE.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        outcome = _Outcome()
+        try:
+            response = await self._dispatch(request, request_id, outcome)
+        except SidecarError as exc:
+            outcome.error = exc.code
+            response = error_response(exc, request_id=request_id)
+        log.info(
+            "request",
+            request_id=request_id,
+            method=outcome.method,
+            http_method=request.method,
+            status=response.status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            upstream_ms=round(outcome.upstream * 1000, 2),
+            retried=outcome.retried,
+            error=outcome.error,
+        )
+        return response
+
+    async def _dispatch(
+        self, request: web.Request, request_id: str, outcome: _Outcome
+    ) -> web.StreamResponse:
+        raw = request.raw_path
+        if raw == "/token" or raw.startswith("/token?"):
+            return await self._token(request, request_id)
+        target = parse_target(raw)
+        outcome.method = target.method.lower()
+        if request.method not in ("GET", "POST"):
+            raise MethodNotAllowed(f"{request.method} is not accepted: use GET or POST")
+        body = await self._read_body(request)
+        return await self._forward(request, request_id, target, body, outcome)
+
+    async def _token(self, request: web.Request, request_id: str) -> web.Response:
+        if request.method != "GET":
+            raise MethodNotAllowed(f"{request.method} is not accepted: use GET")
+        pair = await self._tokens.get()
+        return web.json_response(
+            {
+                "access_token": pair.access_token,
+                "expires_at": int(pair.expires_at),
+                "expires_in": max(0, int(pair.expires_in())),
+                "client_endpoint": pair.client_endpoint or self._settings.rest_base,
+                "member_id": pair.member_id,
+                "scope": pair.scope,
+                "domain": pair.domain,
+            },
+            headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self._settings.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+        if not request.body_exists:
+            return b""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        ctype = request.content_type
+        if ctype.startswith("multipart/"):
+            boundary = request.headers.get("Content-Type", "").partition("boundary=")[2]
+            boundary = boundary.split(";")[0].strip().strip('"')
+            if boundary and (b'name="auth' in body or b'name="access_token' in body):
+                body = strip_multipart_auth(body, boundary)
+            return body
+        return strip_body_auth(body, ctype)
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            if name.lower() not in _DROP_REQUEST:
+                headers.add(name, value)
+        return headers
+
+    async def _forward(
+        self,
+        request: web.Request,
+        request_id: str,
+        target: Target,
+        body: bytes,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
+        query = strip_query_auth(target.query)
+        headers = self._upstream_headers(request)
+        headers["X-Request-ID"] = request_id
+        pair = await self._tokens.get()
+        while True:
+            url = self._url(pair, target, query)
+            sent = time.perf_counter()
+            try:
+                async with self._session.request(
+                    request.method,
+                    url,
+                    data=body if body or request.method == "POST" else None,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                ) as upstream:
+                    if upstream.status == 401 and not outcome.retried:
+                        payload = await upstream.read()
+                        outcome.upstream += time.perf_counter() - sent
+                        if _needs_refresh(payload):
+                            outcome.retried = True
+                            pair = await self._tokens.refresh(pair.access_token,
+                                                              trigger="auth_error")
+                            continue
+                        return self._answer(upstream, payload, request_id)
+                    return await self._relay(request, upstream=upstream, request_id=request_id,
+                                             target=target, sent=sent, outcome=outcome)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"the portal did not answer within {self._settings.upstream_timeout:g} s"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(f"the portal is unreachable: {_describe(exc)}") from None
+
+    def _url(self, pair: TokenPair, target: Target, query: str) -> URL:
+        base = pair.client_endpoint or self._settings.rest_base
+        auth = f"auth={pair.access_token}"
+        full = f"{base}{target.method}{target.suffix}?{query}&{auth}" if query else (
+            f"{base}{target.method}{target.suffix}?{auth}"
+        )
+        return URL(full, encoded=True)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        *,
+        upstream: aiohttp.ClientResponse,
+        request_id: str,
+        target: Target,
+        sent: float,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
+        if 300 <= upstream.status < 400:
+            location = URL(upstream.headers.get("Location", ""))
+            outcome.upstream += time.perf_counter() - sent
+            raise UpstreamError(
+                f"the portal answered {upstream.status} redirecting to "
+                f"{location.host or 'an unknown place'}: it may have been renamed; the next "
+                "token refresh learns its new address"
+            )
+        ctype = upstream.content_type
+        if upstream.status >= 500 and ctype not in ("application/json", "text/xml"):
+            outcome.upstream += time.perf_counter() - sent
+            raise UpstreamError(
+                f"the portal answered HTTP {upstream.status} with {ctype or 'no content type'} "
+                "instead of a REST answer"
+            )
+        length = upstream.content_length
+        if length is not None and length <= STREAM_THRESHOLD:
+            payload = await upstream.read()
+            outcome.upstream += time.perf_counter() - sent
+            return self._answer(upstream, payload, request_id)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=_response_headers(upstream.headers, request_id))
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Too late for an error answer: cut the connection so the client sees it broke.
+            outcome.error = "SIDECAR_UPSTREAM_BROKE_MID_STREAM"
+            log.warning("upstream_broke_mid_stream", request_id=request_id,
+                        method=target.method, error=_describe(exc))
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        outcome.upstream += time.perf_counter() - sent
+        await response.write_eof()
+        return response
+
+    def _answer(
+        self, upstream: aiohttp.ClientResponse, payload: bytes, request_id: str
+    ) -> web.Response:
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            body=payload,
+            headers=_response_headers(upstream.headers, request_id),
+        )
+
+
+class _Outcome:
+    """What happened to one call, for its access-log event."""
+
+    __slots__ = ("error", "method", "retried", "upstream")
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.retried = False
+        self.upstream = 0.0
+        self.error: str | None = None
+
+
+def _response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in _DROP_RESPONSE:
+            out.add(name, value)
+    out["X-Request-ID"] = request_id
+    return out
+
+
+def _needs_refresh(payload: bytes) -> bool:
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("error") in _REFRESHABLE
+
+
+def _describe(exc: BaseException) -> str:
+    """Name a network error without echoing an address (ours carry the token)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
+    return type(exc).__name__
+

@@ -1,0 +1,282 @@
+"""The token store: the only module with SQL.
+
+One SQLite file holds one app's token pair on one portal, plus the state a person needs to see
+(last refresh, last error, whether re-authorization is required). The file is shared safely between
+a running sidecar and the CLI in other processes: writers take SQLite's write lock with
+``BEGIN IMMEDIATE``, so a refresh in one process cannot race a refresh in another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from sidecar.errors import StoreError
+
+SCHEMA_VERSION = 1
+# Long enough for another process to finish a refresh (an OAuth round trip) under the lock.
+BUSY_TIMEOUT_MS = 90_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS token (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    portal TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    access_token TEXT,
+    refresh_token TEXT,
+    expires_at REAL,
+    scope TEXT NOT NULL DEFAULT '',
+    member_id TEXT NOT NULL DEFAULT '',
+    client_endpoint TEXT NOT NULL DEFAULT '',
+    server_endpoint TEXT NOT NULL DEFAULT '',
+    domain TEXT NOT NULL DEFAULT '',
+    user_id TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',
+    application_token TEXT NOT NULL DEFAULT '',
+    obtained_at REAL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    reauth_required INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_error_at REAL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """An access token and the refresh token that renews it, with what the server said of them."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_at: float
+    scope: str = ""
+    member_id: str = ""
+    client_endpoint: str = ""
+    server_endpoint: str = ""
+    domain: str = ""
+    user_id: str = ""
+    status: str = ""
+    application_token: str = field(default="", repr=False)
+    obtained_at: float = 0.0
+
+    def expires_in(self, now: float | None = None) -> float:
+        """Return the seconds left before the access token expires."""
+        return self.expires_at - (time.time() if now is None else now)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What the store holds: the pair (if any, and if it belongs to this portal and app)."""
+
+    pair: TokenPair | None
+    generation: int = 0
+    reauth_required: bool = False
+    last_error: str = ""
+    last_error_at: float | None = None
+    foreign: str = ""  # non-empty when the stored pair belongs to another portal or app
+
+
+class TokenStore:
+    """Load and save the token pair of one app on one portal in a SQLite file."""
+
+    def __init__(self, path: Path, *, portal: str, client_id: str) -> None:
+        self.path = path
+        self.portal = portal
+        self.client_id = client_id
+        self._db: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> TokenStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open (creating with mode 0600 if needed) and migrate the store."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Create the file ourselves so it is never world-readable, even for a moment.
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            await self._db.execute("PRAGMA synchronous = FULL")
+            await self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StoreError(f"cannot open token store {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            with contextlib.suppress(sqlite3.Error):
+                await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """Return the open connection."""
+        if self._db is None:
+            raise StoreError("token store is not open")
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer bitrix-sidecar (schema {version})"
+            )
+        if version < SCHEMA_VERSION:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(_SCHEMA)
+                await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def data_version(self) -> int:
+        """Return SQLite's counter that moves whenever another connection commits."""
+        try:
+            async with self.db.execute("PRAGMA data_version") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read token store: {exc}") from exc
+        return int(row[0]) if row else 0
+
+    async def load(self) -> StoredState:
+        """Read the stored state."""
+        try:
+            self.db.row_factory = aiosqlite.Row
+            async with self.db.execute("SELECT * FROM token WHERE id = 1") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read token store: {exc}") from exc
+        if row is None:
+            return StoredState(pair=None)
+        data: dict[str, Any] = dict(row)
+        foreign = ""
+        if data["portal"] != self.portal or data["client_id"] != self.client_id:
+            foreign = f"the store holds a token of {data['client_id']} on {data['portal']}"
+        pair = None
+        if data["access_token"] and data["refresh_token"] and not foreign:
+            pair = TokenPair(
+                access_token=data["access_token"],
+                refresh_token=data["refresh_token"],
+                expires_at=float(data["expires_at"] or 0.0),
+                scope=data["scope"],
+                member_id=data["member_id"],
+                client_endpoint=data["client_endpoint"],
+                server_endpoint=data["server_endpoint"],
+                domain=data["domain"],
+                user_id=data["user_id"],
+                status=data["status"],
+                application_token=data["application_token"],
+                obtained_at=float(data["obtained_at"] or 0.0),
+            )
+        return StoredState(
+            pair=pair,
+            generation=int(data["generation"]),
+            reauth_required=bool(data["reauth_required"]) and not foreign,
+            last_error="" if foreign else data["last_error"],
+            last_error_at=None if foreign else data["last_error_at"],
+            foreign=foreign,
+        )
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[StoredState]:
+        """Hold the write lock across processes; yield the state as it is under the lock.
+
+        Everything saved inside commits together when the block ends, or rolls back on error.
+        """
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot lock token store: {exc}") from exc
+        try:
+            yield await self.load()
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self.db.execute("ROLLBACK")
+            raise
+        try:
+            await self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self.db.execute("ROLLBACK")
+            raise StoreError(f"cannot write token store: {exc}") from exc
+
+    async def save_pair(self, pair: TokenPair) -> int:
+        """Store a new pair, clearing any error; return the new generation."""
+        fields = {
+            "access_token": pair.access_token,
+            "refresh_token": pair.refresh_token,
+            "expires_at": pair.expires_at,
+            "scope": pair.scope,
+            "member_id": pair.member_id,
+            "client_endpoint": pair.client_endpoint,
+            "server_endpoint": pair.server_endpoint,
+            "domain": pair.domain,
+            "user_id": pair.user_id,
+            "status": pair.status,
+            "application_token": pair.application_token,
+            "obtained_at": pair.obtained_at,
+            "reauth_required": 0,
+            "last_error": "",
+            "last_error_at": None,
+        }
+        return await self._upsert(fields, bump=True)
+
+    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+        """Remember the last failure (and whether a person must re-authorize) for status."""
+        await self._upsert(
+            {
+                "last_error": error,
+                "last_error_at": time.time(),
+                "reauth_required": int(reauth_required),
+            },
+            bump=False,
+        )
+
+    async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:
+        columns = ["id", "portal", "client_id", "updated_at", *fields]
+        values = [1, self.portal, self.client_id, time.time(), *fields.values()]
+        if bump:
+            # A new pair takes the row over, whoever held it before.
+            updated = columns[1:]
+            tail = ", generation = token.generation + 1"
+            guard = ""
+            columns.append("generation")
+            values.append(1)
+        else:
+            # An error note must not adopt another portal's pair as ours.
+            updated = ["updated_at", *fields]
+            tail = ""
+            guard = " WHERE token.portal = excluded.portal AND token.client_id = excluded.client_id"
+        updates = ", ".join(f"{name} = excluded.{name}" for name in updated)
+        sql = (
+            f"INSERT INTO token ({', '.join(columns)}) "  # noqa: S608 - column names are ours
+            f"VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT(id) DO UPDATE SET {updates}{tail}{guard}"
+        )
+        try:
+            await self.db.execute(sql, values)
+            async with self.db.execute("SELECT generation FROM token WHERE id = 1") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write token store: {exc}") from exc
+        return int(row[0]) if row else 0

@@ -1,0 +1,429 @@
+"""The token's life: the current pair, single-flight refresh, the schedule, backoff and states."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import structlog
+
+from sidecar.config import Settings
+from sidecar.errors import (
+    NotAuthorized,
+    OAuthError,
+    ReauthorizationRequired,
+    SidecarError,
+    StoreError,
+    TokenUnavailable,
+)
+from sidecar.oauth import OAuthClient
+from sidecar.store import StoredState, TokenPair, TokenStore
+
+# A token this close to its end is treated as expired, so a call never leaves with a dying token.
+EXPIRY_SKEW = 30.0
+# With SIDECAR_REFRESH_INTERVAL=0 the pair is still renewed this often, so an idle sidecar's
+# refresh token (180 days, 28 in older docs) never dies unused.
+KEEPALIVE = 20 * 86400.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+
+log = structlog.get_logger("sidecar.tokens")
+
+
+def authorize_url(settings: Settings, state: str | None = None) -> str:
+    """Return the address a person opens to approve the app."""
+    query = {"client_id": settings.client_id}
+    if state:
+        query["state"] = state
+    return f"{settings.portal}/oauth/authorize/?{urlencode(query)}"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if not timestamp:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def describe(
+    settings: Settings,
+    stored: StoredState,
+    *,
+    now: float | None = None,
+    refresh_failing: bool = False,
+    unsaved: bool = False,
+) -> dict[str, Any]:
+    """Describe the token's state as JSON-ready data, never including a token or the secret."""
+    now = time.time() if now is None else now
+    pair = stored.pair
+    if stored.reauth_required:
+        state = "reauthorization_required"
+    elif pair is None:
+        state = "not_authorized"
+    elif pair.expires_at <= now:
+        state = "expired"
+    elif refresh_failing:
+        state = "refresh_failing"
+    else:
+        state = "valid"
+    granted = {s.strip() for s in pair.scope.split(",") if s.strip()} if pair else set()
+    info: dict[str, Any] = {
+        "state": state,
+        "portal": settings.portal,
+        "client_id": settings.client_id,
+        "oauth_server": settings.oauth_url,
+        "member_id": pair.member_id if pair else None,
+        "client_endpoint": (pair.client_endpoint or settings.rest_base) if pair else None,
+        "scope": pair.scope if pair else None,
+        "scope_requested": ",".join(settings.scope),
+        "scope_missing": sorted(set(settings.scope) - granted) if pair else [],
+        "expires_at": _iso(pair.expires_at) if pair else None,
+        "expires_in": round(pair.expires_at - now) if pair else None,
+        "last_refresh_at": _iso(pair.obtained_at) if pair else None,
+        "refresh_interval_seconds": settings.refresh_interval,
+        "last_error": stored.last_error or None,
+        "last_error_at": _iso(stored.last_error_at),
+        "unsaved": unsaved,
+    }
+    if stored.foreign:
+        info["note"] = stored.foreign + "; it is ignored"
+    if state in ("not_authorized", "reauthorization_required"):
+        info["authorize_url"] = authorize_url(settings)
+    return info
+
+
+def how_to_authorize(settings: Settings) -> str:
+    """Say, in one sentence, how a person authorizes the app."""
+    return (
+        f"open {authorize_url(settings)} in a browser, approve the app, then run "
+        "'bitrix-sidecar authorize <code or the whole redirect address>' within 30 seconds"
+    )
+
+
+class TokenManager:
+    """Hold the current pair and renew it: one refresh at a time, across tasks and processes."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        oauth: OAuthClient,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_secret: Callable[[str], None] = lambda _: None,
+        watch_interval: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._oauth = oauth
+        self._settings = settings
+        self._clock = clock
+        self._on_secret = on_secret
+        self._watch_interval = watch_interval
+        self._stored = StoredState(pair=None)
+        self._refresh_task: asyncio.Task[TokenPair] | None = None
+        self._failures = 0
+        self._next_attempt_at = 0.0
+        self._unsaved = False
+        self._changed = asyncio.Event()
+        self.refreshes = 0  # successful refreshes by this process
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def pair(self) -> TokenPair | None:
+        """Return the pair held in memory, valid or not."""
+        return self._stored.pair
+
+    def current(self) -> TokenPair | None:
+        """Return the pair if it can be used right now; the hot path, no I/O."""
+        pair = self._stored.pair
+        if pair is None or self._stored.reauth_required:
+            return None
+        if pair.expires_at - self._clock() <= EXPIRY_SKEW:
+            return None
+        return pair
+
+    async def get(self) -> TokenPair:
+        """Return a usable pair, renewing it first if it has expired."""
+        pair = self.current()
+        if pair is not None:
+            return pair
+        if self._stored.pair is None or self._stored.reauth_required:
+            # Another process (the CLI) may have just stored a new pair.
+            await self.sync()
+            pair = self.current()
+            if pair is not None:
+                return pair
+        self._raise_if_unusable()
+        stale = self._stored.pair
+        assert stale is not None  # _raise_if_unusable saw to it
+        return await self.refresh(stale.access_token, trigger="on_demand")
+
+    def status(self) -> dict[str, Any]:
+        """Describe the state for ``status``; never a token."""
+        return describe(
+            self._settings,
+            self._stored,
+            now=self._clock(),
+            refresh_failing=self._failures > 0,
+            unsaved=self._unsaved,
+        )
+
+    def _raise_if_unusable(self) -> None:
+        if self._stored.reauth_required:
+            raise ReauthorizationRequired(
+                "the OAuth server refused to renew the token "
+                f"({self._stored.last_error or 'no detail'}); a person must authorize the app "
+                f"again: {how_to_authorize(self._settings)}"
+            )
+        if self._stored.pair is None:
+            raise NotAuthorized(
+                f"bitrix-sidecar holds no token yet: {how_to_authorize(self._settings)}"
+            )
+
+    # -- changing --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the stored pair; exchange ``BITRIX_AUTH_CODE`` if none is stored."""
+        self._adopt(await self._store.load(), source="store")
+        if self._stored.pair is None and self._settings.auth_code:
+            try:
+                await self.authorize(self._settings.auth_code, trigger="startup")
+            except SidecarError as exc:
+                log.error("auth_code_exchange_failed", error=exc.description,
+                          hint=how_to_authorize(self._settings))
+
+    async def sync(self) -> None:
+        """Adopt whatever another process stored since we last looked."""
+        if self._unsaved:
+            return  # ours is newer than the file's; save_unsaved() will write it
+        stored = await self._store.load()
+        if stored.generation != self._stored.generation or stored.pair != self._stored.pair:
+            self._adopt(stored, source="store")
+        else:
+            self._stored = stored
+
+    async def authorize(self, code: str, *, trigger: str = "cli") -> TokenPair:
+        """Exchange a first authorization code and store the pair."""
+        started = self._clock()
+        try:
+            pair = await self._oauth.exchange_code(code)
+        except OAuthError as exc:
+            log.error("authorization_failed", trigger=trigger, error=exc.error,
+                      description=exc.description)
+            raise
+        await self.install(pair, trigger=trigger, started=started)
+        return pair
+
+    async def install(self, pair: TokenPair, *, trigger: str, started: float | None = None) -> None:
+        """Store a pair that arrived from outside a refresh (a code exchange, an install event)."""
+        self._on_secret(pair.access_token)
+        self._on_secret(pair.refresh_token)
+        try:
+            async with self._store.locked():
+                generation = await self._store.save_pair(pair)
+            self._unsaved = False
+        except StoreError as exc:
+            log.error("token_store_write_failed", error=exc.description,
+                      detail="the new pair is kept in memory and saved when the store allows")
+            self._unsaved = True
+            generation = self._stored.generation + 1
+        self._failures = 0
+        self._adopt(StoredState(pair=pair, generation=generation), source=trigger)
+        log.info("token_authorized", trigger=trigger, member_id=pair.member_id,
+                 scope=pair.scope, expires_at=_iso(pair.expires_at),
+                 duration=round(self._clock() - (started or self._clock()), 3))
+
+    async def refresh(self, stale_access: str, *, trigger: str) -> TokenPair:
+        """Renew the pair unless it has already been replaced since ``stale_access`` was read.
+
+        However many callers ask at once, one refresh runs; it runs in its own task, so a caller
+        that goes away cannot cancel it, and callers are released only once the new pair is saved.
+        """
+        pair = self._stored.pair
+        if pair is not None and pair.access_token != stale_access and self.current() is not None:
+            return pair
+        if self._refresh_task is None or self._refresh_task.done():
+            self._raise_if_unusable()
+            if self._failures and self._clock() < self._next_attempt_at:
+                raise TokenUnavailable(
+                    f"renewing the token failed ({self._stored.last_error}); next attempt in "
+                    f"{self._next_attempt_at - self._clock():.0f} s"
+                )
+            self._refresh_task = asyncio.create_task(
+                self._refresh(stale_access, trigger), name="token-refresh"
+            )
+        return await asyncio.shield(self._refresh_task)
+
+    async def _refresh(self, stale_access: str, trigger: str) -> TokenPair:
+        started = self._clock()
+        outcome: TokenPair | OAuthError | None = None
+        generation = self._stored.generation
+        try:
+            async with self._store.locked() as stored:
+                outcome = await self._refresh_locked(stored, stale_access)
+                if isinstance(outcome, OAuthError):
+                    await self._store.record_error(outcome.description,
+                                                   reauth_required=outcome.permanent)
+                elif outcome is not self._stored.pair:
+                    generation = await self._store.save_pair(outcome)
+        except StoreError as exc:
+            if not isinstance(outcome, TokenPair) or outcome is self._stored.pair:
+                log.error("token_store_unavailable", error=exc.description)
+                raise
+            # The OAuth server has rotated the pair: the old refresh token is dead, so the new
+            # pair lives in memory until a write succeeds.
+            log.error("token_store_write_failed", error=exc.description,
+                      detail="the new pair is kept in memory and saved when the store allows")
+            self._unsaved = True
+            generation += 1
+        assert outcome is not None
+        if isinstance(outcome, OAuthError):
+            self._fail(outcome, trigger)
+            if outcome.permanent:
+                raise ReauthorizationRequired(
+                    f"{outcome.description}; a person must authorize the app again: "
+                    f"{how_to_authorize(self._settings)}"
+                ) from None
+            raise TokenUnavailable(f"renewing the token failed: {outcome.description}") from None
+        if outcome is self._stored.pair:
+            return outcome  # another process renewed it; adopted under the lock
+        self.refreshes += 1
+        self._failures = 0
+        self._adopt(StoredState(pair=outcome, generation=generation), source=trigger)
+        log.info("token_refreshed", trigger=trigger, expires_at=_iso(outcome.expires_at),
+                 duration=round(self._clock() - started, 3))
+        return outcome
+
+    async def _refresh_locked(
+        self, stored: StoredState, stale_access: str
+    ) -> TokenPair | OAuthError:
+        """Under the store's lock: adopt a newer stored pair, or refresh the freshest one."""
+        if not self._unsaved and stored.generation != self._stored.generation:
+            self._adopt(stored, source="store")
+            fresh = self.current()
+            if fresh is not None and fresh.access_token != stale_access:
+                return fresh
+            self._raise_if_unusable()
+        pair = self._stored.pair
+        assert pair is not None
+        try:
+            new = await self._oauth.refresh(pair.refresh_token)
+        except OAuthError as exc:
+            return exc
+        self._on_secret(new.access_token)
+        self._on_secret(new.refresh_token)
+        # The token answer carries no application token; it outlives refreshes.
+        return replace(new, application_token=pair.application_token)
+
+    def _fail(self, error: OAuthError, trigger: str) -> None:
+        self._failures += 1
+        self._stored = replace(
+            self._stored,
+            reauth_required=error.permanent,
+            last_error=error.description,
+            last_error_at=self._clock(),
+        )
+        if error.permanent:
+            log.error("reauthorization_required", trigger=trigger, error=error.error,
+                      description=error.description, hint=how_to_authorize(self._settings))
+            self._changed.set()
+            return
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
+        self._next_attempt_at = self._clock() + delay
+        self._changed.set()
+        log.warning("token_refresh_failed", trigger=trigger, error=error.error,
+                    description=error.description, attempt=self._failures,
+                    retry_in=round(delay, 1))
+
+    def _adopt(self, stored: StoredState, *, source: str) -> None:
+        previous = self._stored
+        self._stored = stored
+        if stored.pair is not None:
+            self._on_secret(stored.pair.access_token)
+            self._on_secret(stored.pair.refresh_token)
+        if stored.pair != previous.pair:
+            self._failures = 0
+            if stored.pair is not None and source == "store" and previous.pair is not None:
+                log.info("token_loaded", source=source, generation=stored.generation,
+                         expires_at=_iso(stored.pair.expires_at))
+            self._check_scope(stored.pair)
+        if stored.foreign and not previous.foreign:
+            log.warning("token_store_foreign", detail=stored.foreign)
+        self._changed.set()
+
+    def _check_scope(self, pair: TokenPair | None) -> None:
+        if pair is None or not self._settings.scope:
+            return
+        granted = {s.strip() for s in pair.scope.split(",") if s.strip()}
+        missing = sorted(set(self._settings.scope) - granted)
+        if missing:
+            log.warning("scope_not_granted", requested=",".join(self._settings.scope),
+                        granted=pair.scope, missing=missing)
+
+    # -- background ------------------------------------------------------------------------
+
+    def next_due(self) -> float:
+        """Return when the background task should next renew the pair (``inf``: never)."""
+        pair = self._stored.pair
+        if pair is None or self._stored.reauth_required:
+            return float("inf")
+        if self._failures:
+            return self._next_attempt_at
+        interval = self._settings.refresh_interval
+        if interval <= 0:
+            return pair.obtained_at + KEEPALIVE
+        lifetime = max(pair.expires_at - pair.obtained_at, 0.0)
+        early = min(BACKOFF_MAX, lifetime * 0.1)
+        return min(pair.obtained_at + interval, pair.expires_at - early)
+
+    async def run_schedule(self) -> None:
+        """Renew the pair when due, forever; wakes early whenever the pair changes."""
+        trigger = "startup"
+        while True:
+            self._changed.clear()
+            delay = self.next_due() - self._clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), None if delay == float("inf")
+                                           else delay)
+                trigger = "schedule"
+                continue
+            pair = self._stored.pair
+            assert pair is not None
+            # Failures are logged and backed off inside; the loop just goes round again.
+            with contextlib.suppress(SidecarError):
+                await self.refresh(pair.access_token, trigger=trigger)
+            trigger = "schedule"
+
+    async def run_watch(self) -> None:
+        """Notice pairs stored by other processes, and retry a save the store refused."""
+        version = await self._store.data_version()
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                if self._unsaved:
+                    await self._save_unsaved()
+                current = await self._store.data_version()
+                if current != version:
+                    version = current
+                    await self.sync()
+            except StoreError as exc:
+                log.warning("token_store_check_failed", error=exc.description)
+
+    async def _save_unsaved(self) -> None:
+        pair = self._stored.pair
+        if pair is None:
+            return
+        async with self._store.locked():
+            generation = await self._store.save_pair(pair)
+        self._unsaved = False
+        self._stored = replace(self._stored, generation=generation)
+        log.info("token_store_write_recovered", generation=generation)

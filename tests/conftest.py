@@ -1,0 +1,78 @@
+"""Shared fixtures: a real emulator on loopback, settings pointing at it, a real SQLite file."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from sidecar.app import TOKENS, create_app
+from sidecar.config import Settings, load_settings
+from sidecar.emulator import Emulator, run_emulator
+from sidecar.tokens import TokenManager
+
+CLIENT_ID = "local.test0000000001.00000001"
+CLIENT_SECRET = "test-client-secret-0123456789"
+
+AiohttpClient = Callable[[web.Application], Any]
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    """Serve a fresh emulator with the test app registered."""
+    emu = Emulator()
+    emu.register_app(CLIENT_ID, CLIENT_SECRET, scope="crm,user")
+    async with run_emulator(emu):
+        yield emu
+
+
+@pytest.fixture
+def make_settings(emulator: Emulator, tmp_path: Path) -> Callable[..., Settings]:
+    """Build settings for the emulator; keyword arguments are flags by their ``dest``."""
+
+    def make(**flags: Any) -> Settings:
+        env = {
+            "BITRIX_PORTAL": emulator.base_url,
+            "BITRIX_CLIENT_ID": CLIENT_ID,
+            "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
+            "BITRIX_SCOPE": "crm,user",
+            "SIDECAR_DB": str(tmp_path / "tokens.db"),
+            "SIDECAR_LISTEN": "127.0.0.1:0",
+        }
+        return load_settings(env, {k: None if v is None else str(v) for k, v in flags.items()})
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], emulator: Emulator) -> Settings:
+    """Settings whose first code is exchanged at start-up."""
+    return make_settings(auth_code=emulator.issue_code(CLIENT_ID))
+
+
+@pytest.fixture
+async def sidecar(
+    settings: Settings, aiohttp_client: Callable[..., Any]
+) -> TestClient[web.Request, web.Application]:
+    """Serve an authorized sidecar on loopback and return a client for it."""
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(
+        create_app(settings, watch_interval=0.05)
+    )
+    return client
+
+
+def tokens_of(client: TestClient[web.Request, web.Application]) -> TokenManager:
+    """Return the token manager of a served sidecar."""
+    return client.app[TOKENS]
+
+
+def free_port() -> int:
+    """Return a TCP port on loopback that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,155 @@
+"""Settings: every form the contract names, and every bad variable reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import (
+    OAUTH_RU,
+    OAUTH_WEST,
+    Listen,
+    load_settings,
+    parse_duration,
+    parse_size,
+)
+from sidecar.errors import ConfigError
+
+BASE = {
+    "BITRIX_PORTAL": "corezoid",
+    "BITRIX_CLIENT_ID": "local.1.2",
+    "BITRIX_CLIENT_SECRET": "s3cret-value",
+}
+
+
+class TestPortal:
+    @pytest.mark.parametrize(
+        ("given", "portal", "oauth"),
+        [
+            ("corezoid", "https://corezoid.bitrix24.ru", OAUTH_RU),
+            ("corp.bitrix24.com", "https://corp.bitrix24.com", OAUTH_WEST),
+            ("corp.bitrix24.kz", "https://corp.bitrix24.kz", OAUTH_RU),
+            ("https://crm.example.com/", "https://crm.example.com", OAUTH_WEST),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+        ],
+    )
+    def test_portal_forms_and_oauth_zone(self, given: str, portal: str, oauth: str) -> None:
+        """A bare name, a host and a URL all become a base URL, and pick the zone's OAuth server."""
+        settings = load_settings({**BASE, "BITRIX_PORTAL": given})
+        assert settings.portal == portal
+        assert settings.oauth_url == oauth
+        assert settings.token_url == f"{oauth}/oauth/token/"
+
+    def test_explicit_oauth_url_wins_and_tolerates_a_pasted_token_path(self) -> None:
+        """BITRIX_OAUTH_URL overrides the zone default; a trailing /oauth/token/ is dropped."""
+        settings = load_settings({**BASE, "BITRIX_OAUTH_URL": "https://o.example/oauth/token/"})
+        assert settings.token_url == "https://o.example/oauth/token/"
+
+
+class TestDefaults:
+    def test_defaults_match_the_contract(self) -> None:
+        """Unset optional variables take the documented defaults."""
+        settings = load_settings(BASE)
+        assert settings.listen == Listen("127.0.0.1", 8080)
+        assert settings.db_path == Path("bitrix-sidecar.db")
+        assert settings.refresh_interval == 25 * 60
+        assert settings.upstream_timeout == 60
+        assert settings.max_body == 16 * 1024 * 1024
+        assert (settings.log_format, settings.log_level) == ("json", "info")
+        assert settings.scope == ()
+
+    def test_secret_is_not_in_repr(self) -> None:
+        """The secret and the auth code never show in a repr (and so in a traceback's locals)."""
+        settings = load_settings({**BASE, "BITRIX_AUTH_CODE": "code-abcdef"})
+        assert "s3cret-value" not in repr(settings)
+        assert "code-abcdef" not in repr(settings)
+
+
+class TestParsers:
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [("90", 90), ("90s", 90), ("25m", 1500), ("1h", 3600), ("1h30m", 5400), ("500ms", 0.5),
+         ("0", 0)],
+    )
+    def test_durations(self, text: str, seconds: float) -> None:
+        """Durations accept bare seconds and unit suffixes."""
+        assert parse_duration(text) == seconds
+
+    @pytest.mark.parametrize("text", ["", "abc", "5x", "-1", "1.h", "m"])
+    def test_bad_durations(self, text: str) -> None:
+        """Anything else is an error, not silently a default."""
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(text)
+
+    @pytest.mark.parametrize(
+        ("text", "size"), [("16MiB", 16 * 1024**2), ("512k", 512 * 1024), ("100", 100),
+                           ("1MB", 10**6)]
+    )
+    def test_sizes(self, text: str, size: int) -> None:
+        """Sizes accept bytes and binary or decimal units."""
+        assert parse_size(text) == size
+
+
+class TestErrors:
+    def test_every_bad_variable_is_named_at_once(self) -> None:
+        """One ConfigError lists each bad or missing variable."""
+        env = {
+            "BITRIX_PORTAL": "not a portal!",
+            "SIDECAR_LISTEN": "nowhere",
+            "SIDECAR_REFRESH_INTERVAL": "soon",
+            "SIDECAR_UPSTREAM_TIMEOUT": "0",
+            "SIDECAR_MAX_BODY": "big",
+            "SIDECAR_LOG_FORMAT": "xml",
+            "SIDECAR_LOG_LEVEL": "loud",
+        }
+        with pytest.raises(ConfigError) as caught:
+            load_settings(env)
+        text = caught.value.description
+        for name in [*env, "BITRIX_CLIENT_ID", "BITRIX_CLIENT_SECRET"]:
+            assert name in text, name
+        assert len(caught.value.problems) == len(env) + 2
+
+    def test_both_secret_forms_are_refused(self, tmp_path: Path) -> None:
+        """Setting the secret and the secret file together is ambiguous."""
+        secret_file = tmp_path / "secret"
+        secret_file.write_text("from-file\n")
+        with pytest.raises(ConfigError, match="set only one"):
+            load_settings({**BASE, "BITRIX_CLIENT_SECRET_FILE": str(secret_file)})
+
+    def test_secret_file_is_read_and_stripped(self, tmp_path: Path) -> None:
+        """A Kubernetes-style secret file gives the secret without its newline."""
+        secret_file = tmp_path / "secret"
+        secret_file.write_text("from-file\n")
+        env = {k: v for k, v in BASE.items() if k != "BITRIX_CLIENT_SECRET"}
+        settings = load_settings({**env, "BITRIX_CLIENT_SECRET_FILE": str(secret_file)})
+        assert settings.client_secret == "from-file"
+
+    def test_missing_secret_file_is_named(self, tmp_path: Path) -> None:
+        """An unreadable secret file is a configuration error naming the variable."""
+        env = {k: v for k, v in BASE.items() if k != "BITRIX_CLIENT_SECRET"}
+        with pytest.raises(ConfigError, match="BITRIX_CLIENT_SECRET_FILE"):
+            load_settings({**env, "BITRIX_CLIENT_SECRET_FILE": str(tmp_path / "none")})
+
+    def test_secret_optional_when_not_needed(self) -> None:
+        """Commands that never talk to the OAuth server run without the secret."""
+        env = {k: v for k, v in BASE.items() if k != "BITRIX_CLIENT_SECRET"}
+        assert load_settings(env, need_secret=False).client_secret == ""
+
+
+class TestFlags:
+    def test_flags_win_over_environment(self, tmp_path: Path) -> None:
+        """A flag overrides its variable; a secret flag overrides both secret variables."""
+        secret_file = tmp_path / "secret"
+        secret_file.write_text("from-file")
+        settings = load_settings(
+            {**BASE, "SIDECAR_LISTEN": "127.0.0.1:1"},
+            {"listen": "127.0.0.1:2", "client_secret_file": str(secret_file)},
+        )
+        assert settings.listen.port == 2
+        assert settings.client_secret == "from-file"
+
+    def test_bad_flag_is_named_by_its_flag(self) -> None:
+        """A bad flag value is reported under the flag's own name."""
+        with pytest.raises(ConfigError, match="--refresh-interval"):
+            load_settings(BASE, {"refresh_interval": "often"})

@@ -1,0 +1,132 @@
+"""The token store: a real SQLite file, permissions, persistence, generations, cross-process lock."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import StoreError
+from sidecar.store import TokenPair, TokenStore
+
+PORTAL = "https://corp.bitrix24.com"
+
+
+def pair(n: int) -> TokenPair:
+    """Return a distinct pair."""
+    return TokenPair(
+        access_token=f"access-{n}", refresh_token=f"refresh-{n}", expires_at=1000.0 + n,
+        scope="crm,user", member_id="m1", client_endpoint=f"{PORTAL}/rest/",
+        application_token=f"app-{n}", obtained_at=float(n),
+    )
+
+
+def store(path: Path, portal: str = PORTAL, client_id: str = "local.1") -> TokenStore:
+    """Open a store on ``path``."""
+    return TokenStore(path, portal=portal, client_id=client_id)
+
+
+class TestFile:
+    async def test_created_with_mode_0600(self, tmp_path: Path) -> None:
+        """A new store file is readable by its owner only."""
+        path = tmp_path / "sub" / "tokens.db"
+        async with store(path):
+            pass
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    async def test_unopenable_path_is_a_store_error(self, tmp_path: Path) -> None:
+        """A path that cannot hold a database fails with a StoreError that names it."""
+        (tmp_path / "dir.db").mkdir()
+        with pytest.raises(StoreError, match=r"dir\.db"):
+            async with store(tmp_path / "dir.db"):
+                pass
+
+
+class TestPair:
+    async def test_empty_store_holds_no_pair(self, tmp_path: Path) -> None:
+        """A new store answers with no pair and generation 0."""
+        async with store(tmp_path / "t.db") as s:
+            state = await s.load()
+        assert state.pair is None
+        assert state.generation == 0
+
+    async def test_saved_pair_survives_reopening(self, tmp_path: Path) -> None:
+        """What is saved is what a new connection loads, field by field."""
+        async with store(tmp_path / "t.db") as s:
+            generation = await s.save_pair(pair(1))
+        async with store(tmp_path / "t.db") as s:
+            state = await s.load()
+        assert state.pair == pair(1)
+        assert state.generation == generation == 1
+
+    async def test_each_save_bumps_the_generation_and_clears_errors(self, tmp_path: Path) -> None:
+        """A new pair moves the generation on and ends a re-authorization state."""
+        async with store(tmp_path / "t.db") as s:
+            await s.save_pair(pair(1))
+            await s.record_error("invalid_grant", reauth_required=True)
+            assert (await s.load()).reauth_required
+            assert await s.save_pair(pair(2)) == 2
+            state = await s.load()
+        assert state.pair == pair(2)
+        assert not state.reauth_required
+        assert state.last_error == ""
+
+    async def test_pair_of_another_portal_is_ignored(self, tmp_path: Path) -> None:
+        """A store written for another portal or app is not used as ours."""
+        async with store(tmp_path / "t.db") as s:
+            await s.save_pair(pair(1))
+        async with store(tmp_path / "t.db", portal="https://other.bitrix24.com") as s:
+            await s.record_error("boom", reauth_required=True)
+            state = await s.load()
+        assert state.pair is None
+        assert PORTAL in state.foreign
+        async with store(tmp_path / "t.db") as s:
+            state = await s.load()
+        assert state.pair == pair(1), "an error note of another portal must not touch ours"
+        assert not state.reauth_required
+
+
+class TestLock:
+    async def test_lock_serializes_two_connections(self, tmp_path: Path) -> None:
+        """A second writer waits for the first to commit, then sees its pair under the lock."""
+        path = tmp_path / "t.db"
+        async with store(path) as first, store(path) as second:
+            await first.save_pair(pair(1))
+            order: list[str] = []
+            entered = asyncio.Event()
+
+            async def hold() -> None:
+                async with first.locked():
+                    entered.set()
+                    await asyncio.sleep(0.3)
+                    await first.save_pair(pair(2))
+                    order.append("first committed")
+
+            async def wait() -> None:
+                await entered.wait()
+                async with second.locked() as seen:
+                    order.append("second entered")
+                    assert seen.pair == pair(2)
+
+            await asyncio.gather(hold(), wait())
+        assert order == ["first committed", "second entered"]
+
+    async def test_error_inside_lock_rolls_back(self, tmp_path: Path) -> None:
+        """A failure inside the locked block leaves the stored pair as it was."""
+        async with store(tmp_path / "t.db") as s:
+            await s.save_pair(pair(1))
+            with pytest.raises(RuntimeError):
+                async with s.locked():
+                    await s.save_pair(pair(2))
+                    raise RuntimeError("boom")
+            assert (await s.load()).pair == pair(1)
+
+    async def test_data_version_moves_on_another_connections_commit(self, tmp_path: Path) -> None:
+        """The watcher's change signal moves when another connection writes."""
+        path = tmp_path / "t.db"
+        async with store(path) as watcher, store(path) as writer:
+            before = await watcher.data_version()
+            await writer.save_pair(pair(1))
+            assert await watcher.data_version() != before
