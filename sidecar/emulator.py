@@ -38,6 +38,7 @@ __all__ = [
     "OAuthFailure",
     "RestCall",
     "TokenPair",
+    "render_xml",
     "run_emulator",
 ]
 
@@ -463,6 +464,8 @@ class Emulator:
         self._access: dict[str, _Access] = {}
         self._refresh: dict[str, _Refresh] = {}
         self._webhooks: set[tuple[int, str]] = set()
+        self._issued: list[str] = []
+        self._injected: collections.deque[RestError] = collections.deque()
         self._bucket_level = 0.0
         self._bucket_at: float | None = None
         self._leads: dict[int, dict[str, Any]] = {}
@@ -503,6 +506,7 @@ class Emulator:
             raise ValueError(f"unknown client_id {client_id!r}")
         code = secrets.token_hex(34)
         self._codes[code] = _Code(client_id, self.clock())
+        self._issued.append(code)
         return code
 
     def issue_tokens(self, client_id: str) -> dict[str, Any]:
@@ -516,6 +520,20 @@ class Emulator:
         """Make every access token issued so far answer 401 expired_token."""
         for access in self._access.values():
             access.expired = True
+
+    def revoke_access_token(self, access_token: str) -> None:
+        """Forget one access token, so it answers 401 invalid_token as if rotated away elsewhere."""
+        self._access.pop(access_token, None)
+
+    def fail_next_rest(
+        self, status: int, error: str, description: str = "Injected failure"
+    ) -> None:
+        """Queue an error answer for the next REST request, which is then logged but not run."""
+        self._injected.append(RestError(status, error, description))
+
+    def issued_secrets(self) -> list[str]:
+        """List every code, access token and refresh token issued so far, oldest first."""
+        return list(self._issued)
 
     def revoke_refresh_tokens(self) -> None:
         """Make every refresh token issued so far answer invalid_grant."""
@@ -565,6 +583,7 @@ class Emulator:
         expires = self.clock() + self.access_ttl
         self._access[access_token] = _Access(app.client_id, expires)
         self._refresh[refresh_token] = _Refresh(app.client_id, access_token)
+        self._issued += [access_token, refresh_token]
         endpoint = f"{base}/rest/"
         return {
             "access_token": access_token,
@@ -776,6 +795,8 @@ class Emulator:
             )
         )
         try:
+            if self._injected:
+                raise self._injected.popleft()
             if not route.known_shape or route.method not in self._methods:
                 raise RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
             if body_error is not None:

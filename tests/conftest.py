@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,26 @@ CLIENT_SECRET = "test-client-secret-0123456789"
 AiohttpClient = Callable[[web.Application], Any]
 
 
+class OffsetClock:
+    """The wall clock moved by ``offset`` seconds, for the emulator's idea of time."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 @pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
+def emulator_clock() -> OffsetClock:
+    """Return the clock the emulator fixture runs on."""
+    return OffsetClock()
+
+
+@pytest.fixture
+async def emulator(emulator_clock: OffsetClock) -> AsyncIterator[Emulator]:
     """Serve a fresh emulator with the test app registered."""
-    emu = Emulator()
+    emu = Emulator(clock=emulator_clock)
     emu.register_app(CLIENT_ID, CLIENT_SECRET, scope="crm,user")
     async with run_emulator(emu):
         yield emu

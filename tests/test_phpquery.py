@@ -104,11 +104,11 @@ def test_encode_rejects_unencodable_values() -> None:
 
 
 _KEYS = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="[]"),
+    alphabet=st.characters(codec="utf-8", exclude_characters="[]"),
     min_size=1,
     max_size=8,
 )
-_LEAVES = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)
+_LEAVES = st.text(alphabet=st.characters(codec="utf-8"), max_size=8)
 
 
 def _not_list_keyed(value: dict[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""The token store: a real SQLite file, permissions, persistence, generations, cross-process lock."""
+"""The token store: a real SQLite file, permissions, persistence, generations, the lock."""
 
 from __future__ import annotations
 
@@ -117,10 +117,14 @@ class TestLock:
         """A failure inside the locked block leaves the stored pair as it was."""
         async with store(tmp_path / "t.db") as s:
             await s.save_pair(pair(1))
-            with pytest.raises(RuntimeError):
+
+            async def fail_inside_lock() -> None:
                 async with s.locked():
                     await s.save_pair(pair(2))
                     raise RuntimeError("boom")
+
+            with pytest.raises(RuntimeError):
+                await fail_inside_lock()
             assert (await s.load()).pair == pair(1)
 
     async def test_data_version_moves_on_another_connections_commit(self, tmp_path: Path) -> None:

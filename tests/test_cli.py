@@ -1,0 +1,282 @@
+"""The command line as a real subprocess: run, restart, signals, authorize, status, token, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.emulator import Emulator
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, free_port
+
+Env = dict[str, str]
+
+
+@pytest.fixture
+def env(emulator: Emulator, tmp_path: Path) -> Env:
+    """Environment for the CLI pointing at the emulator, with a fresh store."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))}
+    return {
+        **base,
+        "BITRIX_PORTAL": emulator.base_url,
+        "BITRIX_CLIENT_ID": CLIENT_ID,
+        "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
+        "BITRIX_SCOPE": "crm,user",
+        "SIDECAR_DB": str(tmp_path / "tokens.db"),
+        "SIDECAR_LISTEN": "127.0.0.1:0",
+    }
+
+
+async def cli(*args: str, env: Env) -> tuple[int, str, str]:
+    """Run ``python -m sidecar ARGS`` to the end; return exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class Running:
+    """A sidecar subprocess: its base URL and everything it logged."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.base = ""
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def wait_listening(self) -> None:
+        assert self.proc.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(self.proc.stderr.readline(), 15)).decode()
+            assert line, "the sidecar exited before listening:\n" + "".join(self.lines)
+            self.lines.append(line)
+            if '"listening"' in line:
+                self.base = json.loads(line)["address"]
+                break
+        self._reader = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode())
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(signum)
+        code = await asyncio.wait_for(self.proc.wait(), 15)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+
+@asynccontextmanager
+async def running(env: Env, *args: str) -> AsyncIterator[Running]:
+    """Start ``bitrix-sidecar run`` and stop it (SIGKILL if it is left running)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "run", *args, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    sidecar = Running(proc)
+    try:
+        await sidecar.wait_listening()
+        yield sidecar
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def get(url: str) -> tuple[int, dict[str, Any]]:
+    """GET a URL and return status and JSON body."""
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.json(content_type=None)
+
+
+class TestConfiguration:
+    async def test_bad_settings_exit_2_naming_every_variable(self, env: Env) -> None:
+        """Start-up with bad settings stops with code 2 and one message naming each."""
+        bad = {**env, "SIDECAR_LISTEN": "nowhere", "SIDECAR_REFRESH_INTERVAL": "soon"}
+        del bad["BITRIX_PORTAL"]
+        code, _, err = await cli("run", env=bad)
+        assert code == 2
+        for name in ("BITRIX_PORTAL", "SIDECAR_LISTEN", "SIDECAR_REFRESH_INTERVAL"):
+            assert name in err
+
+    async def test_version(self, env: Env) -> None:
+        """--version names the program."""
+        code, out, _ = await cli("--version", env=env)
+        assert code == 0
+        assert out.startswith("bitrix-sidecar ")
+
+
+class TestRun:
+    async def test_serves_stops_on_sigterm_and_keeps_its_pair_over_a_restart(
+        self, env: Env, emulator: Emulator
+    ) -> None:
+        """A restarted sidecar is still authorized and holds the rotated refresh token."""
+        first_env = {**env, "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}
+        async with running(first_env) as sidecar:
+            status, _ = await get(f"{sidecar.base}/rest/profile")
+            assert status == 200
+            emulator.expire_access_tokens()  # the next call refreshes: the pair rotates
+            status, _ = await get(f"{sidecar.base}/rest/user.current")
+            assert status == 200
+            assert await sidecar.stop() == 0
+        assert emulator.stats.refresh_ok == 1
+        async with running(env) as sidecar:  # no code this time
+            status, _ = await get(f"{sidecar.base}/rest/profile")
+            assert status == 200
+            emulator.expire_access_tokens()
+            status, _ = await get(f"{sidecar.base}/rest/profile")
+            assert status == 200
+            assert await sidecar.stop(signal.SIGINT) == 0
+        assert emulator.stats.token_requests["authorization_code"] == 1
+        assert emulator.stats.refresh_ok == 2
+        assert emulator.stats.refresh_rejected == 0
+
+    async def test_pair_authorized_by_the_cli_is_used_without_restart(
+        self, env: Env, emulator: Emulator
+    ) -> None:
+        """A running, unauthorized sidecar serves as soon as `authorize` stores a pair."""
+        async with running(env) as sidecar:
+            status, body = await get(f"{sidecar.base}/rest/profile")
+            assert status == 503
+            assert body["error"] == "SIDECAR_NOT_AUTHORIZED"
+            redirect = (f"https://app.example/handler?code={emulator.issue_code(CLIENT_ID)}"
+                        f"&state=x&domain={emulator.base_url.split('://')[1]}&member_id=m")
+            code, out, err = await cli("authorize", redirect, env=env)
+            assert code == 0, err
+            assert json.loads(out)["state"] == "valid"
+            status, _ = await get(f"{sidecar.base}/rest/profile")
+            assert status == 200
+            assert await sidecar.stop() == 0
+
+    async def test_no_secret_in_logs_at_debug_level(self, env: Env, emulator: Emulator) -> None:
+        """Across authorize, calls, a refresh and /token, no token or secret is ever logged."""
+        debug_env = {**env, "SIDECAR_LOG_LEVEL": "debug",
+                     "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}
+        async with running(debug_env) as sidecar:
+            await get(f"{sidecar.base}/rest/profile?auth=client-token-123456")
+            emulator.expire_access_tokens()
+            await get(f"{sidecar.base}/rest/profile")
+            await get(f"{sidecar.base}/token")
+            emulator.oauth_failure = "garbage"
+            emulator.expire_access_tokens()
+            await get(f"{sidecar.base}/rest/profile")
+            emulator.oauth_failure = None
+            await sidecar.stop()
+        logged = "".join(sidecar.lines)
+        assert '"token_refreshed"' in logged
+        secrets = [CLIENT_SECRET, "client-token-123456", *emulator.issued_secrets()]
+        assert len(secrets) >= 6
+        for secret in secrets:
+            assert secret not in logged
+
+
+class TestAuthorize:
+    async def test_expired_code_says_what_to_do(
+        self, env: Env, emulator: Emulator, emulator_clock: OffsetClock
+    ) -> None:
+        """A code older than 30 seconds fails with a clear hint and stores nothing."""
+        code = emulator.issue_code(CLIENT_ID)
+        emulator_clock.offset += 31
+        status, out, err = await cli("authorize", code, env=env)
+        assert status == 1
+        assert "30 seconds" in err
+        assert "/oauth/authorize/" in err
+        status, out, _ = await cli("status", env=env)
+        assert status == 1
+        assert json.loads(out)["state"] == "not_authorized"
+
+    async def test_redirect_from_another_portal_is_refused(self, env: Env,
+                                                          emulator: Emulator) -> None:
+        """A pasted address whose domain is not the configured portal is refused."""
+        code = emulator.issue_code(CLIENT_ID)
+        status, _, err = await cli(
+            "authorize", f"https://h/?code={code}&domain=evil.bitrix24.com", env=env
+        )
+        assert status == 1
+        assert "evil.bitrix24.com" in err
+        assert emulator.stats.token_requests["authorization_code"] == 0
+
+    async def test_authorize_url(self, env: Env, emulator: Emulator) -> None:
+        """authorize-url prints the portal's approval address, and needs no secret."""
+        no_secret = {k: v for k, v in env.items() if k != "BITRIX_CLIENT_SECRET"}
+        code, out, _ = await cli("authorize-url", env=no_secret)
+        assert code == 0
+        assert out.strip() == f"{emulator.base_url}/oauth/authorize/?client_id={CLIENT_ID}"
+
+
+class TestStatusAndToken:
+    async def test_status_and_token(self, env: Env, emulator: Emulator) -> None:
+        """status shows the state without the token; token prints it, renewing an expired one."""
+        code, _, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
+        assert code == 0, err
+        code, out, _ = await cli("status", env=env)
+        assert code == 0
+        info = json.loads(out)
+        assert info["state"] == "valid"
+        assert info["member_id"]
+        assert info["scope_missing"] == []
+        code, token, _ = await cli("token", env=env)
+        assert code == 0
+        token = token.strip()
+        assert token in emulator.issued_secrets()
+        assert token not in out
+        # Make the stored token expired, as after an hour: `token` must renew it first.
+        with sqlite3.connect(env["SIDECAR_DB"]) as db:
+            db.execute("UPDATE token SET expires_at = 1")
+        code, renewed, _ = await cli("token", env=env)
+        assert code == 0
+        assert renewed.strip() != token
+        assert emulator.stats.refresh_ok == 1
+        status, _ = await get(f"{emulator.base_url}/rest/profile?auth={renewed.strip()}")
+        assert status == 200
+
+
+class TestDemo:
+    async def test_demo_serves_an_authorized_sidecar(self) -> None:
+        """The README's first command serves the emulator behind an authorized sidecar."""
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "demo", "--listen", f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            banner = ""
+            while "Ctrl-C" not in banner:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+                assert line, "demo exited early"
+                banner += line
+            assert f"curl -s http://127.0.0.1:{port}/rest/profile" in banner
+            status, body = await get(f"http://127.0.0.1:{port}/rest/profile")
+            assert status == 200
+            assert body["result"]["ID"] == "1"
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def test_console_script_is_installed() -> None:
+    """The package installs a bitrix-sidecar command beside the interpreter."""
+    assert (Path(sys.executable).parent / "bitrix-sidecar").exists()
+

@@ -1,0 +1,229 @@
+"""The token's life against the emulator's OAuth server and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from sidecar.app import make_oauth, oauth_session
+from sidecar.config import Settings, parse_duration
+from sidecar.emulator import Emulator
+from sidecar.errors import NotAuthorized, ReauthorizationRequired, TokenUnavailable
+from sidecar.store import TokenStore
+from sidecar.tokens import KEEPALIVE, TokenManager
+from tests.conftest import CLIENT_ID
+
+
+@asynccontextmanager
+async def manager(
+    settings: Settings, *, clock: Callable[[], float] = time.time, watch: float = 0.05
+) -> AsyncIterator[TokenManager]:
+    """Run a started token manager with its own store connection and HTTP session."""
+    async with (
+        TokenStore(settings.db_path, portal=settings.portal, client_id=settings.client_id)
+        as store,
+        oauth_session() as http,
+    ):
+        tokens = TokenManager(store, make_oauth(http, settings), settings, clock=clock,
+                              watch_interval=watch)
+        await tokens.start()
+        yield tokens
+
+
+async def stored_pair(settings: Settings) -> Any:
+    """Read the pair as another process would see it."""
+    async with TokenStore(settings.db_path, portal=settings.portal,
+                          client_id=settings.client_id) as store:
+        return (await store.load()).pair
+
+
+class TestSingleFlight:
+    async def test_concurrent_refreshes_make_one_request(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """Fifty callers holding the same stale token share one refresh."""
+        async with manager(settings) as tokens:
+            stale = tokens.pair
+            assert stale is not None
+            results = await asyncio.gather(
+                *(tokens.refresh(stale.access_token, trigger="auth_error") for _ in range(50))
+            )
+        assert emulator.stats.token_requests["refresh_token"] == 1
+        assert len({r.access_token for r in results}) == 1
+        assert results[0].access_token != stale.access_token
+
+    async def test_callers_are_released_after_the_commit(self, settings: Settings) -> None:
+        """When refresh returns, the new pair is already durable in the file."""
+        async with manager(settings) as tokens:
+            assert tokens.pair is not None
+            new = await tokens.refresh(tokens.pair.access_token, trigger="auth_error")
+            assert await stored_pair(settings) == new
+
+    async def test_a_replaced_token_is_not_refreshed_again(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """A caller whose token was already replaced gets the new one without a request."""
+        async with manager(settings) as tokens:
+            old = tokens.pair
+            assert old is not None
+            new = await tokens.refresh(old.access_token, trigger="auth_error")
+            again = await tokens.refresh(old.access_token, trigger="auth_error")
+        assert again == new
+        assert emulator.stats.token_requests["refresh_token"] == 1
+
+    async def test_caller_going_away_does_not_cancel_the_refresh(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """A refresh whose caller is cancelled still completes and is stored."""
+        async with manager(settings) as tokens:
+            old = tokens.pair
+            assert old is not None
+            emulator.oauth_slow_seconds = 0.3
+            emulator.oauth_failure = "slow"
+            caller = asyncio.create_task(tokens.refresh(old.access_token, trigger="auth_error"))
+            await asyncio.sleep(0.1)
+            caller.cancel()
+            await asyncio.sleep(0.5)
+            stored = await stored_pair(settings)
+        assert stored.access_token != old.access_token
+        assert emulator.stats.refresh_ok == 1
+
+
+class TestFailures:
+    async def test_transient_failure_backs_off(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """A 5xx from the OAuth server is retried later, not at every call."""
+        now = [time.time()]
+        async with manager(settings, clock=lambda: now[0]) as tokens:
+            old = tokens.pair
+            assert old is not None
+            emulator.oauth_failure = "500"
+            with pytest.raises(TokenUnavailable):
+                await tokens.refresh(old.access_token, trigger="auth_error")
+            with pytest.raises(TokenUnavailable, match="next attempt"):
+                await tokens.refresh(old.access_token, trigger="auth_error")
+            assert emulator.stats.token_requests["refresh_token"] == 1
+            status = tokens.status()
+            assert status["state"] == "refresh_failing"
+            assert status["last_error"]
+            emulator.oauth_failure = None
+            now[0] += 5  # past the first backoff step (1 s, jittered)
+            new = await tokens.refresh(old.access_token, trigger="auth_error")
+        assert new.access_token != old.access_token
+        assert tokens.status()["state"] == "valid"
+
+    @pytest.mark.parametrize("failure", ["html", "garbage", "reset", "500"])
+    async def test_bad_answers_are_transient(
+        self, settings: Settings, emulator: Emulator, failure: str
+    ) -> None:
+        """HTML, non-JSON, dropped connections and 5xx do not end the authorization."""
+        async with manager(settings) as tokens:
+            assert tokens.pair is not None
+            emulator.oauth_failure = failure  # type: ignore[assignment]
+            with pytest.raises(TokenUnavailable):
+                await tokens.refresh(tokens.pair.access_token, trigger="auth_error")
+            assert tokens.status()["state"] == "refresh_failing"
+
+    @pytest.mark.parametrize("failure", ["invalid_grant", "invalid_client"])
+    async def test_permanent_failure_needs_a_person(
+        self, settings: Settings, emulator: Emulator, failure: str
+    ) -> None:
+        """invalid_grant/invalid_client stop refreshing, and survive a restart."""
+        async with manager(settings) as tokens:
+            assert tokens.pair is not None
+            if failure == "invalid_grant":
+                emulator.revoke_refresh_tokens()
+            else:
+                emulator.oauth_failure = "invalid_client"
+            with pytest.raises(ReauthorizationRequired, match="authorize"):
+                await tokens.refresh(tokens.pair.access_token, trigger="schedule")
+            with pytest.raises(ReauthorizationRequired):
+                await tokens.get()
+            assert tokens.next_due() == float("inf")
+        async with manager(settings) as restarted:
+            assert restarted.status()["state"] == "reauthorization_required"
+            assert "authorize_url" in restarted.status()
+        assert emulator.stats.token_requests["refresh_token"] == 1
+
+
+class TestSchedule:
+    async def test_scheduled_refresh_happens(self, make_settings: Callable[..., Settings],
+                                             emulator: Emulator) -> None:
+        """With a short interval the background task renews the pair by itself."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID),
+                                 refresh_interval="300ms")
+        async with manager(settings) as tokens:
+            task = asyncio.create_task(tokens.run_schedule())
+            await asyncio.sleep(1.1)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert emulator.stats.refresh_ok >= 2
+        assert emulator.stats.refresh_rejected == 0
+
+    async def test_due_time_follows_interval_or_expiry(self, make_settings: Callable[..., Settings],
+                                                       emulator: Emulator) -> None:
+        """The schedule takes the interval, or earlier when the token expires first."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID))
+        async with manager(settings) as tokens:
+            pair = tokens.pair
+            assert pair is not None
+            assert tokens.next_due() == pytest.approx(pair.obtained_at + 25 * 60)
+        for interval, expected in [("2h", pair.expires_at - 300), ("0", pair.obtained_at
+                                                                       + KEEPALIVE)]:
+            async with manager(replace(settings, refresh_interval=_seconds(interval))) as tokens:
+                assert tokens.next_due() == pytest.approx(expected)
+
+
+def _seconds(text: str) -> float:
+    return parse_duration(text)
+
+
+class TestProcesses:
+    async def test_a_second_holder_adopts_instead_of_burning_the_token(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """Two holders of one file: the second adopts the first's refresh under the lock."""
+        async with manager(settings) as first, manager(replace(settings, auth_code="")) as second:
+            old = second.pair
+            assert old is not None
+            new = await first.refresh(old.access_token, trigger="schedule")
+            adopted = await second.refresh(old.access_token, trigger="auth_error")
+        assert adopted == new
+        assert emulator.stats.token_requests["refresh_token"] == 1
+        assert emulator.stats.refresh_rejected == 0
+
+    async def test_a_pair_stored_elsewhere_is_picked_up(
+        self, make_settings: Callable[..., Settings], emulator: Emulator
+    ) -> None:
+        """A running holder with no token notices a pair the CLI stored, without a restart."""
+        settings = make_settings()
+        async with manager(settings) as running:
+            watch = asyncio.create_task(running.run_watch())
+            with pytest.raises(NotAuthorized):
+                await running.get()
+            async with manager(settings) as cli:
+                await cli.authorize(emulator.issue_code(CLIENT_ID))
+            for _ in range(40):
+                if running.current() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            assert running.current() is not None
+
+    async def test_auth_code_is_used_only_on_an_empty_store(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """BITRIX_AUTH_CODE is exchanged once; later starts keep the stored pair."""
+        async with manager(settings) as tokens:
+            first = tokens.pair
+        async with manager(settings) as tokens:
+            assert tokens.pair == first
+        assert emulator.stats.token_requests["authorization_code"] == 1
