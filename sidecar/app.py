@@ -13,10 +13,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from sidecar.config import Settings
+from sidecar.alerts import Alerter
+from sidecar.config import Listen, Settings
+from sidecar.errors import NotFound
 from sidecar.logging import Redactor
+from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
-from sidecar.proxy import Proxy
+from sidecar.proxy import Proxy, error_response
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenManager
 
@@ -24,6 +27,18 @@ log = structlog.get_logger("sidecar.app")
 
 TOKENS = web.AppKey("tokens", TokenManager)
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+PROXY = web.AppKey("proxy", Proxy)
+
+
+class Lifecycle:
+    """What the admin listener needs to know about the proxy's life."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 
 def oauth_session() -> aiohttp.ClientSession:
@@ -61,6 +76,8 @@ def create_app(
     redactor.add(settings.client_secret)
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
+    metrics = app[METRICS] = Metrics()
+    app[LIFECYCLE] = Lifecycle()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with (
@@ -76,13 +93,15 @@ def create_app(
                 trust_env=False,
             ) as upstream_http,
         ):
+            alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
             tokens = TokenManager(
                 store, make_oauth(oauth_http, settings), settings,
                 clock=clock, on_secret=redactor.add, watch_interval=watch_interval,
+                metrics=metrics, alerts=alerts,
             )
             await tokens.start()
             app[TOKENS] = tokens
-            proxy = Proxy(settings, tokens, upstream_http)
+            proxy = app[PROXY] = Proxy(settings, tokens, upstream_http, metrics)
             app.router.add_route("*", "/{tail:.*}", proxy.handle)
             tasks = [
                 asyncio.create_task(tokens.run_schedule(), name="token-schedule"),
@@ -99,27 +118,82 @@ def create_app(
             finally:
                 for task in tasks:
                     await cancel_and_wait(task)
+                await tokens.aclose()
+                await alerts.drain()
 
     app.cleanup_ctx.append(resources)
     return app
 
 
+def create_admin_app(proxy_app: web.Application) -> web.Application:
+    """Build the admin listener: metrics, liveness, readiness and status; never a token."""
+    admin = web.Application()
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=proxy_app[METRICS].render(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if proxy_app[LIFECYCLE].stopping:
+            ready, reason = False, "shutting down"
+        elif TOKENS not in proxy_app:
+            ready, reason = False, "starting"
+        else:
+            ready, reason = proxy_app[TOKENS].readiness()
+        return web.json_response({"ready": ready, "reason": reason},
+                                 status=200 if ready else 503)
+
+    async def status(_: web.Request) -> web.Response:
+        if TOKENS not in proxy_app:
+            return web.json_response({"state": "starting"}, status=503)
+        return web.json_response(proxy_app[TOKENS].status())
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(NotFound(
+            "the admin listener serves GET /metrics, /healthz, /readyz and /status only"
+        ))
+
+    admin.router.add_get("/metrics", metrics)
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/status", status)
+    admin.router.add_route("*", "/{tail:.*}", not_found)
+    return admin
+
+
 async def serve(
     app: web.Application,
-    host: str,
-    port: int,
+    listen: Listen,
     *,
+    admin_listen: Listen | None = None,
     shutdown_grace: float = 20.0,
     ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT, then stop accepting and drain within the grace."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    """Serve until SIGTERM or SIGINT; then stop accepting, drain within the grace, close all.
+
+    The admin listener (if any) stays up while the proxy drains, answering /readyz with 503.
+    """
+    # The drain below waits for calls in flight itself (to count what is left); aiohttp's own
+    # shutdown wait then only closes idle keep-alive connections.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
+    admin_runner: web.AppRunner | None = None
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=shutdown_grace)
+        site = web.TCPSite(runner, listen.host, listen.port)
         await site.start()
-        bound = _bound_port(runner, port)
-        log.info("listening", address=f"http://{host}:{bound}", pid=os.getpid())
+        bound = _bound_port(runner, listen.port)
+        log.info("listening", address=f"http://{listen.host}:{bound}", pid=os.getpid())
+        if admin_listen is not None:
+            admin_runner = web.AppRunner(create_admin_app(app), handle_signals=False,
+                                         access_log=None)
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, admin_listen.host, admin_listen.port).start()
+            log.info("admin_listening",
+                     address=f"http://{admin_listen.host}:"
+                     f"{_bound_port(admin_runner, admin_listen.port)}")
         if ready is not None:
             ready(bound)
         stop = asyncio.Event()
@@ -131,12 +205,20 @@ async def serve(
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-        log.info("shutting_down", grace_seconds=shutdown_grace)
+        app[LIFECYCLE].stopping = True
+        inflight = app[PROXY].inflight
+        log.info("shutting_down", grace_seconds=shutdown_grace, inflight=inflight)
+        started = time.monotonic()
+        await site.stop()  # stop accepting new connections
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(app[PROXY].idle.wait(), shutdown_grace)
+        left = app[PROXY].inflight
+        log.info("drained", seconds=round(time.monotonic() - started, 3), cancelled=left)
     finally:
         await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         log.info("stopped")
-
-
 def _bound_port(runner: web.AppRunner, fallback: int) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:

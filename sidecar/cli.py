@@ -125,8 +125,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _serve(settings: Settings, redactor: Redactor) -> int:
     try:
-        await serve(create_app(settings, redactor=redactor), settings.listen.host,
-                    settings.listen.port)
+        await serve(create_app(settings, redactor=redactor), settings.listen,
+                    admin_listen=settings.admin_listen, shutdown_grace=settings.shutdown_grace)
     except SidecarError as exc:
         log.error("startup_failed", error=exc.description)
         return EXIT_FAILED
@@ -259,7 +259,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 print(_demo_banner(base, base_url), flush=True)
 
             try:
-                await serve(create_app(settings, redactor=redactor), listen.host, listen.port,
+                await serve(create_app(settings, redactor=redactor), listen,
                             shutdown_grace=2.0, ready=ready)
             except OSError as exc:
                 print(f"bitrix-sidecar: cannot listen on {listen}: {exc.strerror}; "

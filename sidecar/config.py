@@ -55,6 +55,9 @@ class Settings:
     scope: tuple[str, ...] = ()
     auth_code: str = field(default="", repr=False)
     listen: Listen = Listen("127.0.0.1", 8080)
+    admin_listen: Listen = Listen("127.0.0.1", 9090)
+    alert_webhook: str = field(default="", repr=False)
+    shutdown_grace: float = 20.0
     db_path: Path = Path("bitrix-sidecar.db")
     refresh_interval: float = 25 * 60.0
     upstream_timeout: float = 60.0
@@ -163,6 +166,15 @@ def parse_oauth_url(text: str) -> str:
     return url
 
 
+def parse_webhook_url(text: str) -> str:
+    """Accept an http(s) URL for alerts (a query string may carry the receiver's own key)."""
+    value = text.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) address")
+    return value
+
+
 def default_oauth_url(portal: str) -> str:
     """Pick the OAuth server by the portal's zone; an emulator on loopback serves its own."""
     host = urlsplit(portal).hostname or ""
@@ -228,6 +240,14 @@ OPTIONS: tuple[Option, ...] = (
            "OAuth server base (default by portal zone)", parse_oauth_url),
     Option("SIDECAR_LISTEN", "--listen", "listen", "proxy listener host:port", parse_listen,
            "127.0.0.1:8080"),
+    Option("SIDECAR_ADMIN_LISTEN", "--admin-listen", "admin_listen",
+           "metrics, probes and status listener host:port", parse_listen, "127.0.0.1:9090"),
+    Option("SIDECAR_ALERT_WEBHOOK", "--alert-webhook", "alert_webhook",
+           "URL that gets a JSON POST when token renewal starts or stops failing",
+           parse_webhook_url),
+    Option("SIDECAR_SHUTDOWN_GRACE", "--shutdown-grace", "shutdown_grace",
+           "time in-flight calls get to finish after SIGTERM", _non_negative(parse_duration),
+           "20s"),
     Option("SIDECAR_DB", "--db", "db_path", "SQLite token store", Path, "./bitrix-sidecar.db"),
     Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
            "background refresh period; 0 = only when needed", _non_negative(parse_duration),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
@@ -29,6 +31,7 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from sidecar.metrics import Metrics
 from sidecar.store import TokenPair
 from sidecar.tokens import TokenManager
 
@@ -174,7 +177,12 @@ class Proxy:
         settings: Settings,
         tokens: TokenManager,
         session: aiohttp.ClientSession,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
+        self.inflight = 0
+        self.idle = asyncio.Event()  # set whenever no call is in flight
+        self.idle.set()
         self._settings = settings
         self._tokens = tokens
         self._session = session
@@ -187,18 +195,33 @@ class Proxy:
         if not _REQUEST_ID_RE.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         outcome = _Outcome()
+        gauge = self._metrics.inflight
+        gauge.inc()
+        self.inflight += 1
+        self.idle.clear()
         try:
             response = await self._dispatch(request, request_id, outcome)
         except SidecarError as exc:
             outcome.error = exc.code
             response = error_response(exc, request_id=request_id)
+        finally:
+            gauge.dec()
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
+        duration = time.perf_counter() - started
+        if outcome.method != "/token":
+            label = self._metrics.method_label(
+                outcome.method, known=outcome.reached and response.status != 404
+            )
+            self._metrics.observe_request(label, response.status, duration)
         log.info(
             "request",
             request_id=request_id,
             method=outcome.method,
             http_method=request.method,
             status=response.status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(duration * 1000, 2),
             upstream_ms=round(outcome.upstream * 1000, 2),
             retried=outcome.retried,
             error=outcome.error,
@@ -210,6 +233,7 @@ class Proxy:
     ) -> web.StreamResponse:
         raw = request.raw_path
         if raw == "/token" or raw.startswith("/token?"):
+            outcome.method = "/token"
             return await self._token(request, request_id)
         target = parse_target(raw)
         outcome.method = target.method.lower()
@@ -289,11 +313,13 @@ class Proxy:
                     allow_redirects=False,
                     timeout=self._timeout,
                 ) as upstream:
+                    outcome.reached = True
                     if upstream.status == 401 and not outcome.retried:
                         payload = await upstream.read()
-                        outcome.upstream += time.perf_counter() - sent
-                        if _needs_refresh(payload):
+                        self._upstream_done(outcome, sent)
+                        if _needs_refresh(payload, upstream.headers.get("Content-Encoding", "")):
                             outcome.retried = True
+                            self._metrics.upstream_retries.labels(reason="auth_error").inc()
                             pair = await self._tokens.refresh(pair.access_token,
                                                               trigger="auth_error")
                             continue
@@ -301,11 +327,20 @@ class Proxy:
                     return await self._relay(request, upstream=upstream, request_id=request_id,
                                              target=target, sent=sent, outcome=outcome)
             except TimeoutError:
+                self._upstream_done(outcome, sent, error="timeout")
                 raise UpstreamTimeout(
                     f"the portal did not answer within {self._settings.upstream_timeout:g} s"
                 ) from None
             except aiohttp.ClientError as exc:
+                self._upstream_done(outcome, sent, error="unreachable")
                 raise UpstreamError(f"the portal is unreachable: {_describe(exc)}") from None
+
+    def _upstream_done(self, outcome: _Outcome, sent: float, *, error: str = "") -> None:
+        elapsed = time.perf_counter() - sent
+        outcome.upstream += elapsed
+        self._metrics.upstream_duration.observe(elapsed)
+        if error:
+            self._metrics.upstream_errors.labels(kind=error).inc()
 
     def _url(self, pair: TokenPair, target: Target, query: str) -> URL:
         base = pair.client_endpoint or self._settings.rest_base
@@ -327,7 +362,7 @@ class Proxy:
     ) -> web.StreamResponse:
         if 300 <= upstream.status < 400:
             location = URL(upstream.headers.get("Location", ""))
-            outcome.upstream += time.perf_counter() - sent
+            self._upstream_done(outcome, sent, error="redirect")
             raise UpstreamError(
                 f"the portal answered {upstream.status} redirecting to "
                 f"{location.host or 'an unknown place'}: it may have been renamed; the next "
@@ -335,7 +370,7 @@ class Proxy:
             )
         ctype = upstream.content_type
         if upstream.status >= 500 and ctype not in ("application/json", "text/xml"):
-            outcome.upstream += time.perf_counter() - sent
+            self._upstream_done(outcome, sent, error="not_rest")
             raise UpstreamError(
                 f"the portal answered HTTP {upstream.status} with {ctype or 'no content type'} "
                 "instead of a REST answer"
@@ -343,7 +378,7 @@ class Proxy:
         length = upstream.content_length
         if length is not None and length <= STREAM_THRESHOLD:
             payload = await upstream.read()
-            outcome.upstream += time.perf_counter() - sent
+            self._upstream_done(outcome, sent)
             return self._answer(upstream, payload, request_id)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=_response_headers(upstream.headers, request_id))
@@ -356,12 +391,13 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Too late for an error answer: cut the connection so the client sees it broke.
             outcome.error = "SIDECAR_UPSTREAM_BROKE_MID_STREAM"
+            self._upstream_done(outcome, sent, error="broke_mid_stream")
             log.warning("upstream_broke_mid_stream", request_id=request_id,
                         method=target.method, error=_describe(exc))
             if request.transport is not None:
                 request.transport.close()
             return response
-        outcome.upstream += time.perf_counter() - sent
+        self._upstream_done(outcome, sent)
         await response.write_eof()
         return response
 
@@ -379,10 +415,11 @@ class Proxy:
 class _Outcome:
     """What happened to one call, for its access-log event."""
 
-    __slots__ = ("error", "method", "retried", "upstream")
+    __slots__ = ("error", "method", "reached", "retried", "upstream")
 
     def __init__(self) -> None:
         self.method = ""
+        self.reached = False
         self.retried = False
         self.upstream = 0.0
         self.error: str | None = None
@@ -397,10 +434,15 @@ def _response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMult
     return out
 
 
-def _needs_refresh(payload: bytes) -> bool:
+def _needs_refresh(payload: bytes, encoding: str) -> bool:
+    """Say whether a 401's body is ``expired_token``/``invalid_token`` (compressed or not)."""
     try:
+        if encoding.strip().lower() in ("gzip", "deflate", "x-gzip"):
+            # The body is relayed compressed; only this check needs it plain. wbits=47
+            # accepts gzip and zlib headers alike.
+            payload = zlib.decompressobj(wbits=47).decompress(payload, 1 << 20)
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, zlib.error):
         return False
     return isinstance(data, dict) and data.get("error") in _REFRESHABLE
 

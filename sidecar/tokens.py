@@ -7,13 +7,14 @@ import contextlib
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 import structlog
 
+from sidecar.alerts import Alerter
 from sidecar.config import Settings
 from sidecar.errors import (
     NotAuthorized,
@@ -23,6 +24,7 @@ from sidecar.errors import (
     StoreError,
     TokenUnavailable,
 )
+from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.store import StoredState, TokenPair, TokenStore
 
@@ -106,6 +108,22 @@ def how_to_authorize(settings: Settings) -> str:
     )
 
 
+def _retrieve(task: asyncio.Task[TokenPair]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(
+        exc, SidecarError
+    ):
+        log.error("token_refresh_crashed", error=repr(exc))
+
+
+@dataclass
+class Episode:
+    """A run of failed renewals, from the first failure to the next success."""
+
+    first_failure_at: float
+    attempts: int = 0
+    reauth_alerted: bool = False
+
+
 class TokenManager:
     """Hold the current pair and renew it: one refresh at a time, across tasks and processes."""
 
@@ -118,7 +136,13 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         on_secret: Callable[[str], None] = lambda _: None,
         watch_interval: float = 1.0,
+        metrics: Metrics | None = None,
+        alerts: Alerter | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
+        self._alerts = alerts or Alerter(None, "", self._metrics)
+        self._episode: Episode | None = None
+        self.store_ok = True
         self._store = store
         self._oauth = oauth
         self._settings = settings
@@ -173,7 +197,26 @@ class TokenManager:
             now=self._clock(),
             refresh_failing=self._failures > 0,
             unsaved=self._unsaved,
-        )
+        ) | {
+            "refresh": {
+                "failing": self._episode is not None,
+                "consecutive_failures": self._failures,
+                "failing_since": _iso(self._episode.first_failure_at) if self._episode else None,
+                "next_attempt_at": _iso(self.next_due()) if self.next_due() < float("inf")
+                else None,
+                "refreshes_by_this_process": self.refreshes,
+            },
+            "store_writable": self.store_ok and not self._unsaved,
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        """Say whether calls can be served now, and if not, why (never calls Bitrix24)."""
+        if self.current() is None:
+            state = self.status()["state"]
+            return False, f"no usable access token ({state})"
+        if not self.store_ok or self._unsaved:
+            return False, "the token store cannot be written"
+        return True, "ok"
 
     def _raise_if_unusable(self) -> None:
         if self._stored.reauth_required:
@@ -229,12 +272,13 @@ class TokenManager:
             async with self._store.locked():
                 generation = await self._store.save_pair(pair)
             self._unsaved = False
+            self.store_ok = True
         except StoreError as exc:
-            log.error("token_store_write_failed", error=exc.description,
-                      detail="the new pair is kept in memory and saved when the store allows")
+            self._store_failed(exc, kept=True)
             self._unsaved = True
             generation = self._stored.generation + 1
         self._failures = 0
+        self._recovered(trigger)
         self._adopt(StoredState(pair=pair, generation=generation), source=trigger)
         log.info("token_authorized", trigger=trigger, member_id=pair.member_id,
                  scope=pair.scope, expires_at=_iso(pair.expires_at),
@@ -259,7 +303,16 @@ class TokenManager:
             self._refresh_task = asyncio.create_task(
                 self._refresh(stale_access, trigger), name="token-refresh"
             )
+            # Its callers may all have gone; the outcome is logged inside, never lost unseen.
+            self._refresh_task.add_done_callback(_retrieve)
         return await asyncio.shield(self._refresh_task)
+
+    async def aclose(self, wait_seconds: float = 35.0) -> None:
+        """Let a refresh in flight finish (its answer holds the only live refresh token)."""
+        task = self._refresh_task
+        if task is not None and not task.done():
+            log.info("waiting_for_refresh_before_exit")
+            await asyncio.wait({task}, timeout=wait_seconds)
 
     async def _refresh(self, stale_access: str, trigger: str) -> TokenPair:
         started = self._clock()
@@ -275,16 +328,19 @@ class TokenManager:
                     generation = await self._store.save_pair(outcome)
         except StoreError as exc:
             if not isinstance(outcome, TokenPair) or outcome is self._stored.pair:
-                log.error("token_store_unavailable", error=exc.description)
+                self._store_failed(exc, kept=False)
                 raise
             # The OAuth server has rotated the pair: the old refresh token is dead, so the new
             # pair lives in memory until a write succeeds.
-            log.error("token_store_write_failed", error=exc.description,
-                      detail="the new pair is kept in memory and saved when the store allows")
+            self._store_failed(exc, kept=True)
             self._unsaved = True
             generation += 1
+        else:
+            self.store_ok = True
         assert outcome is not None
         if isinstance(outcome, OAuthError):
+            self._metrics.refreshes.labels(
+                trigger=trigger, result="rejected" if outcome.permanent else "failed").inc()
             self._fail(outcome, trigger)
             if outcome.permanent:
                 raise ReauthorizationRequired(
@@ -293,9 +349,12 @@ class TokenManager:
                 ) from None
             raise TokenUnavailable(f"renewing the token failed: {outcome.description}") from None
         if outcome is self._stored.pair:
+            self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
             return outcome  # another process renewed it; adopted under the lock
         self.refreshes += 1
+        self._metrics.refreshes.labels(trigger=trigger, result="ok").inc()
         self._failures = 0
+        self._recovered(trigger)
         self._adopt(StoredState(pair=outcome, generation=generation), source=trigger)
         log.info("token_refreshed", trigger=trigger, expires_at=_iso(outcome.expires_at),
                  duration=round(self._clock() - started, 3))
@@ -313,10 +372,13 @@ class TokenManager:
             self._raise_if_unusable()
         pair = self._stored.pair
         assert pair is not None
+        started = time.perf_counter()
         try:
             new = await self._oauth.refresh(pair.refresh_token)
         except OAuthError as exc:
             return exc
+        finally:
+            self._metrics.refresh_duration.observe(time.perf_counter() - started)
         self._on_secret(new.access_token)
         self._on_secret(new.refresh_token)
         # The token answer carries no application token; it outlives refreshes.
@@ -324,13 +386,27 @@ class TokenManager:
 
     def _fail(self, error: OAuthError, trigger: str) -> None:
         self._failures += 1
+        now = self._clock()
         self._stored = replace(
             self._stored,
             reauth_required=error.permanent,
             last_error=error.description,
-            last_error_at=self._clock(),
+            last_error_at=now,
         )
+        self._metrics.refresh_failing.set(1)
+        self._metrics.refresh_failures.set(self._failures)
+        opened = self._episode is None
+        if self._episode is None:
+            self._episode = Episode(first_failure_at=now)
+        self._episode.attempts += 1
+        if opened or (error.permanent and not self._episode.reauth_alerted):
+            self._alert(
+                "token_refresh_failing" if opened else "token_reauthorization_required",
+                error=error,
+            )
         if error.permanent:
+            self._episode.reauth_alerted = True
+            self._metrics.reauthorization_required.set(1)
             log.error("reauthorization_required", trigger=trigger, error=error.error,
                       description=error.description, hint=how_to_authorize(self._settings))
             self._changed.set()
@@ -343,9 +419,56 @@ class TokenManager:
                     description=error.description, attempt=self._failures,
                     retry_in=round(delay, 1))
 
+    def _alert(self, event: str, *, error: OAuthError | None = None) -> None:
+        episode = self._episode
+        assert episode is not None
+        pair = self._stored.pair
+        payload: dict[str, Any] = {
+            "event": event,
+            "portal": self._settings.portal,
+            "client_id": self._settings.client_id,
+            "state": "reauthorization_required" if self._stored.reauth_required
+            else "refresh_failing",
+            "first_failure_at": _iso(episode.first_failure_at),
+            "attempts": episode.attempts,
+            "token_expires_at": _iso(pair.expires_at) if pair else None,
+        }
+        if error is not None:
+            payload["error"] = error.error
+            payload["error_description"] = error.description
+        if self._stored.reauth_required:
+            payload["authorize_url"] = authorize_url(self._settings)
+        if event == "token_refresh_recovered":
+            payload["recovered_at"] = _iso(self._clock())
+            payload["duration_seconds"] = round(self._clock() - episode.first_failure_at, 3)
+        self._alerts.send(payload)
+
+    def _recovered(self, trigger: str) -> None:
+        """Close an open failure episode after a success."""
+        self._metrics.refresh_failing.set(0)
+        self._metrics.refresh_failures.set(0)
+        self._metrics.reauthorization_required.set(0)
+        if self._episode is not None:
+            self._alert("token_refresh_recovered")
+            self._episode = None
+
+    def _store_failed(self, exc: StoreError, *, kept: bool) -> None:
+        self.store_ok = False
+        self._metrics.store_errors.inc()
+        if kept:
+            log.error("token_store_write_failed", error=exc.description,
+                      detail="the new pair is kept in memory and saved when the store allows")
+        else:
+            log.error("token_store_unavailable", error=exc.description)
+
     def _adopt(self, stored: StoredState, *, source: str) -> None:
         previous = self._stored
         self._stored = stored
+        pair = stored.pair
+        self._metrics.authorized.set(1 if pair is not None else 0)
+        self._metrics.expires_at.set(pair.expires_at if pair else 0)
+        self._metrics.last_refresh.set(pair.obtained_at if pair else 0)
+        self._metrics.reauthorization_required.set(1 if stored.reauth_required else 0)
         if stored.pair is not None:
             self._on_secret(stored.pair.access_token)
             self._on_secret(stored.pair.refresh_token)
@@ -415,8 +538,17 @@ class TokenManager:
                 if current != version:
                     version = current
                     await self.sync()
+                if not self.store_ok and not self._unsaved:
+                    # A write failed earlier: probe until the lock can be taken again.
+                    async with self._store.locked():
+                        pass
+                    self.store_ok = True
+                    log.info("token_store_recovered")
             except StoreError as exc:
-                log.warning("token_store_check_failed", error=exc.description)
+                if self.store_ok:
+                    self._store_failed(exc, kept=self._unsaved)
+                else:
+                    self._metrics.store_errors.inc()
 
     async def _save_unsaved(self) -> None:
         pair = self._stored.pair
@@ -425,5 +557,6 @@ class TokenManager:
         async with self._store.locked():
             generation = await self._store.save_pair(pair)
         self._unsaved = False
+        self.store_ok = True
         self._stored = replace(self._stored, generation=generation)
         log.info("token_store_write_recovered", generation=generation)

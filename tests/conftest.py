@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -86,6 +87,22 @@ async def sidecar(
 def tokens_of(client: TestClient[web.Request, web.Application]) -> TokenManager:
     """Return the token manager of a served sidecar."""
     return client.app[TOKENS]
+
+
+@pytest.fixture
+def env(emulator: Emulator, tmp_path: Path) -> dict[str, str]:
+    """Environment for the CLI pointing at the emulator, with a fresh store and free ports."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))}
+    return {
+        **base,
+        "BITRIX_PORTAL": emulator.base_url,
+        "BITRIX_CLIENT_ID": CLIENT_ID,
+        "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
+        "BITRIX_SCOPE": "crm,user",
+        "SIDECAR_DB": str(tmp_path / "tokens.db"),
+        "SIDECAR_LISTEN": "127.0.0.1:0",
+        "SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
+    }
 
 
 def free_port() -> int:

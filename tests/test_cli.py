@@ -4,107 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
-
-import aiohttp
-import pytest
 
 from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, free_port
-
-Env = dict[str, str]
-
-
-@pytest.fixture
-def env(emulator: Emulator, tmp_path: Path) -> Env:
-    """Environment for the CLI pointing at the emulator, with a fresh store."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))}
-    return {
-        **base,
-        "BITRIX_PORTAL": emulator.base_url,
-        "BITRIX_CLIENT_ID": CLIENT_ID,
-        "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
-        "BITRIX_SCOPE": "crm,user",
-        "SIDECAR_DB": str(tmp_path / "tokens.db"),
-        "SIDECAR_LISTEN": "127.0.0.1:0",
-    }
-
-
-async def cli(*args: str, env: Env) -> tuple[int, str, str]:
-    """Run ``python -m sidecar ARGS`` to the end; return exit code, stdout and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-class Running:
-    """A sidecar subprocess: its base URL and everything it logged."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.base = ""
-        self.lines: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def wait_listening(self) -> None:
-        assert self.proc.stderr is not None
-        while True:
-            line = (await asyncio.wait_for(self.proc.stderr.readline(), 15)).decode()
-            assert line, "the sidecar exited before listening:\n" + "".join(self.lines)
-            self.lines.append(line)
-            if '"listening"' in line:
-                self.base = json.loads(line)["address"]
-                break
-        self._reader = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode())
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(signum)
-        code = await asyncio.wait_for(self.proc.wait(), 15)
-        if self._reader is not None:
-            await self._reader
-        return code
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
-
-
-@asynccontextmanager
-async def running(env: Env, *args: str) -> AsyncIterator[Running]:
-    """Start ``bitrix-sidecar run`` and stop it (SIGKILL if it is left running)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", *args, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    sidecar = Running(proc)
-    try:
-        await sidecar.wait_listening()
-        yield sidecar
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def get(url: str) -> tuple[int, dict[str, Any]]:
-    """GET a URL and return status and JSON body."""
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status, await response.json(content_type=None)
+from tests.processes import Env, cli, get, running
 
 
 class TestConfiguration:
