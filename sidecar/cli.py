@@ -8,6 +8,8 @@ import json
 import os
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the token's state as JSON (never a token); exit 1 unless usable")
     sub.add_parser("token", parents=[settings],
                    help="print the current access token, refreshing it first if it has expired")
+    health = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if the running sidecar's admin listener answers /healthz (or /readyz)",
+    )
+    health.add_argument("--ready", action="store_true", help="check /readyz instead of /healthz")
+    health.add_argument("--admin-listen", default=None, metavar="HOST:PORT",
+                        help="admin listener to ask [SIDECAR_ADMIN_LISTEN, default 127.0.0.1:9090]")
+    health.add_argument("--timeout", type=float, default=3.0)
     emu = sub.add_parser("emulator", help="run the built-in Bitrix24 portal and OAuth emulator")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=int, default=9000)
@@ -86,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_emulator(args))
         if args.command == "demo":
             return _run(_demo(args))
+        if args.command == "healthcheck":
+            return _healthcheck(args)
         flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
         settings = load_settings(
             os.environ, flags, need_secret=args.command in ("run", "authorize", "token")
@@ -208,6 +220,30 @@ async def _token(settings: Settings) -> int:
         return EXIT_FAILED
     print(pair.access_token)
     return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Ask the admin listener; for container health checks, so no curl is needed."""
+    text = args.admin_listen or os.environ.get("SIDECAR_ADMIN_LISTEN") or "127.0.0.1:9090"
+    try:
+        listen = parse_listen(text)
+    except ValueError as exc:
+        print(f"bitrix-sidecar: SIDECAR_ADMIN_LISTEN: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # A wildcard listener is reached on loopback.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{listen.port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read(4096).decode("utf-8", "replace")
+            print(body)
+            return 0 if response.status == 200 else EXIT_FAILED
+    except urllib.error.HTTPError as exc:
+        print(exc.read(4096).decode("utf-8", "replace"), file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"bitrix-sidecar: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 async def _emulator(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.metrics import MAX_METHOD_LABELS
 from tests.conftest import CLIENT_ID, tokens_of
-from tests.processes import Env, running
+from tests.processes import Env, cli, running
 
 Client = TestClient[web.Request, web.Application]
 
@@ -297,3 +297,20 @@ class TestShutdown:
         assert events["drained"]["cancelled"] == 0
         assert "stopped" in events
         assert json.dumps(events)  # all events were valid JSON lines
+
+
+class TestHealthcheckCommand:
+    async def test_healthcheck_against_a_running_sidecar(self, env: Env,
+                                                        emulator: Emulator) -> None:
+        """`healthcheck` exits 0 on a live sidecar, `--ready` follows readiness, 1 when down."""
+        async with running(env) as sidecar:
+            admin = sidecar.admin.removeprefix("http://")
+            code, out, _ = await cli("healthcheck", "--admin-listen", admin, env=env)
+            assert code == 0
+            assert json.loads(out)["status"] == "ok"
+            code, _, err = await cli("healthcheck", "--ready", "--admin-listen", admin, env=env)
+            assert code == 1
+            assert "not_authorized" in err
+            assert await sidecar.stop() == 0
+        code, _, _ = await cli("healthcheck", "--admin-listen", admin, env=env)
+        assert code == 1
