@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.alerts import Alerter
+from sidecar.authflow import AuthFlow
 from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
 from sidecar.logging import Redactor
@@ -73,7 +74,8 @@ def create_app(
 ) -> web.Application:
     """Build the proxy application for ``settings``; resources open on startup, close on cleanup."""
     redactor = redactor or Redactor()
-    redactor.add(settings.client_secret)
+    redactor.add(settings.client_secret, permanent=True)
+    redactor.add(settings.alert_webhook, permanent=True)
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
     metrics = app[METRICS] = Metrics()
@@ -102,7 +104,8 @@ def create_app(
             await tokens.start()
             app[TOKENS] = tokens
             proxy = app[PROXY] = Proxy(settings, tokens, upstream_http, metrics)
-            app.router.add_route("*", "/{tail:.*}", proxy.handle)
+            AuthFlow(settings, tokens, upstream_http).add_routes(app)
+            app.router.add_route("*", "/{tail:.*}", proxy.handle)  # after the exact routes
             tasks = [
                 asyncio.create_task(tokens.run_schedule(), name="token-schedule"),
                 asyncio.create_task(tokens.run_watch(), name="token-watch"),

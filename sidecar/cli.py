@@ -20,10 +20,10 @@ import structlog
 from sidecar import __version__
 from sidecar.app import create_app, make_oauth, oauth_session, serve
 from sidecar.config import OPTIONS, Settings, load_settings, parse_listen
-from sidecar.errors import ConfigError, OAuthError, SidecarError
+from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
 from sidecar.logging import Redactor, configure_logging
-from sidecar.store import TokenStore
-from sidecar.tokens import TokenManager, authorize_url, describe
+from sidecar.store import StoredState, TokenStore
+from sidecar.tokens import TokenManager, authorize_url, code_hint, describe
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -177,12 +177,10 @@ async def _authorize(settings: Settings, text: str) -> int:
         tokens = TokenManager(store, make_oauth(http, settings), settings)
         try:
             await tokens.authorize(code, trigger="cli")
+            await _ensure_saved(tokens)
         except OAuthError as exc:
-            hint = ""
-            if exc.error.lower() in ("invalid_grant", "expired_token"):
-                hint = (" The code was already used or has expired (codes live 30 seconds): "
-                        f"open {authorize_url(settings)} again and paste the new address at once.")
-            print(f"bitrix-sidecar: {exc.description}.{hint}", file=sys.stderr)
+            print(f"bitrix-sidecar: {exc.description}{code_hint(exc, settings)}",
+                  file=sys.stderr)
             return EXIT_FAILED
         except SidecarError as exc:
             print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
@@ -191,11 +189,31 @@ async def _authorize(settings: Settings, text: str) -> int:
     return 0
 
 
+async def _ensure_saved(tokens: TokenManager, attempts: int = 20) -> None:
+    """A one-shot command must not exit holding the only copy of a pair: retry, then fail."""
+    for attempt in range(attempts):
+        try:
+            if await tokens.save_unsaved():
+                return
+        except SidecarError:
+            if attempt == attempts - 1:
+                break
+        await asyncio.sleep(0.5)
+    raise StoreError(
+        "the new token pair could not be written to the store; it is lost when this command "
+        "exits, and a person may have to authorize the app again"
+    )
+
+
 async def _status(settings: Settings) -> int:
     try:
-        async with TokenStore(settings.db_path, portal=settings.portal,
-                              client_id=settings.client_id) as store:
-            info = describe(settings, await store.load())
+        if not settings.db_path.exists():  # looking must not create the store
+            info = describe(settings, StoredState(pair=None))
+            info["note"] = f"no token store at {settings.db_path} yet"
+        else:
+            async with TokenStore(settings.db_path, portal=settings.portal,
+                                  client_id=settings.client_id) as store:
+                info = describe(settings, await store.load())
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
         return EXIT_FAILED
@@ -211,10 +229,15 @@ async def _token(settings: Settings) -> int:
             oauth_session() as http,
         ):
             tokens = TokenManager(store, make_oauth(http, settings), settings)
-            await tokens.start()
-            pair = tokens.current() or await tokens.refresh(
-                tokens.pair.access_token if tokens.pair else "", trigger="cli"
-            )
+            try:
+                await tokens.start()
+                pair = tokens.current() or await tokens.refresh(
+                    tokens.pair.access_token if tokens.pair else "", trigger="cli"
+                )
+                await _ensure_saved(tokens)
+            finally:
+                # Even on Ctrl-C: a renewal's answer holds the only live refresh token.
+                await tokens.aclose()
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
         return EXIT_FAILED

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
 
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d)?)+$")
+# Every part but the last carries a unit, so the match is linear (no ambiguous splits).
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))*\d+(?:\.\d+)?(?:ms|s|m|h|d)?$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
 _SIZE_RE = re.compile(r"^(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?$", re.IGNORECASE)
@@ -58,6 +59,7 @@ class Settings:
     admin_listen: Listen = Listen("127.0.0.1", 9090)
     alert_webhook: str = field(default="", repr=False)
     shutdown_grace: float = 20.0
+    allowed_hosts: tuple[str, ...] = ()
     db_path: Path = Path("bitrix-sidecar.db")
     refresh_interval: float = 25 * 60.0
     upstream_timeout: float = 60.0
@@ -86,7 +88,6 @@ class Option:
     help: str
     parse: Callable[[str], Any] | None = None
     default: str = ""
-    secret: bool = False
 
 
 def parse_duration(text: str) -> float:
@@ -175,6 +176,15 @@ def parse_webhook_url(text: str) -> str:
     return value
 
 
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """Split a comma-separated list of host names (no ports), or ``*``."""
+    names = tuple(name.strip().lower().strip("[]") for name in text.split(",") if name.strip())
+    bad = [n for n in names if n != "*" and not re.fullmatch(r"[a-z0-9.:-]+", n)]
+    if bad:
+        raise ValueError(f"bad host name(s): {', '.join(bad)}")
+    return names
+
+
 def default_oauth_url(portal: str) -> str:
     """Pick the OAuth server by the portal's zone; an emulator on loopback serves its own."""
     host = urlsplit(portal).hostname or ""
@@ -214,6 +224,15 @@ def _non_negative(parse: Callable[[str], float]) -> Callable[[str], float]:
     return checked
 
 
+def _interval(text: str) -> float:
+    value = parse_duration(text)
+    if 0 < value < 1:
+        raise ValueError("must be 0 (refresh only when needed) or at least 1s")
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
     def checked(text: str) -> float:
         value = parse(text)
@@ -229,13 +248,13 @@ OPTIONS: tuple[Option, ...] = (
            "portal: bare name (= NAME.bitrix24.ru), host, or full URL", parse_portal),
     Option("BITRIX_CLIENT_ID", "--client-id", "client_id", "application code (client_id)"),
     Option("BITRIX_CLIENT_SECRET", "--client-secret", "client_secret",
-           "application key (prefer the _FILE form)", secret=True),
+           "application key (prefer the _FILE form)"),
     Option("BITRIX_CLIENT_SECRET_FILE", "--client-secret-file", "client_secret_file",
            "file holding the application key"),
     Option("BITRIX_SCOPE", "--scope", "scope", "requested permissions, comma separated",
            parse_scope),
     Option("BITRIX_AUTH_CODE", "--auth-code", "auth_code",
-           "first authorization code, used only when no token is stored", secret=True),
+           "first authorization code, used only when no token is stored"),
     Option("BITRIX_OAUTH_URL", "--oauth-url", "oauth_url",
            "OAuth server base (default by portal zone)", parse_oauth_url),
     Option("SIDECAR_LISTEN", "--listen", "listen", "proxy listener host:port", parse_listen,
@@ -248,10 +267,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_SHUTDOWN_GRACE", "--shutdown-grace", "shutdown_grace",
            "time in-flight calls get to finish after SIGTERM", _non_negative(parse_duration),
            "20s"),
+    Option("SIDECAR_ALLOWED_HOSTS", "--allowed-hosts", "allowed_hosts",
+           "extra Host names the proxy answers to, comma separated (loopback always; * = any)",
+           parse_hosts),
     Option("SIDECAR_DB", "--db", "db_path", "SQLite token store", Path, "./bitrix-sidecar.db"),
     Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
-           "background refresh period; 0 = only when needed", _non_negative(parse_duration),
-           "25m"),
+           "background refresh period; 0 = only when needed", _interval, "25m"),
     Option("SIDECAR_UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout",
            "total time for one upstream call", _positive(parse_duration), "60s"),
     Option("SIDECAR_MAX_BODY", "--max-body", "max_body", "largest request body accepted",

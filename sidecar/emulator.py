@@ -147,6 +147,7 @@ class _App:
     client_secret: str
     scope: str
     redirect_uri: str | None
+    application_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 @dataclass
@@ -515,6 +516,54 @@ class Emulator:
         if app is None:
             raise ValueError(f"unknown client_id {client_id!r}")
         return self._issue_pair(app, self.base_url)
+
+    def application_token(self, client_id: str) -> str:
+        """Return the token the portal signs this app's events with."""
+        return self._apps[client_id].application_token
+
+    async def send_install_event(
+        self, url: str, client_id: str, *, ui: bool = False, event: str = "ONAPPINSTALL",
+        application_token: str | None = None, member_id: str | None = None,
+        client_endpoint: str | None = None,
+    ) -> tuple[int, str]:
+        """POST an install event to an app's handler, as the portal does; return status and body.
+
+        ``ui=False`` sends the server-side ``ONAPPINSTALL`` event (``auth[...]`` fields);
+        ``ui=True`` sends what a UI app's install page receives (``AUTH_ID``, ``REFRESH_ID``, ...).
+        The keyword overrides forge a field, for tests of the receiver's checks.
+        """
+        import aiohttp  # noqa: PLC0415 - only this test control needs a client
+
+        pair = self.issue_tokens(client_id)
+        app = self._apps[client_id]
+        authority = URL(self.base_url).raw_authority
+        query: dict[str, str] = {}
+        if ui:
+            protocol = "1" if self.base_url.startswith("https") else "0"
+            query = {"DOMAIN": authority, "PROTOCOL": protocol, "LANG": "en",
+                     "APP_SID": secrets.token_hex(8)}
+            form = {
+                "AUTH_ID": pair["access_token"], "AUTH_EXPIRES": str(pair["expires_in"]),
+                "REFRESH_ID": pair["refresh_token"],
+                "member_id": member_id or pair["member_id"], "status": "L",
+                "PLACEMENT": "DEFAULT", "PLACEMENT_OPTIONS": "{}",
+            }
+        else:
+            auth = {**pair, "application_token": application_token or app.application_token,
+                    "domain": authority}
+            if member_id is not None:
+                auth["member_id"] = member_id
+            if client_endpoint is not None:
+                auth["client_endpoint"] = client_endpoint
+            form = {"event": event, "data[VERSION]": "1", "data[ACTIVE]": "Y",
+                    "data[INSTALLED]": "Y", "data[LANGUAGE_ID]": "en",
+                    "ts": str(int(self.clock()))}
+            form |= {f"auth[{key}]": str(value) for key, value in auth.items()}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, params=query, data=form, allow_redirects=False) as response,
+        ):
+            return response.status, await response.text()
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer 401 expired_token."""

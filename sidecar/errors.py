@@ -67,6 +67,12 @@ class OAuthError(SidecarError):
         self.permanent = permanent
 
 
+class Refused(SidecarError):
+    """A callback or install event that must not be trusted (wrong state, portal or token)."""
+
+    code = "SIDECAR_REFUSED"
+
+
 class BadRequest(SidecarError):
     """The client's request is outside what the proxy forwards."""
 

@@ -6,7 +6,6 @@ import logging
 import re
 import sys
 from collections import deque
-from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -29,16 +28,21 @@ class Redactor:
     """A structlog processor that hides known secret values and secret-looking parameters."""
 
     def __init__(self, keep: int = 32) -> None:
-        self._secrets: deque[str] = deque(maxlen=keep)
+        self._secrets: deque[str] = deque(maxlen=keep)  # rotating tokens: the latest few
+        self._permanent: set[str] = set()  # the client secret: never forgotten
 
-    def add(self, secret: str) -> None:
+    def add(self, secret: str, *, permanent: bool = False) -> None:
         """Remember a secret value (a token, the client secret) to hide wherever it appears."""
-        if len(secret) >= 6 and secret not in self._secrets:
+        if len(secret) < 6:
+            return
+        if permanent:
+            self._permanent.add(secret)
+        elif secret not in self._secrets:
             self._secrets.append(secret)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every known secret and secret parameter hidden."""
-        for secret in self._secrets:
+        for secret in (*self._permanent, *self._secrets):
             if secret in text:
                 text = text.replace(secret, REDACTED)
         text = _SECRET_PARAM_RE.sub(rf"\g<1>{REDACTED}", text)
@@ -104,11 +108,3 @@ def configure_logging(
     return redactor
 
 
-def bind_request(request_id: str) -> None:
-    """Bind a request id to every log event of the current task."""
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-
-
-def event_values(event: MutableMapping[str, Any]) -> str:
-    """Flatten a captured event to one string, for tests that look for leaked secrets."""
-    return " ".join(f"{k}={v}" for k, v in event.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +17,11 @@ from sidecar.store import TokenPair
 PERMANENT_ERRORS = frozenset(
     {"invalid_grant", "invalid_client", "payment_required", "wrong_client", "expired_token"}
 )
+# A rejected application: a configuration problem rather than a dead token.
+CLIENT_ERRORS = frozenset({"invalid_client", "wrong_client"})
 _MAX_DESCRIPTION = 300
+# Anything shaped like a token (long hex or base64-ish run) is cut from server-supplied text.
+_TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-]{32,}")
 
 
 def valid_endpoint(url: object) -> str:
@@ -40,7 +45,9 @@ def parse_token_response(data: object, *, now: float | None = None) -> TokenPair
                          error="invalid_response", permanent=False)
     if data.get("error"):
         error = str(data["error"])
-        description = str(data.get("error_description") or "")[:_MAX_DESCRIPTION]
+        description = _TOKENISH_RE.sub(
+            "[REDACTED]", str(data.get("error_description") or "")[:_MAX_DESCRIPTION]
+        )
         raise OAuthError(
             f"OAuth server refused: {error}" + (f" ({description})" if description else ""),
             error=error,

@@ -25,6 +25,7 @@ from sidecar.errors import (
     NotAuthorized,
     NotFound,
     ReauthorizationRequired,
+    Refused,
     SidecarError,
     StoreError,
     TokenUnavailable,
@@ -47,6 +48,7 @@ _PATH_RE = re.compile(
 )
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _REFRESHABLE = frozenset({"expired_token", "invalid_token"})
+_XML_ERROR_RE = re.compile(rb"<error>\s*([A-Za-z_]+)\s*</error>")
 _CLIENT_AUTH_PARAMS = frozenset({"auth", "access_token"})
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -54,7 +56,10 @@ HOP_BY_HOP = frozenset(
 )
 # Not forwarded upstream: hop-by-hop headers, the client's own credentials, and what the
 # client library computes for its own connection.
-_DROP_REQUEST = HOP_BY_HOP | {"host", "authorization", "content-length", "expect", "cookie"}
+# aiohttp's server has already decoded a compressed request body, so its Content-Encoding goes.
+_DROP_REQUEST = HOP_BY_HOP | {
+    "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
+}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Answers up to this size are read whole (one write to the client); larger ones stream.
 STREAM_THRESHOLD = 256 * 1024
@@ -62,6 +67,7 @@ CHUNK = 64 * 1024
 
 STATUS_OF: dict[type[SidecarError], int] = {
     BadRequest: 400,
+    Refused: 403,
     NotFound: 404,
     MethodNotAllowed: 405,
     BodyTooLarge: 413,
@@ -128,7 +134,8 @@ def _param_name(segment: bytes | str) -> str:
 
 def strip_query_auth(query: str) -> str:
     """Drop ``auth`` and ``access_token`` parameters from a raw query string, keep the rest raw."""
-    if "auth" not in query and "access_token" not in query and "%" not in query:
+    lowered = query.lower()
+    if "auth" not in lowered and "access_token" not in lowered and "%" not in query:
         return query
     return "&".join(
         seg for seg in query.split("&") if seg and _param_name(seg) not in _CLIENT_AUTH_PARAMS
@@ -137,7 +144,9 @@ def strip_query_auth(query: str) -> str:
 
 def strip_body_auth(body: bytes, content_type: str) -> bytes:
     """Drop the client's ``auth``/``access_token`` from a form, JSON or multipart body."""
-    if not body or (b"auth" not in body and b"access_token" not in body and b"%" not in body):
+    lowered = body.lower()
+    # JSON may spell a key with \u escapes, forms with %-escapes: those are parsed too.
+    if not body or (b"auth" not in lowered and b"\\u" not in body and b"%" not in body):
         return body
     if content_type == "application/x-www-form-urlencoded":
         return b"&".join(
@@ -155,6 +164,16 @@ def strip_body_auth(body: bytes, content_type: str) -> bytes:
     return body
 
 
+_PART_NAME_RE = re.compile(rb'content-disposition:[^\r\n]*?\bname\s*=\s*(?:"([^"]*)"|([^\s;]+))')
+_BOUNDARY_RE = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
+
+
+def multipart_boundary(content_type: str) -> str:
+    """Return the boundary parameter of a multipart content type ('' if none)."""
+    match = _BOUNDARY_RE.search(content_type)
+    return (match.group(1) or match.group(2)) if match else ""
+
+
 def strip_multipart_auth(body: bytes, boundary: str) -> bytes:
     """Drop ``auth``/``access_token`` parts of a multipart body, keeping the others byte-exact."""
     delimiter = b"--" + boundary.encode("latin-1")
@@ -162,8 +181,9 @@ def strip_multipart_auth(body: bytes, boundary: str) -> bytes:
     kept = [pieces[0]]
     for piece in pieces[1:]:
         head = piece.split(b"\r\n\r\n", 1)[0].lower()
-        name = re.search(rb'content-disposition:[^\r\n]*\bname="([^"]*)"', head)
-        if name and name.group(1).partition(b"[")[0].decode("latin-1") in _CLIENT_AUTH_PARAMS:
+        name = _PART_NAME_RE.search(head)
+        value = (name.group(1) or name.group(2) or b"") if name else b""
+        if value.partition(b"[")[0].strip().decode("latin-1") in _CLIENT_AUTH_PARAMS:
             continue
         kept.append(piece)
     return delimiter.join(kept)
@@ -187,6 +207,8 @@ class Proxy:
         self._tokens = tokens
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout)
+        self._hosts = frozenset({"localhost", "::1", settings.listen.host.lower(),
+                                 *settings.allowed_hosts}) - {"0.0.0.0", "::", ""}  # noqa: S104
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one client request to ``/rest/``, ``/token`` or anything else (404)."""
@@ -228,9 +250,37 @@ class Proxy:
         )
         return response
 
+    def _check_origin(self, request: web.Request) -> None:
+        """Refuse browsers on other sites (CSRF) and foreign Host names (DNS rebinding).
+
+        Whoever reaches the port acts as the app, so a web page must not make a browser do it.
+        """
+        headers = request.headers
+        site = headers.get("Sec-Fetch-Site", "")
+        if site in ("cross-site", "same-site"):
+            raise Refused("a browser request from another site is refused")
+        origin = headers.get("Origin")
+        if origin is not None and not self._host_allowed(URL(origin).host or ""):
+            raise Refused("a request from a foreign Origin is refused")
+        host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") else (
+            request.host[1:].split("]", 1)[0]
+        )
+        if not self._host_allowed(host):
+            raise Refused(
+                f"Host {_show(request.host)} is not served: call 127.0.0.1 or localhost, or add "
+                "the name to SIDECAR_ALLOWED_HOSTS"
+            )
+
+    def _host_allowed(self, host: str) -> bool:
+        host = host.lower().strip("[]")
+        if host in self._hosts or "*" in self._hosts:
+            return True
+        return host.startswith("127.")
+
     async def _dispatch(
         self, request: web.Request, request_id: str, outcome: _Outcome
     ) -> web.StreamResponse:
+        self._check_origin(request)
         raw = request.raw_path
         if raw == "/token" or raw.startswith("/token?"):
             outcome.method = "/token"
@@ -254,7 +304,6 @@ class Proxy:
                 "client_endpoint": pair.client_endpoint or self._settings.rest_base,
                 "member_id": pair.member_id,
                 "scope": pair.scope,
-                "domain": pair.domain,
             },
             headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
         )
@@ -275,19 +324,14 @@ class Proxy:
         body = b"".join(chunks)
         ctype = request.content_type
         if ctype.startswith("multipart/"):
-            boundary = request.headers.get("Content-Type", "").partition("boundary=")[2]
-            boundary = boundary.split(";")[0].strip().strip('"')
-            if boundary and (b'name="auth' in body or b'name="access_token' in body):
+            boundary = multipart_boundary(request.headers.get("Content-Type", ""))
+            if boundary and (b"auth" in body.lower()):
                 body = strip_multipart_auth(body, boundary)
             return body
         return strip_body_auth(body, ctype)
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            if name.lower() not in _DROP_REQUEST:
-                headers.add(name, value)
-        return headers
+        return _filter_headers(request.headers, _DROP_REQUEST)
 
     async def _forward(
         self,
@@ -303,6 +347,9 @@ class Proxy:
         pair = await self._tokens.get()
         while True:
             url = self._url(pair, target, query)
+            # The header outranks any auth the body may still hide; the parameter serves
+            # servers that read only parameters.
+            headers["Authorization"] = f"Bearer {pair.access_token}"
             sent = time.perf_counter()
             try:
                 async with self._session.request(
@@ -360,7 +407,7 @@ class Proxy:
         sent: float,
         outcome: _Outcome,
     ) -> web.StreamResponse:
-        if 300 <= upstream.status < 400:
+        if 300 <= upstream.status < 400 and upstream.status != 304:
             location = URL(upstream.headers.get("Location", ""))
             self._upstream_done(outcome, sent, error="redirect")
             raise UpstreamError(
@@ -384,10 +431,17 @@ class Proxy:
                                       headers=_response_headers(upstream.headers, request_id))
         if length is not None:
             response.content_length = length
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(CHUNK):
                 await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client hung up: nothing to tell it; the upstream connection is released
+            # (closed) by the caller's context manager.
+            outcome.error = "SIDECAR_CLIENT_GONE"
+            self._upstream_done(outcome, sent)
+            return response
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Too late for an error answer: cut the connection so the client sees it broke.
             outcome.error = "SIDECAR_UPSTREAM_BROKE_MID_STREAM"
@@ -398,7 +452,6 @@ class Proxy:
                 request.transport.close()
             return response
         self._upstream_done(outcome, sent)
-        await response.write_eof()
         return response
 
     def _answer(
@@ -425,22 +478,37 @@ class _Outcome:
         self.error: str | None = None
 
 
-def _response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def _filter_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Copy headers less ``drop`` and whatever the Connection header names as hop-by-hop."""
+    listed = {
+        name.strip().lower() for value in headers.getall("Connection", ())
+        for name in value.split(",")
+    }
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() not in _DROP_RESPONSE:
+        lowered = name.lower()
+        if lowered not in drop and lowered not in listed:
             out.add(name, value)
+    return out
+
+
+def _response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    out = _filter_headers(headers, _DROP_RESPONSE)
     out["X-Request-ID"] = request_id
     return out
 
 
 def _needs_refresh(payload: bytes, encoding: str) -> bool:
-    """Say whether a 401's body is ``expired_token``/``invalid_token`` (compressed or not)."""
+    """Say whether a 401's body is ``expired_token``/``invalid_token``: JSON or XML, compressed
+    or not."""
     try:
         if encoding.strip().lower() in ("gzip", "deflate", "x-gzip"):
             # The body is relayed compressed; only this check needs it plain. wbits=47
             # accepts gzip and zlib headers alike.
             payload = zlib.decompressobj(wbits=47).decompress(payload, 1 << 20)
+        if payload.lstrip().startswith(b"<"):
+            match = _XML_ERROR_RE.search(payload)
+            return match is not None and match.group(1).decode("latin-1") in _REFRESHABLE
         data = json.loads(payload)
     except (ValueError, zlib.error):
         return False

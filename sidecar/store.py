@@ -88,8 +88,11 @@ class StoredState:
 class TokenStore:
     """Load and save the token pair of one app on one portal in a SQLite file."""
 
-    def __init__(self, path: Path, *, portal: str, client_id: str) -> None:
+    def __init__(
+        self, path: Path, *, portal: str, client_id: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> None:
         self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
         self.portal = portal
         self.client_id = client_id
         self._db: aiosqlite.Connection | None = None
@@ -107,9 +110,13 @@ class TokenStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Create the file ourselves so it is never world-readable, even for a moment.
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
+            try:
+                if os.fstat(fd).st_mode & 0o077:
+                    os.fchmod(fd, 0o600)  # an older or hand-made file: tighten it
+            finally:
+                os.close(fd)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             await self._db.execute("PRAGMA journal_mode = WAL")
             await self._db.execute("PRAGMA synchronous = FULL")
             await self._migrate()

@@ -25,7 +25,7 @@ from sidecar.errors import (
     TokenUnavailable,
 )
 from sidecar.metrics import Metrics
-from sidecar.oauth import OAuthClient
+from sidecar.oauth import CLIENT_ERRORS, OAuthClient
 from sidecar.store import StoredState, TokenPair, TokenStore
 
 # A token this close to its end is treated as expired, so a call never leaves with a dying token.
@@ -34,6 +34,7 @@ EXPIRY_SKEW = 30.0
 # refresh token (180 days, 28 in older docs) never dies unused.
 KEEPALIVE = 20 * 86400.0
 BACKOFF_FIRST = 1.0
+MIN_GAP = 1.0
 BACKOFF_MAX = 300.0
 
 log = structlog.get_logger("sidecar.tokens")
@@ -100,6 +101,17 @@ def describe(
     return info
 
 
+def code_hint(error: OAuthError, settings: Settings) -> str:
+    """Say what to do when a code exchange failed because the code was used or expired."""
+    if error.error.lower() in ("invalid_grant", "expired_token"):
+        return (
+            ". The code was already used or has expired (codes live 30 seconds): open "
+            f"{authorize_url(settings)} again and hand over the new code at once (or let "
+            "/oauth/start and /oauth/callback take it with no copying)"
+        )
+    return ""
+
+
 def how_to_authorize(settings: Settings) -> str:
     """Say, in one sentence, how a person authorizes the app."""
     return (
@@ -153,7 +165,9 @@ class TokenManager:
         self._refresh_task: asyncio.Task[TokenPair] | None = None
         self._failures = 0
         self._next_attempt_at = 0.0
+        self._last_attempt_at = 0.0
         self._unsaved = False
+        self._unsaved_base = 0  # the stored generation an unsaved pair was renewed from
         self._changed = asyncio.Event()
         self.refreshes = 0  # successful refreshes by this process
 
@@ -249,8 +263,6 @@ class TokenManager:
         stored = await self._store.load()
         if stored.generation != self._stored.generation or stored.pair != self._stored.pair:
             self._adopt(stored, source="store")
-        else:
-            self._stored = stored
 
     async def authorize(self, code: str, *, trigger: str = "cli") -> TokenPair:
         """Exchange a first authorization code and store the pair."""
@@ -276,6 +288,7 @@ class TokenManager:
         except StoreError as exc:
             self._store_failed(exc, kept=True)
             self._unsaved = True
+            self._unsaved_base = self._stored.generation
             generation = self._stored.generation + 1
         self._failures = 0
         self._recovered(trigger)
@@ -283,6 +296,16 @@ class TokenManager:
         log.info("token_authorized", trigger=trigger, member_id=pair.member_id,
                  scope=pair.scope, expires_at=_iso(pair.expires_at),
                  duration=round(self._clock() - (started or self._clock()), 3))
+
+    async def revoke(self, reason: str) -> None:
+        """Mark the held pair dead (the app was uninstalled): a person must authorize again."""
+        error = OAuthError(reason, error="uninstalled", permanent=True)
+        try:
+            async with self._store.locked():
+                await self._store.record_error(reason, reauth_required=True)
+        except StoreError as exc:
+            self._store_failed(exc, kept=False)
+        self._fail(error, "install_event")
 
     async def refresh(self, stale_access: str, *, trigger: str) -> TokenPair:
         """Renew the pair unless it has already been replaced since ``stale_access`` was read.
@@ -316,39 +339,62 @@ class TokenManager:
 
     async def _refresh(self, stale_access: str, trigger: str) -> TokenPair:
         started = self._clock()
+        self._last_attempt_at = started
         outcome: TokenPair | OAuthError | None = None
-        generation = self._stored.generation
+        adopted = False
+        seen = self._stored.generation
+        generation = seen
         try:
             async with self._store.locked() as stored:
-                outcome = await self._refresh_locked(stored, stale_access)
+                seen = stored.generation
+                outcome, adopted = await self._refresh_locked(stored, stale_access)
                 if isinstance(outcome, OAuthError):
-                    await self._store.record_error(outcome.description,
-                                                   reauth_required=outcome.permanent)
-                elif outcome is not self._stored.pair:
+                    # A rejected app (bad id or secret) is a configuration error: it is not
+                    # written down as final, so a restart with fixed settings tries again.
+                    await self._store.record_error(
+                        outcome.description,
+                        reauth_required=outcome.permanent
+                        and outcome.error.lower() not in CLIENT_ERRORS,
+                    )
+                elif not adopted:
                     generation = await self._store.save_pair(outcome)
         except StoreError as exc:
-            if not isinstance(outcome, TokenPair) or outcome is self._stored.pair:
+            if isinstance(outcome, TokenPair) and not adopted:
+                # The OAuth server has rotated the pair: the old refresh token is dead, so
+                # the new pair lives in memory until a write succeeds.
+                self._store_failed(exc, kept=True)
+                self._unsaved = True
+                self._unsaved_base = seen
+                generation = seen + 1
+            elif not isinstance(outcome, OAuthError):
+                # No lock, so no renewal: back off as from any transient failure.
                 self._store_failed(exc, kept=False)
+                self._fail(OAuthError(f"token store unavailable: {exc.description}",
+                                      error="store_unavailable", permanent=False), trigger)
                 raise
-            # The OAuth server has rotated the pair: the old refresh token is dead, so the new
-            # pair lives in memory until a write succeeds.
-            self._store_failed(exc, kept=True)
-            self._unsaved = True
-            generation += 1
+            else:
+                self._store_failed(exc, kept=False)
         else:
             self.store_ok = True
+            if not adopted and isinstance(outcome, TokenPair):
+                self._unsaved = False
         assert outcome is not None
         if isinstance(outcome, OAuthError):
             self._metrics.refreshes.labels(
                 trigger=trigger, result="rejected" if outcome.permanent else "failed").inc()
             self._fail(outcome, trigger)
+            if outcome.permanent and outcome.error.lower() in CLIENT_ERRORS:
+                raise ReauthorizationRequired(
+                    f"{outcome.description}; check BITRIX_CLIENT_ID and the client secret, and "
+                    "that the app is still installed on the portal, then restart"
+                ) from None
             if outcome.permanent:
                 raise ReauthorizationRequired(
                     f"{outcome.description}; a person must authorize the app again: "
                     f"{how_to_authorize(self._settings)}"
                 ) from None
             raise TokenUnavailable(f"renewing the token failed: {outcome.description}") from None
-        if outcome is self._stored.pair:
+        if adopted:
             self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
             return outcome  # another process renewed it; adopted under the lock
         self.refreshes += 1
@@ -362,13 +408,16 @@ class TokenManager:
 
     async def _refresh_locked(
         self, stored: StoredState, stale_access: str
-    ) -> TokenPair | OAuthError:
-        """Under the store's lock: adopt a newer stored pair, or refresh the freshest one."""
+    ) -> tuple[TokenPair | OAuthError, bool]:
+        """Under the store's lock: adopt a newer stored pair, or refresh the freshest one.
+
+        Returns the outcome and whether it was adopted from the store.
+        """
         if not self._unsaved and stored.generation != self._stored.generation:
             self._adopt(stored, source="store")
             fresh = self.current()
             if fresh is not None and fresh.access_token != stale_access:
-                return fresh
+                return fresh, True
             self._raise_if_unusable()
         pair = self._stored.pair
         assert pair is not None
@@ -376,13 +425,13 @@ class TokenManager:
         try:
             new = await self._oauth.refresh(pair.refresh_token)
         except OAuthError as exc:
-            return exc
+            return exc, False
         finally:
             self._metrics.refresh_duration.observe(time.perf_counter() - started)
         self._on_secret(new.access_token)
         self._on_secret(new.refresh_token)
         # The token answer carries no application token; it outlives refreshes.
-        return replace(new, application_token=pair.application_token)
+        return replace(new, application_token=pair.application_token), False
 
     def _fail(self, error: OAuthError, trigger: str) -> None:
         self._failures += 1
@@ -502,10 +551,13 @@ class TokenManager:
             return self._next_attempt_at
         interval = self._settings.refresh_interval
         if interval <= 0:
-            return pair.obtained_at + KEEPALIVE
-        lifetime = max(pair.expires_at - pair.obtained_at, 0.0)
-        early = min(BACKOFF_MAX, lifetime * 0.1)
-        return min(pair.obtained_at + interval, pair.expires_at - early)
+            due = pair.obtained_at + KEEPALIVE
+        else:
+            lifetime = max(pair.expires_at - pair.obtained_at, 0.0)
+            early = min(BACKOFF_MAX, lifetime * 0.1)
+            due = min(pair.obtained_at + interval, pair.expires_at - early)
+        # Whatever the server says of lifetimes, never renew more than once a second.
+        return max(due, self._last_attempt_at + MIN_GAP)
 
     async def run_schedule(self) -> None:
         """Renew the pair when due, forever; wakes early whenever the pair changes."""
@@ -521,9 +573,14 @@ class TokenManager:
                 continue
             pair = self._stored.pair
             assert pair is not None
-            # Failures are logged and backed off inside; the loop just goes round again.
-            with contextlib.suppress(SidecarError):
+            try:
                 await self.refresh(pair.access_token, trigger=trigger)
+            except SidecarError:
+                pass  # logged and backed off inside; the loop just goes round again
+            except Exception:
+                # A bug must not end renewals for good: say so loudly and go on, slowly.
+                log.exception("token_schedule_error")
+                await asyncio.sleep(BACKOFF_MAX / 10)
             trigger = "schedule"
 
     async def run_watch(self) -> None:
@@ -533,7 +590,7 @@ class TokenManager:
             await asyncio.sleep(self._watch_interval)
             try:
                 if self._unsaved:
-                    await self._save_unsaved()
+                    await self.save_unsaved()
                 current = await self._store.data_version()
                 if current != version:
                     version = current
@@ -549,14 +606,29 @@ class TokenManager:
                     self._store_failed(exc, kept=self._unsaved)
                 else:
                     self._metrics.store_errors.inc()
+            except Exception:
+                log.exception("token_watch_error")
 
-    async def _save_unsaved(self) -> None:
+    async def save_unsaved(self) -> bool:
+        """Write a pair the store refused earlier; return whether nothing is left unsaved."""
         pair = self._stored.pair
-        if pair is None:
-            return
-        async with self._store.locked():
+        if not self._unsaved or pair is None:
+            return True
+        async with self._store.locked() as stored:
+            if stored.generation != self._unsaved_base:
+                # Someone stored a pair after ours was renewed (a new authorization): theirs
+                # is newer than ours, so it wins.
+                self._unsaved = False
+                self._adopt(stored, source="store")
+                return True
             generation = await self._store.save_pair(pair)
         self._unsaved = False
         self.store_ok = True
         self._stored = replace(self._stored, generation=generation)
         log.info("token_store_write_recovered", generation=generation)
+        return True
+
+    @property
+    def unsaved(self) -> bool:
+        """Say whether the held pair is newer than what the store holds."""
+        return self._unsaved

@@ -74,12 +74,13 @@ async def seed_leads(emulator: Emulator, count: int = SEEDED) -> None:
 
 
 def assert_sidecar_token(emulator: Emulator, sidecar: Client) -> None:
-    """The last call the portal saw carried the sidecar's current token in `auth`."""
+    """The last call the portal saw carried the sidecar's current token, header and `auth`."""
     call = emulator.rest_log[-1]
     held = tokens_of(sidecar).pair
     assert held is not None
-    assert call.token_source == "auth"
+    assert call.token_source == "header"
     assert call.token == held.access_token
+    assert call.params["auth"] == held.access_token
     assert "anycode" not in call.path
 
 

@@ -153,3 +153,16 @@ class TestFlags:
         """A bad flag value is reported under the flag's own name."""
         with pytest.raises(ConfigError, match="--refresh-interval"):
             load_settings(BASE, {"refresh_interval": "often"})
+
+
+class TestReviewedParsers:
+    def test_pathological_duration_is_rejected_at_once(self) -> None:
+        """A long run of digits with a bad tail fails without backtracking for seconds."""
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration("1" * 40 + "x")
+
+    @pytest.mark.parametrize("text", ["1ms", "500ms"])
+    def test_refresh_interval_below_a_second_is_refused(self, text: str) -> None:
+        """A refresh interval shorter than a second would hammer the OAuth server."""
+        with pytest.raises(ConfigError, match="SIDECAR_REFRESH_INTERVAL"):
+            load_settings({**BASE, "SIDECAR_REFRESH_INTERVAL": text})

@@ -47,7 +47,7 @@ class TestShapes:
         response = await sidecar.get(path)
         assert response.status == 200
         assert (await response.json())["result"]["ID"] == "1"
-        assert emulator.rest_log[-1].token_source == "auth"
+        assert emulator.rest_log[-1].token_source == "header"
 
     async def test_xml_suffix_is_forwarded(self, sidecar: Client, emulator: Emulator) -> None:
         """A .xml call gets the portal's XML answer and content type unchanged."""
@@ -106,7 +106,8 @@ class TestCredentials:
         held = tokens_of(sidecar).pair
         assert held is not None
         assert call.token == held.access_token
-        assert call.token_source == "auth"
+        assert call.token_source == "header"
+        assert call.params["auth"] == held.access_token
         sent = call.query + call.body.decode() + json.dumps(call.headers)
         assert "evil" not in sent
         assert call.params["keep"] == "yes"
@@ -376,3 +377,91 @@ class TestRefreshDetection:
         assert _needs_refresh(packed[encoding], encoding)
         assert not _needs_refresh(b'{"error": "insufficient_scope"}', "")
         assert not _needs_refresh(b"\x1f\x8bnot gzip", "gzip")
+
+
+class TestReviewedEncodings:
+    async def test_multipart_auth_in_odd_spellings_is_removed(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        """Unquoted and upper-case part names, and an upper-case BOUNDARY, are handled."""
+        boundary = "XyZ123"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=auth\r\n\r\nevil-1\r\n"
+            f"--{boundary}\r\nCONTENT-DISPOSITION: form-data; NAME=\"AUTH\"\r\n\r\nevil-2\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"keep\"\r\n\r\nyes\r\n"
+            f"--{boundary}--\r\n"
+        ).encode()
+        response = await sidecar.post(
+            "/rest/profile", data=body,
+            headers={"Content-Type": f"multipart/form-data; BOUNDARY={boundary}"},
+        )
+        assert response.status == 200
+        call = emulator.rest_log[-1]
+        assert b"evil" not in call.body
+        assert call.params["keep"] == "yes"
+
+    async def test_json_auth_spelled_with_escapes_is_removed(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        """A JSON key written as \\u0061uth is still the auth parameter, and is dropped."""
+        response = await sidecar.post(
+            "/rest/profile", data=b'{"\\u0061uth": "evil-json", "x": 1}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status == 200
+        assert b"evil" not in emulator.rest_log[-1].body
+
+    async def test_compressed_request_body_arrives_whole(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        """A gzip request body is decoded once and forwarded without a stale Content-Encoding."""
+        import gzip
+
+        body = gzip.compress(json.dumps({"fields": {"TITLE": "zipped"}}).encode())
+        response = await sidecar.post(
+            "/rest/crm.lead.add", data=body,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+        assert response.status == 200
+        assert emulator.rest_log[-1].params["fields"]["TITLE"] == "zipped"
+
+    async def test_xml_expired_token_is_refreshed(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        """An .xml call answered with an XML expired_token is refreshed and repeated too."""
+        emulator.expire_access_tokens()
+        response = await sidecar.get("/rest/profile.xml")
+        assert response.status == 200
+        assert emulator.stats.refresh_ok == 1
+
+
+class TestBrowsersAndHosts:
+    @pytest.mark.parametrize(
+        "headers",
+        [{"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example"},
+         {"Host": "evil.example:8080"}, {"Host": "rebind.attacker.test"}],
+    )
+    async def test_foreign_pages_and_hosts_are_refused(
+        self, sidecar: Client, emulator: Emulator, headers: dict[str, str]
+    ) -> None:
+        """CSRF from a browser and DNS-rebound Host names get 403 and reach nothing."""
+        for path in ("/rest/crm.lead.add", "/token"):
+            response = await sidecar.post(path, headers=headers) if path != "/token" else (
+                await sidecar.get(path, headers=headers))
+            assert response.status == 403
+            assert (await response.json())["error"] == "SIDECAR_REFUSED"
+        assert emulator.rest_log == []
+
+    async def test_loopback_and_configured_hosts_are_served(
+        self, make_settings: Callable[..., Settings], emulator: Emulator,
+        aiohttp_client: Callable[..., Any],
+    ) -> None:
+        """localhost, 127.x, same-origin requests and SIDECAR_ALLOWED_HOSTS names are served."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID),
+                                 allowed_hosts="sidecar,app.internal")
+        client: Client = await aiohttp_client(create_app(settings))
+        for headers in ({"Host": "localhost:8080"}, {"Host": "127.0.0.2"},
+                        {"Host": "sidecar:8080"}, {"Sec-Fetch-Site": "same-origin"},
+                        {"Origin": "http://localhost:8080"}, {"Host": "[::1]:8080"}):
+            response = await client.get("/rest/profile", headers=headers)
+            assert response.status == 200, headers

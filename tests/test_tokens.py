@@ -14,7 +14,7 @@ import pytest
 from sidecar.app import make_oauth, oauth_session
 from sidecar.config import Settings, parse_duration
 from sidecar.emulator import Emulator
-from sidecar.errors import NotAuthorized, ReauthorizationRequired, TokenUnavailable
+from sidecar.errors import NotAuthorized, ReauthorizationRequired, SidecarError, TokenUnavailable
 from sidecar.store import TokenStore
 from sidecar.tokens import KEEPALIVE, TokenManager
 from tests.conftest import CLIENT_ID
@@ -131,17 +131,13 @@ class TestFailures:
                 await tokens.refresh(tokens.pair.access_token, trigger="auth_error")
             assert tokens.status()["state"] == "refresh_failing"
 
-    @pytest.mark.parametrize("failure", ["invalid_grant", "invalid_client"])
-    async def test_permanent_failure_needs_a_person(
-        self, settings: Settings, emulator: Emulator, failure: str
+    async def test_dead_refresh_token_needs_a_person_even_after_restart(
+        self, settings: Settings, emulator: Emulator
     ) -> None:
-        """invalid_grant/invalid_client stop refreshing, and survive a restart."""
+        """invalid_grant stops refreshing, and the stop survives a restart: no hammering."""
         async with manager(settings) as tokens:
             assert tokens.pair is not None
-            if failure == "invalid_grant":
-                emulator.revoke_refresh_tokens()
-            else:
-                emulator.oauth_failure = "invalid_client"
+            emulator.revoke_refresh_tokens()
             with pytest.raises(ReauthorizationRequired, match="authorize"):
                 await tokens.refresh(tokens.pair.access_token, trigger="schedule")
             with pytest.raises(ReauthorizationRequired):
@@ -150,7 +146,29 @@ class TestFailures:
         async with manager(settings) as restarted:
             assert restarted.status()["state"] == "reauthorization_required"
             assert "authorize_url" in restarted.status()
+            with pytest.raises(ReauthorizationRequired):
+                await restarted.get()
         assert emulator.stats.token_requests["refresh_token"] == 1
+
+    async def test_rejected_app_stops_until_restart_with_fixed_settings(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """invalid_client stops refreshing in this process, but is not final across restarts."""
+        async with manager(settings) as tokens:
+            assert tokens.pair is not None
+            emulator.oauth_failure = "invalid_client"
+            with pytest.raises(ReauthorizationRequired, match="BITRIX_CLIENT_ID"):
+                await tokens.refresh(tokens.pair.access_token, trigger="schedule")
+            with pytest.raises(ReauthorizationRequired):
+                await tokens.get()
+            assert tokens.next_due() == float("inf")
+        assert emulator.stats.token_requests["refresh_token"] == 1
+        emulator.oauth_failure = None  # the operator fixed the secret and restarted
+        async with manager(settings) as restarted:
+            assert restarted.pair is not None
+            assert restarted.status()["last_error"]
+            renewed = await restarted.refresh(restarted.pair.access_token, trigger="schedule")
+        assert renewed.access_token != tokens.pair.access_token
 
 
 class TestSchedule:
@@ -158,10 +176,10 @@ class TestSchedule:
                                              emulator: Emulator) -> None:
         """With a short interval the background task renews the pair by itself."""
         settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID),
-                                 refresh_interval="300ms")
+                                 refresh_interval="1s")
         async with manager(settings) as tokens:
             task = asyncio.create_task(tokens.run_schedule())
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(2.3)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         assert emulator.stats.refresh_ok >= 2
@@ -227,3 +245,31 @@ class TestProcesses:
         async with manager(settings) as tokens:
             assert tokens.pair == first
         assert emulator.stats.token_requests["authorization_code"] == 1
+
+
+class TestStoreTrouble:
+    async def test_locked_store_backs_off_instead_of_hammering(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """When the store's lock cannot be had, renewals back off and the OAuth server is
+        left alone."""
+        async with manager(settings) as tokens:
+            pair = tokens.pair
+            assert pair is not None
+        async with (
+            TokenStore(settings.db_path, portal=settings.portal, client_id=settings.client_id,
+                       busy_timeout_ms=200) as store,
+            oauth_session() as http,
+            TokenStore(settings.db_path, portal=settings.portal,
+                       client_id=settings.client_id) as holder,
+        ):
+            tokens = TokenManager(store, make_oauth(http, settings), settings)
+            await tokens.start()
+            async with holder.locked():  # another process holds the write lock
+                with pytest.raises(SidecarError):
+                    await tokens.refresh(pair.access_token, trigger="schedule")
+                with pytest.raises(TokenUnavailable, match="next attempt"):
+                    await tokens.refresh(pair.access_token, trigger="schedule")
+                assert tokens.next_due() > time.time()
+                assert tokens.status()["refresh"]["failing"]
+        assert emulator.stats.token_requests["refresh_token"] == 0
