@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import structlog
@@ -17,6 +17,7 @@ from sidecar.alerts import Alerter
 from sidecar.authflow import AuthFlow
 from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
+from sidecar.limits import Gate
 from sidecar.logging import Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
@@ -33,10 +34,28 @@ PROXY = web.AppKey("proxy", Proxy)
 
 
 class Lifecycle:
-    """What the admin listener needs to know about the proxy's life."""
+    """The proxy listener's life: whether it is stopping, and what is in flight."""
 
     def __init__(self) -> None:
         self.stopping = False
+        self.inflight = 0
+        self.idle = asyncio.Event()  # set whenever no request is in flight
+        self.idle.set()
+
+    @web.middleware
+    async def track(
+        self, request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Count every request in flight (REST calls and /oauth/ alike), for the drain."""
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
@@ -79,7 +98,8 @@ def create_app(
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
     metrics = app[METRICS] = Metrics()
-    app[LIFECYCLE] = Lifecycle()
+    lifecycle = app[LIFECYCLE] = Lifecycle()
+    app.middlewares.append(lifecycle.track)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with (
@@ -103,7 +123,10 @@ def create_app(
             )
             await tokens.start()
             app[TOKENS] = tokens
-            proxy = app[PROXY] = Proxy(settings, tokens, upstream_http, metrics)
+            gate = Gate(rate=settings.rate, burst=settings.burst,
+                        queue_timeout=settings.queue_timeout, coalesce=settings.coalesce,
+                        metrics=metrics)
+            proxy = app[PROXY] = Proxy(settings, tokens, upstream_http, metrics, gate)
             AuthFlow(settings, tokens, upstream_http).add_routes(app)
             app.router.add_route("*", "/{tail:.*}", proxy.handle)  # after the exact routes
             tasks = [
@@ -121,6 +144,7 @@ def create_app(
             finally:
                 for task in tasks:
                     await cancel_and_wait(task)
+                await gate.aclose()
                 await tokens.aclose()
                 await alerts.drain()
 
@@ -209,13 +233,15 @@ async def serve(
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
         app[LIFECYCLE].stopping = True
-        inflight = app[PROXY].inflight
-        log.info("shutting_down", grace_seconds=shutdown_grace, inflight=inflight)
+        lifecycle = app[LIFECYCLE]
+        log.info("shutting_down", grace_seconds=shutdown_grace, inflight=lifecycle.inflight)
         started = time.monotonic()
         await site.stop()  # stop accepting new connections
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # and new requests on kept-alive ones
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(app[PROXY].idle.wait(), shutdown_grace)
-        left = app[PROXY].inflight
+            await asyncio.wait_for(lifecycle.idle.wait(), shutdown_grace)
+        left = lifecycle.inflight
         log.info("drained", seconds=round(time.monotonic() - started, 3), cancelled=left)
     finally:
         await runner.cleanup()

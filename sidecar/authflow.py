@@ -142,6 +142,11 @@ class AuthFlow:
                 + [(k, v) for k, v in request.query.items()]
             )
             if isinstance(data.get("auth"), dict) and data.get("event"):
+                if request.headers.get("Origin") or request.headers.get("Sec-Fetch-Site") in (
+                    "cross-site", "same-site"
+                ):
+                    # The portal posts events server to server; a browser never does.
+                    raise Refused("an install event from a browser page is refused")
                 return await self._event(str(data["event"]).upper(), data["auth"])
             if data.get("AUTH_ID") and data.get("REFRESH_ID"):
                 return await self._ui_install(data)
@@ -154,7 +159,14 @@ class AuthFlow:
             return error_response(exc)
 
     async def _event(self, event: str, auth: Mapping[str, Any]) -> web.Response:
-        self._check_application_token(str(auth.get("application_token") or ""))
+        held = self._tokens.pair
+        live = held is not None and self._tokens.status()["state"] != "reauthorization_required"
+        if event != "ONAPPINSTALL" and not (live and held and held.application_token):
+            # Only a token stored from a real install can vouch for other events (an uninstall
+            # would otherwise be anyone's to send).
+            raise Refused(f"{event} is accepted only with the application_token of an install")
+        if live:
+            self._check_application_token(str(auth.get("application_token") or ""))
         if event == "ONAPPUNINSTALL":
             await self._tokens.revoke("the app was uninstalled from the portal")
             return web.json_response({"result": True})
@@ -197,7 +209,7 @@ class AuthFlow:
             text=_page(
                 "bitrix-sidecar is installed",
                 "<p>bitrix-sidecar now holds a token pair for this portal.</p>"
-                '<script src="//api.bitrix24.com/api/v1/"></script>'
+                '<script src="https://api.bitrix24.com/api/v1/"></script>'
                 "<script>BX24.init(function(){BX24.installFinish();});</script>",
             ),
             content_type="text/html",
@@ -216,15 +228,7 @@ class AuthFlow:
         if not pair.client_endpoint:
             raise BadRequest("the install payload names no usable client_endpoint")
         held = self._tokens.pair
-        endpoint_host = urlsplit(pair.client_endpoint).netloc.lower()
-        expected_host = (
-            urlsplit(held.client_endpoint).netloc.lower()
-            if held is not None and held.client_endpoint else self._portal_host
-        )
-        if endpoint_host != expected_host:
-            raise Refused(f"the payload is for {endpoint_host}, not {expected_host}")
-        if held is not None and held.member_id and pair.member_id != held.member_id:
-            raise Refused("the payload's member_id is not the authorized portal's")
+        self._tokens.check_portal(pair)
         scope = await self._verify(pair)
         if scope and not pair.scope:
             pair = replace(pair, scope=scope)

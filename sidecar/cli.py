@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--rate", type=float, default=None,
                      help="enable the leaky-bucket limit at this many requests per second")
     emu.add_argument("--burst", type=int, default=50)
+    emu.add_argument("--delay", type=float, default=0.0,
+                     help="seconds each REST call takes (to mimic a real portal)")
+    emu.add_argument("--leads", type=int, default=0, help="create this many leads at start")
     demo = sub.add_parser("demo", help="the emulator and the sidecar together, authorized")
     demo.add_argument("--listen", default="127.0.0.1:8080", help="the proxy's host:port")
     demo.add_argument("--log-level", default="warning")
@@ -273,7 +276,9 @@ async def _emulator(args: argparse.Namespace) -> int:
     from sidecar.emulator import Emulator, run_emulator  # noqa: PLC0415 - only this command
 
     configure_logging(fmt="console", level="info")
-    emulator = Emulator(rate=args.rate, burst=args.burst)
+    emulator = Emulator(rate=args.rate, burst=args.burst, call_delay=args.delay)
+    for n in range(1, args.leads + 1):
+        emulator.leads[n] = {"ID": str(n), "TITLE": f"Lead {n}", "STATUS_ID": "NEW"}
     emulator.register_app(args.client_id, args.client_secret, redirect_uri=args.redirect_uri)
     async with run_emulator(emulator, host=args.host, port=args.port) as base_url:
         print(f"Bitrix24 emulator at {base_url}\n"

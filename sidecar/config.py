@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class Settings:
     alert_webhook: str = field(default="", repr=False)
     shutdown_grace: float = 20.0
     allowed_hosts: tuple[str, ...] = ()
+    rate: float = 2.0
+    burst: int = 50
+    queue_timeout: float = 30.0
+    coalesce: bool = True
     db_path: Path = Path("bitrix-sidecar.db")
     refresh_interval: float = 25 * 60.0
     upstream_timeout: float = 60.0
@@ -176,6 +181,36 @@ def parse_webhook_url(text: str) -> str:
     return value
 
 
+def parse_rate(text: str) -> float:
+    """Parse ``2``, ``2/s`` or ``0.5``: requests per second, 0 meaning no limit."""
+    value = text.strip().lower().removesuffix("/s")
+    try:
+        rate = float(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a rate (examples: 2, 5/s, 0 = no limit)") from None
+    if rate < 0 or not math.isfinite(rate):
+        raise ValueError("must be 0 or a positive number of requests per second")
+    return rate
+
+
+def parse_count(text: str) -> int:
+    """Parse a positive whole number."""
+    value = text.strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{text!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def parse_switch(text: str) -> bool:
+    """Parse on/off (also true/false, yes/no, 1/0)."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{text!r} is not on or off")
+
+
 def parse_hosts(text: str) -> tuple[str, ...]:
     """Split a comma-separated list of host names (no ports), or ``*``."""
     names = tuple(name.strip().lower().strip("[]") for name in text.split(",") if name.strip())
@@ -270,6 +305,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_ALLOWED_HOSTS", "--allowed-hosts", "allowed_hosts",
            "extra Host names the proxy answers to, comma separated (loopback always; * = any)",
            parse_hosts),
+    Option("SIDECAR_RATE", "--rate", "rate",
+           "portal requests per second the bucket drains (Enterprise: 5); 0 = no limiter",
+           parse_rate, "2"),
+    Option("SIDECAR_BURST", "--burst", "burst", "requests the bucket holds (Enterprise: 250)",
+           parse_count, "50"),
+    Option("SIDECAR_QUEUE_TIMEOUT", "--queue-timeout", "queue_timeout",
+           "longest a call waits for the rate limit before 503 QUERY_LIMIT_EXCEEDED",
+           _positive(parse_duration), "30s"),
+    Option("SIDECAR_COALESCE", "--coalesce", "coalesce",
+           "pack queued single calls into batch requests: on or off", parse_switch, "on"),
     Option("SIDECAR_DB", "--db", "db_path", "SQLite token store", Path, "./bitrix-sidecar.db"),
     Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
            "background refresh period; 0 = only when needed", _interval, "25m"),

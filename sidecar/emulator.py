@@ -98,6 +98,8 @@ class EmulatorStats:
     rest_calls: collections.Counter[str] = field(default_factory=collections.Counter)
     limited: int = 0
     upstream_requests: int = 0
+    # 429 OPERATION_TIME_LIMIT answers sent for methods blocked with block_method().
+    time_limited: int = 0
 
 
 @dataclass(frozen=True)
@@ -469,6 +471,7 @@ class Emulator:
         self._injected: collections.deque[RestError] = collections.deque()
         self._bucket_level = 0.0
         self._bucket_at: float | None = None
+        self._blocked: dict[str, float] = {}  # method -> clock() its time budget resets
         self._leads: dict[int, dict[str, Any]] = {}
         self._next_lead_id = 1
         self._next_multi_id = 1
@@ -564,6 +567,10 @@ class Emulator:
             http.post(url, params=query, data=form, allow_redirects=False) as response,
         ):
             return response.status, await response.text()
+
+    def block_method(self, method: str, seconds: float) -> None:
+        """Use up a method's time budget: it answers 429 OPERATION_TIME_LIMIT for ``seconds``."""
+        self._blocked[method.lower()] = self.clock() + seconds
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer 401 expired_token."""
@@ -854,6 +861,16 @@ class Emulator:
             if not self._admit():
                 self.stats.limited += 1
                 raise RestError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+            blocked_until = self._blocked.get(route.method, 0.0)
+            if self.clock() < blocked_until:
+                self.stats.time_limited += 1
+                time_block = _time_block(start, self.clock())
+                time_block |= {"operating": 480, "operating_reset_at": int(blocked_until)}
+                return _render(route.fmt, 429, {
+                    "error": "OPERATION_TIME_LIMIT",
+                    "error_description": "Method is blocked due to operation time limit.",
+                    "time": time_block,
+                })
             if self.call_delay > 0:
                 await asyncio.sleep(self.call_delay)
             outcome = self._run(caller, route.method, params)

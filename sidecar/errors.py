@@ -103,6 +103,29 @@ class UpstreamError(SidecarError):
     code = "SIDECAR_UPSTREAM_ERROR"
 
 
+class QueueFull(SidecarError):
+    """A call would wait longer than SIDECAR_QUEUE_TIMEOUT for the portal's rate limit.
+
+    Its code is the portal's own, so client libraries that retry on it keep working.
+    """
+
+    code = "QUERY_LIMIT_EXCEEDED"
+
+    def __init__(self, description: str, *, retry_after: float) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+
+class MethodPaused(SidecarError):
+    """The portal blocked a method (OPERATION_TIME_LIMIT) for longer than a call may wait."""
+
+    code = "OPERATION_TIME_LIMIT"
+
+    def __init__(self, description: str, *, retry_after: float) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+
 class UpstreamTimeout(SidecarError):
     """The portal did not answer within ``SIDECAR_UPSTREAM_TIMEOUT``."""
 

@@ -67,6 +67,23 @@ class Metrics:
             "bitrix_sidecar_authorized", "1 while a token pair is held.", registry=r)
         self.inflight = Gauge(
             "bitrix_sidecar_inflight_requests", "Proxied calls in progress.", registry=r)
+        self.queue_depth = Gauge(
+            "bitrix_sidecar_queue_depth", "Calls waiting for the portal's rate limit.",
+            registry=r)
+        self.queue_wait = Histogram(
+            "bitrix_sidecar_queue_wait_seconds", "Time calls waited for their turn.",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60), registry=r)
+        self.batch_size = Histogram(
+            "bitrix_sidecar_calls_per_upstream_request",
+            "Client calls carried by each upstream request (1 = not coalesced).",
+            buckets=(1, 2, 5, 10, 20, 30, 40, 50), registry=r)
+        self.queue_rejected = Counter(
+            "bitrix_sidecar_queue_rejected",
+            "Calls refused because they would wait past SIDECAR_QUEUE_TIMEOUT.", registry=r)
+        self.upstream_limited = Counter(
+            "bitrix_sidecar_upstream_limited",
+            "Portal answers 503 QUERY_LIMIT_EXCEEDED and 429 OPERATION_TIME_LIMIT.", ["error"],
+            registry=r)
         self.store_errors = Counter(
             "bitrix_sidecar_store_errors", "Token store reads or writes that failed.",
             registry=r)

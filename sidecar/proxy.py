@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import ipaddress
 import json
+import math
 import re
 import time
 import uuid
@@ -17,13 +18,23 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.batching import (
+    BATCH_ONLY_ERRORS,
+    Answer,
+    SingleCall,
+    batch_body,
+    command_line,
+    split_answers,
+)
 from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
     MethodNotAllowed,
+    MethodPaused,
     NotAuthorized,
     NotFound,
+    QueueFull,
     ReauthorizationRequired,
     Refused,
     SidecarError,
@@ -32,6 +43,7 @@ from sidecar.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from sidecar.limits import Gate, Waiter
 from sidecar.metrics import Metrics
 from sidecar.store import TokenPair
 from sidecar.tokens import TokenManager
@@ -48,6 +60,11 @@ _PATH_RE = re.compile(
 )
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _REFRESHABLE = frozenset({"expired_token", "invalid_token"})
+_COALESCIBLE_TYPES = frozenset({"", "application/x-www-form-urlencoded", "application/json"})
+# A call the portal refused unrun (503 QUERY_LIMIT_EXCEEDED) is sent again at most this often.
+LIMIT_RETRIES = 5
+# How long a method blocked by OPERATION_TIME_LIMIT rests when the answer does not say.
+DEFAULT_PAUSE = 60.0
 _XML_ERROR_RE = re.compile(rb"<error>\s*([A-Za-z_]+)\s*</error>")
 _CLIENT_AUTH_PARAMS = frozenset({"auth", "access_token"})
 HOP_BY_HOP = frozenset(
@@ -71,6 +88,8 @@ STATUS_OF: dict[type[SidecarError], int] = {
     NotFound: 404,
     MethodNotAllowed: 405,
     BodyTooLarge: 413,
+    MethodPaused: 429,
+    QueueFull: 503,
     UpstreamError: 502,
     UpstreamTimeout: 504,
     NotAuthorized: 503,
@@ -85,9 +104,11 @@ def error_response(
 ) -> web.Response:
     """Answer an error of the sidecar's own, in Bitrix24's shape."""
     status = next((s for cls, s in STATUS_OF.items() if isinstance(error, cls)), 500)
-    headers = {"X-Request-ID": request_id} if request_id else None
+    headers = {"X-Request-ID": request_id} if request_id else {}
     if isinstance(error, MethodNotAllowed):
-        headers = {**(headers or {}), "Allow": "GET, POST"}
+        headers["Allow"] = "GET, POST"
+    if isinstance(error, QueueFull | MethodPaused):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return web.json_response(
         {"error": error.code, "error_description": error.description},
         status=status,
@@ -198,11 +219,11 @@ class Proxy:
         tokens: TokenManager,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        gate: Gate,
     ) -> None:
         self._metrics = metrics
-        self.inflight = 0
-        self.idle = asyncio.Event()  # set whenever no call is in flight
-        self.idle.set()
+        self._gate = gate
+        gate.run_batch = self.run_batch
         self._settings = settings
         self._tokens = tokens
         self._session = session
@@ -219,8 +240,6 @@ class Proxy:
         outcome = _Outcome()
         gauge = self._metrics.inflight
         gauge.inc()
-        self.inflight += 1
-        self.idle.clear()
         try:
             response = await self._dispatch(request, request_id, outcome)
         except SidecarError as exc:
@@ -228,9 +247,6 @@ class Proxy:
             response = error_response(exc, request_id=request_id)
         finally:
             gauge.dec()
-            self.inflight -= 1
-            if not self.inflight:
-                self.idle.set()
         duration = time.perf_counter() - started
         if outcome.method != "/token":
             label = self._metrics.method_label(
@@ -246,6 +262,7 @@ class Proxy:
             duration_ms=round(duration * 1000, 2),
             upstream_ms=round(outcome.upstream * 1000, 2),
             retried=outcome.retried,
+            coalesced=outcome.coalesced,
             error=outcome.error,
         )
         return response
@@ -275,7 +292,11 @@ class Proxy:
         host = host.lower().strip("[]")
         if host in self._hosts or "*" in self._hosts:
             return True
-        return host.startswith("127.")
+        try:
+            # Only an address literal can be loopback: "127.0.0.1.evil.example" is a name.
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     async def _dispatch(
         self, request: web.Request, request_id: str, outcome: _Outcome
@@ -344,8 +365,35 @@ class Proxy:
         query = strip_query_auth(target.query)
         headers = self._upstream_headers(request)
         headers["X-Request-ID"] = request_id
+        method = target.method.lower()
+        ctype = request.content_type if body else ""
+        coalescible = (
+            self._gate.coalesce
+            and target.suffix != ".xml"
+            and ctype in _COALESCIBLE_TYPES
+            and request.headers.get("X-Sidecar-Coalesce", "").strip().lower() != "off"
+        )
+
+        def line() -> str | None:
+            if not coalescible or outcome.retried:
+                return None
+            return command_line(SingleCall(target.method, query, body, ctype))
+
+        def alive() -> bool:
+            return request.transport is not None and not request.transport.is_closing()
+
         pair = await self._tokens.get()
+        again = False  # this is a repeat of a call the portal refused unrun: it goes first
+        limited = 0
+        paused = False
         while True:
+            answer = await self._gate.enter(method, line=line, alive=alive, retry=again)
+            if isinstance(answer, Answer):
+                outcome.reached = True
+                outcome.coalesced = True
+                return _json_answer(answer, request_id)
+            pair = self._tokens.current() or pair
+            again = False
             url = self._url(pair, target, query)
             # The header outranks any auth the body may still hide; the parameter serves
             # servers that read only parameters.
@@ -360,19 +408,45 @@ class Proxy:
                     allow_redirects=False,
                     timeout=self._timeout,
                 ) as upstream:
-                    outcome.reached = True
-                    if upstream.status == 401 and not outcome.retried:
-                        payload = await upstream.read()
-                        self._upstream_done(outcome, sent)
-                        if _needs_refresh(payload, upstream.headers.get("Content-Encoding", "")):
-                            outcome.retried = True
-                            self._metrics.upstream_retries.labels(reason="auth_error").inc()
-                            pair = await self._tokens.refresh(pair.access_token,
-                                                              trigger="auth_error")
+                    status = upstream.status
+                    if status not in (401, 429, 503):
+                        self._gate.passed()
+                        return await self._relay(request, upstream=upstream,
+                                                 request_id=request_id, target=target,
+                                                 sent=sent, outcome=outcome)
+                    payload = await upstream.read()
+                    self._upstream_done(outcome, sent)
+                    encoding = upstream.headers.get("Content-Encoding", "")
+                    error = _error_code(payload, encoding)
+                    outcome.reached = error is not None  # a REST answer, not a proxy's page
+                    if status == 401 and not outcome.retried and error in _REFRESHABLE:
+                        outcome.retried = True
+                        self._metrics.upstream_retries.labels(reason="auth_error").inc()
+                        pair = await self._tokens.refresh(pair.access_token,
+                                                          trigger="auth_error")
+                        again = True
+                        continue
+                    if status == 503 and error == "QUERY_LIMIT_EXCEEDED":
+                        # The call did not run: our bucket was out of step. Fill it, back
+                        # off, and send the call again, up to a bound.
+                        self._gate.limited()
+                        if limited < LIMIT_RETRIES:
+                            limited += 1
+                            self._metrics.upstream_retries.labels(reason="rate_limit").inc()
+                            again = True
                             continue
-                        return self._answer(upstream, payload, request_id)
-                    return await self._relay(request, upstream=upstream, request_id=request_id,
-                                             target=target, sent=sent, outcome=outcome)
+                    if status == 429 and error == "OPERATION_TIME_LIMIT":
+                        wait = _reset_in(payload, encoding)
+                        self._gate.pause(method, wait)
+                        self._metrics.upstream_limited.labels(error=error).inc()
+                        if not paused and wait <= self._gate.queue_timeout:
+                            paused = True  # enter() waits out the pause, then it goes again
+                            self._metrics.upstream_retries.labels(reason="time_limit").inc()
+                            continue
+                        response = self._answer(upstream, payload, request_id)
+                        response.headers["Retry-After"] = str(math.ceil(wait))
+                        return response
+                    return self._answer(upstream, payload, request_id)
             except TimeoutError:
                 self._upstream_done(outcome, sent, error="timeout")
                 raise UpstreamTimeout(
@@ -381,6 +455,78 @@ class Proxy:
             except aiohttp.ClientError as exc:
                 self._upstream_done(outcome, sent, error="unreachable")
                 raise UpstreamError(f"the portal is unreachable: {_describe(exc)}") from None
+
+    async def run_batch(self, group: list[Waiter]) -> None:
+        """Send queued single calls as one ``batch`` and give each its own answer."""
+        lines = [waiter.line or "" for waiter in group]
+        body = batch_body(lines)
+        started = time.perf_counter()
+        try:
+            pair = await self._tokens.get()
+            for attempt in range(2):
+                url = self._url(pair, Target("batch", "", ""), "")
+                headers = {"Authorization": f"Bearer {pair.access_token}",
+                           "Content-Type": "application/x-www-form-urlencoded"}
+                try:
+                    async with self._session.post(url, data=body, headers=headers,
+                                                  allow_redirects=False,
+                                                  timeout=self._timeout) as upstream:
+                        status = upstream.status
+                        payload = await upstream.read()
+                        encoding = upstream.headers.get("Content-Encoding", "")
+                except TimeoutError:
+                    self._metrics.upstream_errors.labels(kind="timeout").inc()
+                    raise UpstreamTimeout(
+                        "the portal did not answer a coalesced batch within "
+                        f"{self._settings.upstream_timeout:g} s"
+                    ) from None
+                except aiohttp.ClientError as exc:
+                    self._metrics.upstream_errors.labels(kind="unreachable").inc()
+                    raise UpstreamError(
+                        f"the portal is unreachable: {_describe(exc)}") from None
+                finally:
+                    self._metrics.upstream_duration.observe(time.perf_counter() - started)
+                error = _error_code(payload, encoding) if status != 200 else None
+                if status == 401 and attempt == 0 and error in _REFRESHABLE:
+                    self._metrics.upstream_retries.labels(reason="auth_error").inc()
+                    pair = await self._tokens.refresh(pair.access_token, trigger="auth_error")
+                    continue
+                break
+            if status == 503 and error == "QUERY_LIMIT_EXCEEDED":
+                self._gate.limited()
+                again = [w for w in group if w.attempts < LIMIT_RETRIES]
+                self._metrics.upstream_retries.labels(reason="rate_limit").inc(len(again))
+                self._gate.requeue(again)
+                for waiter in group:
+                    if waiter not in again and not waiter.future.done():
+                        waiter.future.set_result(Answer(status, payload))
+                return
+            if status != 200:
+                # The batch itself was refused: each call would have been refused alike.
+                for waiter in group:
+                    waiter.future.set_result(Answer(status, _plain(payload, encoding)))
+                return
+            self._gate.passed()
+            try:
+                answers = split_answers(_plain(payload, encoding), len(group))
+            except ValueError:
+                self._metrics.upstream_errors.labels(kind="not_rest").inc()
+                raise UpstreamError("the portal answered the batch with garbage") from None
+            alone: list[Waiter] = []
+            for waiter, answer in zip(group, answers, strict=True):
+                if _error_code(answer.body, "") in BATCH_ONLY_ERRORS:
+                    # Refused by the batch itself, not by the method: it never ran, so it is
+                    # sent again, alone.
+                    waiter.line = None
+                    alone.append(waiter)
+                elif not waiter.future.done():
+                    waiter.future.set_result(answer)
+            if alone:
+                self._gate.requeue(alone)
+        except SidecarError as exc:
+            for waiter in group:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
 
     def _upstream_done(self, outcome: _Outcome, sent: float, *, error: str = "") -> None:
         elapsed = time.perf_counter() - sent
@@ -422,6 +568,7 @@ class Proxy:
                 f"the portal answered HTTP {upstream.status} with {ctype or 'no content type'} "
                 "instead of a REST answer"
             )
+        outcome.reached = True
         length = upstream.content_length
         if length is not None and length <= STREAM_THRESHOLD:
             payload = await upstream.read()
@@ -468,10 +615,11 @@ class Proxy:
 class _Outcome:
     """What happened to one call, for its access-log event."""
 
-    __slots__ = ("error", "method", "reached", "retried", "upstream")
+    __slots__ = ("coalesced", "error", "method", "reached", "retried", "upstream")
 
     def __init__(self) -> None:
         self.method = ""
+        self.coalesced = False
         self.reached = False
         self.retried = False
         self.upstream = 0.0
@@ -498,21 +646,50 @@ def _response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMult
     return out
 
 
-def _needs_refresh(payload: bytes, encoding: str) -> bool:
-    """Say whether a 401's body is ``expired_token``/``invalid_token``: JSON or XML, compressed
-    or not."""
+def _plain(payload: bytes, encoding: str) -> bytes:
+    """Return a body decompressed (gzip or deflate), as our own checks need it."""
+    if encoding.strip().lower() in ("gzip", "deflate", "x-gzip"):
+        # wbits=47 accepts gzip and zlib headers alike; the cap bounds a zip bomb.
+        return zlib.decompressobj(wbits=47).decompress(payload, 1 << 20)
+    return payload
+
+
+def _error_code(payload: bytes, encoding: str) -> str | None:
+    """Return the ``error`` of a REST error body: JSON or XML, compressed or not."""
     try:
-        if encoding.strip().lower() in ("gzip", "deflate", "x-gzip"):
-            # The body is relayed compressed; only this check needs it plain. wbits=47
-            # accepts gzip and zlib headers alike.
-            payload = zlib.decompressobj(wbits=47).decompress(payload, 1 << 20)
+        payload = _plain(payload, encoding)
         if payload.lstrip().startswith(b"<"):
             match = _XML_ERROR_RE.search(payload)
-            return match is not None and match.group(1).decode("latin-1") in _REFRESHABLE
+            return match.group(1).decode("latin-1") if match else None
         data = json.loads(payload)
     except (ValueError, zlib.error):
-        return False
-    return isinstance(data, dict) and data.get("error") in _REFRESHABLE
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    return error if isinstance(error, str) else None
+
+
+def _needs_refresh(payload: bytes, encoding: str) -> bool:
+    """Say whether a 401's body is ``expired_token``/``invalid_token``."""
+    return _error_code(payload, encoding) in _REFRESHABLE
+
+
+def _reset_in(payload: bytes, encoding: str) -> float:
+    """Seconds until a method blocked by OPERATION_TIME_LIMIT is allowed again."""
+    try:
+        data = json.loads(_plain(payload, encoding))
+        reset = float(data["time"]["operating_reset_at"])
+    except (ValueError, TypeError, KeyError, zlib.error):
+        return DEFAULT_PAUSE
+    # The reset time is whole seconds: a second more makes sure the block has lifted.
+    return min(max(reset - time.time() + 1.0, 1.0), 600.0)
+
+
+def _json_answer(answer: Answer, request_id: str) -> web.Response:
+    return web.Response(
+        status=answer.status, body=answer.body,
+        headers={"Content-Type": "application/json; charset=utf-8",
+                 "X-Request-ID": request_id},
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ a running sidecar and the CLI in other processes: writers take SQLite's write lo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -96,6 +97,9 @@ class TokenStore:
         self.portal = portal
         self.client_id = client_id
         self._db: aiosqlite.Connection | None = None
+        # One connection, one transaction at a time: tasks of this process queue here, other
+        # processes at SQLite's own lock.
+        self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> TokenStore:
         await self.open()
@@ -210,22 +214,23 @@ class TokenStore:
 
         Everything saved inside commits together when the block ends, or rolls back on error.
         """
-        try:
-            await self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot lock token store: {exc}") from exc
-        try:
-            yield await self.load()
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await self.db.execute("ROLLBACK")
-            raise
-        try:
-            await self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await self.db.execute("ROLLBACK")
-            raise StoreError(f"cannot write token store: {exc}") from exc
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot lock token store: {exc}") from exc
+            try:
+                yield await self.load()
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.execute("ROLLBACK")
+                raise
+            try:
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.execute("ROLLBACK")
+                raise StoreError(f"cannot write token store: {exc}") from exc
 
     async def save_pair(self, pair: TokenPair) -> int:
         """Store a new pair, clearing any error; return the new generation."""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import structlog
 
@@ -20,6 +20,7 @@ from sidecar.errors import (
     NotAuthorized,
     OAuthError,
     ReauthorizationRequired,
+    Refused,
     SidecarError,
     StoreError,
     TokenUnavailable,
@@ -224,12 +225,19 @@ class TokenManager:
         }
 
     def readiness(self) -> tuple[bool, str]:
-        """Say whether calls can be served now, and if not, why (never calls Bitrix24)."""
-        if self.current() is None:
-            state = self.status()["state"]
-            return False, f"no usable access token ({state})"
+        """Say whether calls can be served now, and if not, why (never calls Bitrix24).
+
+        An expired token that can be renewed on demand is ready: with
+        SIDECAR_REFRESH_INTERVAL=0 an idle sidecar's token expires, and the next call renews it.
+        """
+        if self._stored.pair is None:
+            return False, "not_authorized: no token pair is held"
+        if self._stored.reauth_required:
+            return False, "reauthorization_required: a person must authorize the app again"
+        if self.current() is None and self._episode is not None:
+            return False, f"expired: renewing the token fails: {self._stored.last_error}"
         if not self.store_ok or self._unsaved:
-            return False, "the token store cannot be written"
+            return False, "store_unwritable: the token store cannot be written"
         return True, "ok"
 
     def _raise_if_unusable(self) -> None:
@@ -273,8 +281,28 @@ class TokenManager:
             log.error("authorization_failed", trigger=trigger, error=exc.error,
                       description=exc.description)
             raise
+        self.check_portal(pair)
         await self.install(pair, trigger=trigger, started=started)
         return pair
+
+    def check_portal(self, pair: TokenPair) -> None:
+        """Refuse a pair for another portal than the configured (or already authorized) one.
+
+        With a marketplace app one OAuth server serves every portal, so a code approved on any
+        portal exchanges fine: only this check keeps the proxy pointed at our portal.
+        """
+        held = self._stored.pair
+        base = held.client_endpoint if held is not None and held.client_endpoint else (
+            self._settings.rest_base)
+        expected = urlsplit(base)
+        got = urlsplit(pair.client_endpoint or self._settings.rest_base)
+        if (got.scheme, got.netloc.lower()) != (expected.scheme, expected.netloc.lower()):
+            raise Refused(
+                f"the token is for {got.scheme}://{got.netloc}, not the configured portal "
+                f"{expected.scheme}://{expected.netloc}"
+            )
+        if held is not None and held.member_id and pair.member_id != held.member_id:
+            raise Refused("the token's member_id is not the authorized portal's")
 
     async def install(self, pair: TokenPair, *, trigger: str, started: float | None = None) -> None:
         """Store a pair that arrived from outside a refresh (a code exchange, an install event)."""
@@ -331,11 +359,19 @@ class TokenManager:
         return await asyncio.shield(self._refresh_task)
 
     async def aclose(self, wait_seconds: float = 35.0) -> None:
-        """Let a refresh in flight finish (its answer holds the only live refresh token)."""
+        """Let a refresh in flight finish (its answer holds the only live refresh token), and
+        make a last attempt to save a pair the store refused."""
         task = self._refresh_task
         if task is not None and not task.done():
             log.info("waiting_for_refresh_before_exit")
             await asyncio.wait({task}, timeout=wait_seconds)
+        if self._unsaved:
+            try:
+                await self.save_unsaved()
+            except StoreError as exc:
+                log.error("token_lost_at_exit", error=exc.description,
+                          detail="the newest pair could not be saved; a person may have to "
+                          "authorize the app again")
 
     async def _refresh(self, stale_access: str, trigger: str) -> TokenPair:
         started = self._clock()
@@ -523,6 +559,8 @@ class TokenManager:
             self._on_secret(stored.pair.refresh_token)
         if stored.pair != previous.pair:
             self._failures = 0
+            if stored.pair is not None and not stored.reauth_required:
+                self._recovered(source)  # a new pair from anywhere ends a failure episode
             if stored.pair is not None and source == "store" and previous.pair is not None:
                 log.info("token_loaded", source=source, generation=stored.generation,
                          expires_at=_iso(stored.pair.expires_at))

@@ -61,6 +61,8 @@ def make_settings(emulator: Emulator, tmp_path: Path) -> Callable[..., Settings]
             "BITRIX_SCOPE": "crm,user",
             "SIDECAR_DB": str(tmp_path / "tokens.db"),
             "SIDECAR_LISTEN": "127.0.0.1:0",
+            # The core's tests run without the rate limiter; tests/test_limits.py turns it on.
+            "SIDECAR_RATE": "0",
         }
         return load_settings(env, {k: None if v is None else str(v) for k, v in flags.items()})
 
@@ -102,6 +104,7 @@ def env(emulator: Emulator, tmp_path: Path) -> dict[str, str]:
         "SIDECAR_DB": str(tmp_path / "tokens.db"),
         "SIDECAR_LISTEN": "127.0.0.1:0",
         "SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
+        "SIDECAR_RATE": "0",
     }
 
 
