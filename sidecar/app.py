@@ -59,6 +59,7 @@ class Lifecycle:
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+AUTHFLOW = web.AppKey("authflow", AuthFlow)
 
 
 def oauth_session() -> aiohttp.ClientSession:
@@ -127,7 +128,8 @@ def create_app(
                         queue_timeout=settings.queue_timeout, coalesce=settings.coalesce,
                         metrics=metrics)
             proxy = app[PROXY] = Proxy(settings, tokens, upstream_http, metrics, gate)
-            AuthFlow(settings, tokens, upstream_http).add_routes(app)
+            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, upstream_http)
+            authflow.add_routes(app)
             app.router.add_route("*", "/{tail:.*}", proxy.handle)  # after the exact routes
             tasks = [
                 asyncio.create_task(tokens.run_schedule(), name="token-schedule"),
@@ -150,6 +152,34 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     return app
+
+
+def create_oauth_app(proxy_app: web.Application) -> web.Application:
+    """Build the OAuth listener: /oauth/start, /oauth/callback and /oauth/install only.
+
+    Safe to publish for the portal's install events: it never proxies and never shows a token.
+    """
+    oauth = web.Application(client_max_size=1024**2, middlewares=[proxy_app[LIFECYCLE].track])
+
+    async def start(request: web.Request) -> web.StreamResponse:
+        return await proxy_app[AUTHFLOW].start(request)
+
+    async def callback(request: web.Request) -> web.StreamResponse:
+        return await proxy_app[AUTHFLOW].callback(request)
+
+    async def install(request: web.Request) -> web.StreamResponse:
+        return await proxy_app[AUTHFLOW].install(request)
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(NotFound(
+            "the OAuth listener serves /oauth/start, /oauth/callback and /oauth/install only"
+        ))
+
+    oauth.router.add_get("/oauth/start", start, allow_head=False)
+    oauth.router.add_get("/oauth/callback", callback, allow_head=False)
+    oauth.router.add_post("/oauth/install", install)
+    oauth.router.add_route("*", "/{tail:.*}", not_found)
+    return oauth
 
 
 def create_admin_app(proxy_app: web.Application) -> web.Application:
@@ -196,18 +226,22 @@ async def serve(
     listen: Listen,
     *,
     admin_listen: Listen | None = None,
+    oauth_listen: Listen | None = None,
     shutdown_grace: float = 20.0,
     ready: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting, drain within the grace, close all.
 
     The admin listener (if any) stays up while the proxy drains, answering /readyz with 503.
+    The OAuth listener (if any) serves only /oauth/..., so it can be published for the portal.
     """
     # The drain below waits for calls in flight itself (to count what is left); aiohttp's own
     # shutdown wait then only closes idle keep-alive connections.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
+    oauth_runner: web.AppRunner | None = None
+    oauth_site: web.TCPSite | None = None
     try:
         site = web.TCPSite(runner, listen.host, listen.port)
         await site.start()
@@ -221,6 +255,15 @@ async def serve(
             log.info("admin_listening",
                      address=f"http://{admin_listen.host}:"
                      f"{_bound_port(admin_runner, admin_listen.port)}")
+        if oauth_listen is not None:
+            oauth_runner = web.AppRunner(create_oauth_app(app), handle_signals=False,
+                                         access_log=None, shutdown_timeout=0.5)
+            await oauth_runner.setup()
+            oauth_site = web.TCPSite(oauth_runner, oauth_listen.host, oauth_listen.port)
+            await oauth_site.start()
+            log.info("oauth_listening",
+                     address=f"http://{oauth_listen.host}:"
+                     f"{_bound_port(oauth_runner, oauth_listen.port)}")
         if ready is not None:
             ready(bound)
         stop = asyncio.Event()
@@ -236,14 +279,19 @@ async def serve(
         lifecycle = app[LIFECYCLE]
         log.info("shutting_down", grace_seconds=shutdown_grace, inflight=lifecycle.inflight)
         started = time.monotonic()
-        await site.stop()  # stop accepting new connections
-        if runner.server is not None:
-            runner.server.pre_shutdown()  # and new requests on kept-alive ones
+        for stopping_runner, stopping_site in ((runner, site), (oauth_runner, oauth_site)):
+            if stopping_runner is None or stopping_site is None:
+                continue
+            await stopping_site.stop()  # stop accepting new connections
+            if stopping_runner.server is not None:
+                stopping_runner.server.pre_shutdown()  # and new requests on kept-alive ones
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lifecycle.idle.wait(), shutdown_grace)
         left = lifecycle.inflight
         log.info("drained", seconds=round(time.monotonic() - started, 3), cancelled=left)
     finally:
+        if oauth_runner is not None:
+            await oauth_runner.cleanup()
         await runner.cleanup()
         if admin_runner is not None:
             await admin_runner.cleanup()

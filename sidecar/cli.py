@@ -141,7 +141,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, redactor: Redactor) -> int:
     try:
         await serve(create_app(settings, redactor=redactor), settings.listen,
-                    admin_listen=settings.admin_listen, shutdown_grace=settings.shutdown_grace)
+                    admin_listen=settings.admin_listen, oauth_listen=settings.oauth_listen,
+                    shutdown_grace=settings.shutdown_grace)
     except SidecarError as exc:
         log.error("startup_failed", error=exc.description)
         return EXIT_FAILED

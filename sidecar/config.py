@@ -58,6 +58,7 @@ class Settings:
     auth_code: str = field(default="", repr=False)
     listen: Listen = Listen("127.0.0.1", 8080)
     admin_listen: Listen = Listen("127.0.0.1", 9090)
+    oauth_listen: Listen | None = None
     alert_webhook: str = field(default="", repr=False)
     shutdown_grace: float = 20.0
     allowed_hosts: tuple[str, ...] = ()
@@ -296,6 +297,9 @@ OPTIONS: tuple[Option, ...] = (
            "127.0.0.1:8080"),
     Option("SIDECAR_ADMIN_LISTEN", "--admin-listen", "admin_listen",
            "metrics, probes and status listener host:port", parse_listen, "127.0.0.1:9090"),
+    Option("SIDECAR_OAUTH_LISTEN", "--oauth-listen", "oauth_listen",
+           "optional listener serving only /oauth/... (safe to publish for install events)",
+           parse_listen),
     Option("SIDECAR_ALERT_WEBHOOK", "--alert-webhook", "alert_webhook",
            "URL that gets a JSON POST when token renewal starts or stops failing",
            parse_webhook_url),

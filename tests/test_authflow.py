@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import create_app
+from sidecar.app import create_app, create_oauth_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, tokens_of
@@ -208,3 +208,22 @@ class TestInstallEvents:
         response = await unauthorized.post("/oauth/install", data={"hello": "world"})
         assert response.status == 400
         assert (await response.json())["error"] == "SIDECAR_BAD_REQUEST"
+
+
+class TestOAuthListener:
+    async def test_separate_listener_serves_only_oauth(
+        self, unauthorized: Client, emulator: Emulator, aiohttp_client: Callable[..., Any]
+    ) -> None:
+        """SIDECAR_OAUTH_LISTEN takes install events and never proxies or shows a token."""
+        oauth: Client = await aiohttp_client(create_oauth_app(unauthorized.app))
+        status, body = await emulator.send_install_event(url(oauth, "/oauth/install"),
+                                                         CLIENT_ID)
+        assert status == 200, body
+        assert (await unauthorized.get("/rest/profile")).status == 200
+        for path in ("/rest/profile", "/token", "/metrics"):
+            response = await oauth.get(path)
+            assert response.status == 404
+            assert (await response.json())["error"] == "SIDECAR_NOT_FOUND"
+        start = await oauth.get("/oauth/start", allow_redirects=False)
+        assert start.status == 302
+        assert [c.method for c in emulator.rest_log] == ["app.info", "profile"]
