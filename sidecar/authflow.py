@@ -6,7 +6,7 @@ import html
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ STATE_TTL = 600.0
 MAX_STATES = 1000
 VERIFY_TIMEOUT = 15.0
 log = structlog.get_logger("sidecar.authflow")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AuthFlow:
@@ -47,11 +48,14 @@ class AuthFlow:
         self._states: OrderedDict[str, float] = OrderedDict()  # state -> issued at
         self._portal_host = urlsplit(settings.portal).netloc.lower()
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(
+        self, app: web.Application,
+        wrap: Callable[[Handler], Handler] = lambda handler: handler,
+    ) -> None:
         """Register the three endpoints (before the proxy's catch-all)."""
-        app.router.add_get("/oauth/start", self.start, allow_head=False)
-        app.router.add_get("/oauth/callback", self.callback, allow_head=False)
-        app.router.add_post("/oauth/install", self.install)
+        app.router.add_get("/oauth/start", wrap(self.start), allow_head=False)
+        app.router.add_get("/oauth/callback", wrap(self.callback), allow_head=False)
+        app.router.add_post("/oauth/install", wrap(self.install))
 
     # -- the browser callback ----------------------------------------------------------------
 

@@ -34,8 +34,9 @@ class LeakyBucket:
         self.rate = rate
         self.burst = burst
         # Requests reach the portal a little after they leave here, some later than others;
-        # keeping 50 ms of drain in hand means that jitter never tips its bucket over.
-        self._margin = min(0.5, rate * 0.05)
+        # keeping 100 ms of drain in hand means that jitter rarely tips its bucket over (and
+        # when it does, the 503 is absorbed by a retry).
+        self._margin = min(0.5, rate * 0.1)
         self._clock = clock
         self.level = 0.0
         self._updated = clock()

@@ -30,6 +30,7 @@ class Redactor:
     def __init__(self, keep: int = 32) -> None:
         self._secrets: deque[str] = deque(maxlen=keep)  # rotating tokens: the latest few
         self._permanent: set[str] = set()  # the client secret: never forgotten
+        self._known: re.Pattern[str] | None = None  # one pattern for all of them
 
     def add(self, secret: str, *, permanent: bool = False) -> None:
         """Remember a secret value (a token, the client secret) to hide wherever it appears."""
@@ -39,20 +40,29 @@ class Redactor:
             self._permanent.add(secret)
         elif secret not in self._secrets:
             self._secrets.append(secret)
+        else:
+            return
+        # Longest first, so a secret that contains another is hidden whole.
+        secrets = sorted({*self._permanent, *self._secrets}, key=len, reverse=True)
+        self._known = re.compile("|".join(map(re.escape, secrets)))
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every known secret and secret parameter hidden."""
-        for secret in (*self._permanent, *self._secrets):
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        text = _SECRET_PARAM_RE.sub(rf"\g<1>{REDACTED}", text)
-        return _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
+        if self._known is not None:
+            text = self._known.sub(REDACTED, text)
+        if "=" in text:
+            text = _SECRET_PARAM_RE.sub(rf"\g<1>{REDACTED}", text)
+        if "bearer" in text.lower():
+            text = _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
+        return text
 
     def _value(self, key: str, value: Any) -> Any:
-        if key.lower() in _SECRET_KEYS and value not in (None, ""):
+        if value is None or isinstance(value, bool | int | float):
+            return value  # the common case on the hot path: nothing to hide in a number
+        if key.lower() in _SECRET_KEYS and value != "":
             return REDACTED
         if isinstance(value, str):
-            return self.redact(value)
+            return self.redact(value) if len(value) >= 6 else value
         if isinstance(value, dict):
             return {k: self._value(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):
