@@ -1,8 +1,8 @@
 """Benchmark: what the sidecar costs per call, against calling the portal directly and nginx.
 
 Everything runs on loopback, each part in its own process: a minimal fast upstream that answers
-like the portal (bench/upstream.py), the sidecar (`bitrix-sidecar run`, limiter off, default
-logging to a file), nginx configured to add a fixed `auth` parameter (skipped with a note when
+like the portal (bench/upstream.py), a bare aiohttp forwarder (bench/bare.py: the floor for any
+aiohttp proxy), the sidecar (`bitrix-sidecar run`, limiter off, default logging), nginx configured to add a fixed `auth` parameter (skipped with a note when
 nginx is not installed: `apt-get install nginx`), and the load from wrk and hey (`apt-get install
 wrk hey`). Each measurement is repeated and the median printed, with ratios to direct and nginx.
 
@@ -170,7 +170,7 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed: apt-get install wrk hey")
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    up, side, admin, ngx = free_port(), free_port(), free_port(), free_port()
+    up, side, admin, ngx, bare = (free_port() for _ in range(5))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))},
            "BITRIX_PORTAL": f"http://127.0.0.1:{up}", "BITRIX_CLIENT_ID": "local.bench.1",
            "BITRIX_CLIENT_SECRET": "bench-secret", "BITRIX_AUTH_CODE": "any",
@@ -181,7 +181,9 @@ def main() -> None:
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (tmp / sub).mkdir()
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, upstream=up, port=ngx))
-    targets = {"direct": f"http://127.0.0.1:{up}/rest/", "sidecar": f"http://127.0.0.1:{side}/rest/"}
+    targets = {"direct": f"http://127.0.0.1:{up}/rest/",
+               "bare aiohttp": f"http://127.0.0.1:{bare}/rest/",
+               "sidecar": f"http://127.0.0.1:{side}/rest/"}
     if have_nginx:
         targets["nginx"] = f"http://127.0.0.1:{ngx}/rest/"
     rows: dict[tuple[str, str], list[float]] = {}
@@ -190,11 +192,13 @@ def main() -> None:
         rows.setdefault((name, target), []).append(value)
 
     with child([sys.executable, "-m", "bench.upstream", "--port", str(up)]), \
+            child([sys.executable, "-m", "bench.bare", "--port", str(bare), "--upstream",
+                   str(up)]), \
             child([sys.executable, "-m", "sidecar", "run"], env=env,
                   log=tmp / "sidecar.log") as sidecar, \
             (child(["nginx", "-c", str(tmp / "nginx.conf")]) if have_nginx
              else _nothing()):
-        for port in (up, side, *((ngx,) if have_nginx else ())):
+        for port in (up, side, bare, *((ngx,) if have_nginx else ())):
             wait_port(port)
         idle_rss = rss_mib(sidecar.pid)
         for _ in range(args.runs):
