@@ -21,7 +21,7 @@ from sidecar.limits import Gate
 from sidecar.logging import Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
-from sidecar.proxy import Proxy, error_response
+from sidecar.proxy import Proxy, error_response, expect_continue
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenManager
 
@@ -133,7 +133,9 @@ def create_app(
             authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, upstream_http)
             authflow.add_routes(app, lifecycle.tracked)
             # After the exact routes.
-            app.router.add_route("*", "/{tail:.*}", lifecycle.tracked(proxy.handle))
+            # Any path at all, newlines included, gets our own answers; so does any Expect.
+            app.router.add_route("*", r"/{tail:[\s\S]*}", lifecycle.tracked(proxy.handle),
+                                 expect_handler=expect_continue)
             tasks = [
                 asyncio.create_task(tokens.run_schedule(), name="token-schedule"),
                 asyncio.create_task(tokens.run_watch(), name="token-watch"),

@@ -14,12 +14,14 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import phpquery
 from sidecar.config import Settings
 from sidecar.errors import BadRequest, BodyTooLarge, OAuthError, Refused, SidecarError
 from sidecar.oauth import valid_endpoint
-from sidecar.proxy import error_response
+from sidecar.proxy import error_response, expect_continue
 from sidecar.store import TokenPair
 from sidecar.tokens import TokenManager, authorize_url, code_hint
 
@@ -53,9 +55,11 @@ class AuthFlow:
         wrap: Callable[[Handler], Handler] = lambda handler: handler,
     ) -> None:
         """Register the three endpoints (before the proxy's catch-all)."""
-        app.router.add_get("/oauth/start", wrap(self.start), allow_head=False)
-        app.router.add_get("/oauth/callback", wrap(self.callback), allow_head=False)
-        app.router.add_post("/oauth/install", wrap(self.install))
+        app.router.add_get("/oauth/start", wrap(self.start), allow_head=False,
+                           expect_handler=expect_continue)
+        app.router.add_get("/oauth/callback", wrap(self.callback), allow_head=False,
+                           expect_handler=expect_continue)
+        app.router.add_post("/oauth/install", wrap(self.install), expect_handler=expect_continue)
 
     # -- the browser callback ----------------------------------------------------------------
 
@@ -141,6 +145,9 @@ class AuthFlow:
                 form = await request.post()
             except web.HTTPRequestEntityTooLarge:
                 raise BodyTooLarge("the install payload is too large") from None
+            except (ValueError, LookupError, HttpProcessingError, RequestPayloadError):
+                # Bad framing, a bogus charset, invalid UTF-8, a broken multipart body.
+                raise BadRequest("the install payload cannot be read as a form") from None
             data = phpquery.parse(
                 [(k, v) for k, v in form.items() if isinstance(v, str)]
                 + [(k, v) for k, v in request.query.items()]

@@ -91,6 +91,12 @@ class MethodNotAllowed(SidecarError):
     code = "SIDECAR_METHOD_NOT_ALLOWED"
 
 
+class ExpectationFailed(SidecarError):
+    """The request's Expect header asks for something other than 100-continue."""
+
+    code = "SIDECAR_EXPECTATION_FAILED"
+
+
 class BodyTooLarge(SidecarError):
     """The request body is larger than ``SIDECAR_MAX_BODY``."""
 

@@ -28,7 +28,11 @@ def valid_endpoint(url: object) -> str:
     """Return ``url`` if it is a usable REST base (``http(s)://host/.../rest/``), else ``""``."""
     if not isinstance(url, str):
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - reading it validates it
+    except ValueError:
+        return ""
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return ""
     if parts.username or parts.password or parts.query or parts.fragment:

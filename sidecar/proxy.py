@@ -15,6 +15,9 @@ from urllib.parse import unquote_plus
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -30,6 +33,7 @@ from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
+    ExpectationFailed,
     MethodNotAllowed,
     MethodPaused,
     NotAuthorized,
@@ -88,6 +92,7 @@ STATUS_OF: dict[type[SidecarError], int] = {
     NotFound: 404,
     MethodNotAllowed: 405,
     BodyTooLarge: 413,
+    ExpectationFailed: 417,
     MethodPaused: 429,
     QueueFull: 503,
     UpstreamError: 502,
@@ -123,6 +128,19 @@ class Target:
     method: str
     suffix: str
     query: str
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue`` as aiohttp does; refuse other expectations our way."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11:
+        if expect.lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the body proper has not started
+            return None
+        return error_response(ExpectationFailed(
+            f"Expect: {_show(expect)} is not supported (only 100-continue)"))
+    return None
 
 
 def parse_target(raw: str) -> Target:
@@ -177,15 +195,17 @@ def strip_body_auth(body: bytes, content_type: str) -> bytes:
     if content_type == "application/json":
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadRequest("the body is not valid JSON") from None
         if isinstance(data, dict) and any(k.lower() in _CLIENT_AUTH_PARAMS for k in data):
             data = {k: v for k, v in data.items() if k.lower() not in _CLIENT_AUTH_PARAMS}
-            return json.dumps(data, ensure_ascii=False).encode()
+            # ASCII escapes carry any string, lone surrogates included, unchanged in meaning.
+            return json.dumps(data).encode()
     return body
 
 
-_PART_NAME_RE = re.compile(rb'content-disposition:[^\r\n]*?\bname\s*=\s*(?:"([^"]*)"|([^\s;]+))')
+_PART_NAME_RE = re.compile(rb'\bname\s*=\s*(?:"([^"]*)"|([^\s;]+))')
+_PART_HEAD_MAX = 8192  # a part's header block longer than this is not a form field
 _BOUNDARY_RE = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
 
@@ -197,12 +217,17 @@ def multipart_boundary(content_type: str) -> str:
 
 def strip_multipart_auth(body: bytes, boundary: str) -> bytes:
     """Drop ``auth``/``access_token`` parts of a multipart body, keeping the others byte-exact."""
-    delimiter = b"--" + boundary.encode("latin-1")
+    if not boundary.isascii():
+        raise BadRequest("the multipart boundary is not ASCII")
+    delimiter = b"--" + boundary.encode("ascii")
     pieces = body.split(delimiter)
     kept = [pieces[0]]
     for piece in pieces[1:]:
-        head = piece.split(b"\r\n\r\n", 1)[0].lower()
-        name = _PART_NAME_RE.search(head)
+        head = piece[:_PART_HEAD_MAX].split(b"\r\n\r\n", 1)[0].lower()
+        # Line by line, so a hostile header block costs linear time, not quadratic.
+        disposition = next((line for line in head.split(b"\r\n")
+                            if line.lstrip().startswith(b"content-disposition:")), b"")
+        name = _PART_NAME_RE.search(disposition)
         value = (name.group(1) or name.group(2) or b"") if name else b""
         if value.partition(b"[")[0].strip().decode("latin-1") in _CLIENT_AUTH_PARAMS:
             continue
@@ -277,8 +302,13 @@ class Proxy:
         if site in ("cross-site", "same-site"):
             raise Refused("a browser request from another site is refused")
         origin = headers.get("Origin")
-        if origin is not None and not self._host_allowed(URL(origin).host or ""):
-            raise Refused("a request from a foreign Origin is refused")
+        if origin is not None:
+            try:
+                origin_host = URL(origin).host or ""
+            except ValueError:
+                origin_host = ""  # unparsable: as foreign as it gets
+            if not self._host_allowed(origin_host):
+                raise Refused("a request from a foreign Origin is refused")
         host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") else (
             request.host[1:].split("]", 1)[0]
         )
@@ -301,6 +331,8 @@ class Proxy:
     async def _dispatch(
         self, request: web.Request, request_id: str, outcome: _Outcome
     ) -> web.StreamResponse:
+        if request.version < HttpVersion10:
+            raise BadRequest("HTTP/0.9 requests are not served")
         self._check_origin(request)
         raw = request.raw_path
         if raw == "/token" or raw.startswith("/token?"):
@@ -337,11 +369,15 @@ class Proxy:
             return b""
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+        except (RequestPayloadError, HttpProcessingError):
+            raise BadRequest("the body cannot be read or decoded (bad framing or "
+                             "Content-Encoding)") from None
         body = b"".join(chunks)
         ctype = request.content_type
         if ctype.startswith("multipart/"):
