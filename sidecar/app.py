@@ -65,9 +65,19 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
 
 
+def no_resend(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """Stop aiohttp from silently sending a GET again when a kept-alive connection drops.
+
+    A dropped call may have run: a REST GET like ``crm.lead.add?...`` would run twice, and a
+    token request would spend a refresh token twice. aiohttp 3.14 has no public switch.
+    """
+    session._retry_connection = False
+    return session
+
+
 def oauth_session() -> aiohttp.ClientSession:
     """Open the HTTP session used for the OAuth server."""
-    return aiohttp.ClientSession(trust_env=False)
+    return no_resend(aiohttp.ClientSession(trust_env=False))
 
 
 def make_oauth(session: aiohttp.ClientSession, settings: Settings) -> OAuthClient:
@@ -111,12 +121,12 @@ def create_app(
             oauth_session() as oauth_http,
             # The portal's answer is relayed byte for byte, compressed or not, so nothing is
             # decompressed and no Accept-Encoding is added that the client did not send.
-            aiohttp.ClientSession(
+            no_resend(aiohttp.ClientSession(
                 auto_decompress=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent"),
                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
                 trust_env=False,
-            ) as upstream_http,
+            )) as upstream_http,
         ):
             alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
             tokens = TokenManager(

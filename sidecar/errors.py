@@ -97,6 +97,12 @@ class ExpectationFailed(SidecarError):
     code = "SIDECAR_EXPECTATION_FAILED"
 
 
+class ClientGone(SidecarError):
+    """The client hung up before its request was read whole; nothing was forwarded."""
+
+    code = "SIDECAR_CLIENT_GONE"
+
+
 class BodyTooLarge(SidecarError):
     """The request body is larger than ``SIDECAR_MAX_BODY``."""
 

@@ -33,6 +33,7 @@ from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
+    ClientGone,
     ExpectationFailed,
     MethodNotAllowed,
     MethodPaused,
@@ -92,6 +93,7 @@ STATUS_OF: dict[type[SidecarError], int] = {
     NotFound: 404,
     MethodNotAllowed: 405,
     BodyTooLarge: 413,
+    ClientGone: 499,  # nginx's "client closed request": never seen by anyone, only logged
     ExpectationFailed: 417,
     MethodPaused: 429,
     QueueFull: 503,
@@ -378,6 +380,8 @@ class Proxy:
         except (RequestPayloadError, HttpProcessingError):
             raise BadRequest("the body cannot be read or decoded (bad framing or "
                              "Content-Encoding)") from None
+        except ConnectionResetError:
+            raise ClientGone("the client hung up in the middle of its body") from None
         body = b"".join(chunks)
         ctype = request.content_type
         if ctype.startswith("multipart/"):

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import structlog
 
 from sidecar.errors import StoreError
+
+log = structlog.get_logger("sidecar.store")
 
 SCHEMA_VERSION = 1
 # Long enough for another process to finish a refresh (an OAuth round trip) under the lock.
@@ -97,6 +100,8 @@ class TokenStore:
         self.portal = portal
         self.client_id = client_id
         self._db: aiosqlite.Connection | None = None
+        self._inode: tuple[int, int] | None = None  # (device, inode) of the file we opened
+        self.reopens = 0  # times the file was found deleted or replaced and opened again
         # One connection, one transaction at a time: tasks of this process queue here, other
         # processes at SQLite's own lock.
         self._lock = asyncio.Lock()
@@ -115,8 +120,10 @@ class TokenStore:
             # Create the file ourselves so it is never world-readable, even for a moment.
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
             try:
-                if os.fstat(fd).st_mode & 0o077:
+                info = os.fstat(fd)
+                if info.st_mode & 0o077:
                     os.fchmod(fd, 0o600)  # an older or hand-made file: tighten it
+                self._inode = (info.st_dev, info.st_ino)
             finally:
                 os.close(fd)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -127,6 +134,31 @@ class TokenStore:
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StoreError(f"cannot open token store {self.path}: {exc}") from exc
+
+    def replaced(self) -> bool:
+        """Say whether the file we opened was deleted or replaced under us.
+
+        SQLite keeps writing into a deleted file without a word, and all of it is gone at the
+        next start: this is how the watcher notices.
+        """
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return True
+        return self._inode is not None and (info.st_dev, info.st_ino) != self._inode
+
+    async def reopen(self) -> None:
+        """Close and open the store again at its path (creating a new file if it is gone)."""
+        async with self._lock:
+            await self._reopen()
+
+    async def _reopen(self) -> None:
+        log.error("token_store_replaced", path=str(self.path),
+                  detail="the token store was deleted or replaced while in use; it is opened "
+                  "again and the held pair is written back")
+        self.reopens += 1
+        await self.close()
+        await self.open()
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
@@ -163,7 +195,7 @@ class TokenStore:
     async def data_version(self) -> int:
         """Return SQLite's counter that moves whenever another connection commits."""
         try:
-            async with self.db.execute("PRAGMA data_version") as cursor:
+            async with self._lock, self.db.execute("PRAGMA data_version") as cursor:
                 row = await cursor.fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read token store: {exc}") from exc
@@ -171,6 +203,10 @@ class TokenStore:
 
     async def load(self) -> StoredState:
         """Read the stored state."""
+        async with self._lock:
+            return await self._load()
+
+    async def _load(self) -> StoredState:
         try:
             self.db.row_factory = aiosqlite.Row
             async with self.db.execute("SELECT * FROM token WHERE id = 1") as cursor:
@@ -215,12 +251,15 @@ class TokenStore:
         Everything saved inside commits together when the block ends, or rolls back on error.
         """
         async with self._lock:
+            if self.replaced():
+                # Writing on would go into a deleted file, lost at the next start.
+                await self._reopen()
             try:
                 await self.db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot lock token store: {exc}") from exc
             try:
-                yield await self.load()
+                yield await self._load()
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     await self.db.execute("ROLLBACK")

@@ -128,6 +128,11 @@ def _retrieve(task: asyncio.Task[TokenPair]) -> None:
         log.error("token_refresh_crashed", error=repr(exc))
 
 
+def _lost(stored: StoredState, held: StoredState) -> bool:
+    """Say whether the store came back empty (deleted and recreated) while we hold a pair."""
+    return stored.pair is None and stored.generation == 0 and held.pair is not None
+
+
 @dataclass
 class Episode:
     """A run of failed renewals, from the first failure to the next success."""
@@ -155,6 +160,8 @@ class TokenManager:
         self._metrics = metrics or Metrics()
         self._alerts = alerts or Alerter(None, "", self._metrics)
         self._episode: Episode | None = None
+        self._client_rejected = False  # the final refusal was of the app, not of the token
+        self._seen_reopens = 0
         self.store_ok = True
         self._store = store
         self._oauth = oauth
@@ -232,6 +239,9 @@ class TokenManager:
         """
         if self._stored.pair is None:
             return False, "not_authorized: no token pair is held"
+        if self._stored.reauth_required and self._client_rejected:
+            return False, ("client_rejected: check BITRIX_CLIENT_ID and the client secret, "
+                           "then restart")
         if self._stored.reauth_required:
             return False, "reauthorization_required: a person must authorize the app again"
         if self.current() is None and self._episode is not None:
@@ -241,6 +251,12 @@ class TokenManager:
         return True, "ok"
 
     def _raise_if_unusable(self) -> None:
+        if self._stored.reauth_required and self._client_rejected:
+            raise ReauthorizationRequired(
+                "the OAuth server rejected the application "
+                f"({self._stored.last_error or 'no detail'}): check BITRIX_CLIENT_ID and the "
+                "client secret, and that the app is still installed on the portal, then restart"
+            )
         if self._stored.reauth_required:
             raise ReauthorizationRequired(
                 "the OAuth server refused to renew the token "
@@ -269,6 +285,8 @@ class TokenManager:
         if self._unsaved:
             return  # ours is newer than the file's; save_unsaved() will write it
         stored = await self._store.load()
+        if _lost(stored, self._stored):
+            return  # the file was deleted and made anew: ours goes back in, not the other way
         if stored.generation != self._stored.generation or stored.pair != self._stored.pair:
             self._adopt(stored, source="store")
 
@@ -449,7 +467,8 @@ class TokenManager:
 
         Returns the outcome and whether it was adopted from the store.
         """
-        if not self._unsaved and stored.generation != self._stored.generation:
+        if (not self._unsaved and stored.generation != self._stored.generation
+                and not _lost(stored, self._stored)):
             self._adopt(stored, source="store")
             fresh = self.current()
             if fresh is not None and fresh.access_token != stale_access:
@@ -489,6 +508,7 @@ class TokenManager:
                 "token_refresh_failing" if opened else "token_reauthorization_required",
                 error=error,
             )
+        self._client_rejected = error.permanent and error.error.lower() in CLIENT_ERRORS
         if error.permanent:
             self._episode.reauth_alerted = True
             self._metrics.reauthorization_required.set(1)
@@ -559,6 +579,7 @@ class TokenManager:
             self._on_secret(stored.pair.refresh_token)
         if stored.pair != previous.pair:
             self._failures = 0
+            self._client_rejected = False
             if stored.pair is not None and not stored.reauth_required:
                 self._recovered(source)  # a new pair from anywhere ends a failure episode
             if stored.pair is not None and source == "store" and previous.pair is not None:
@@ -627,6 +648,11 @@ class TokenManager:
         while True:
             await asyncio.sleep(self._watch_interval)
             try:
+                if self._store.replaced():
+                    await self._store.reopen()
+                if self._store.reopens != self._seen_reopens:
+                    self._seen_reopens = self._store.reopens
+                    await self._store_replaced()
                 if self._unsaved:
                     await self.save_unsaved()
                 current = await self._store.data_version()
@@ -646,6 +672,13 @@ class TokenManager:
                     self._metrics.store_errors.inc()
             except Exception:
                 log.exception("token_watch_error")
+
+    async def _store_replaced(self) -> None:
+        """The store's file was deleted or replaced and opened anew: write our pair back in."""
+        self._metrics.store_errors.inc()
+        if self._stored.pair is not None:
+            self._unsaved = True
+            self._unsaved_base = (await self._store.load()).generation
 
     async def save_unsaved(self) -> bool:
         """Write a pair the store refused earlier; return whether nothing is left unsaved."""

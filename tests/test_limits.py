@@ -146,9 +146,9 @@ class TestCoalescing:
             assert body["result"]["ID"] == str(n + 1)
             assert "time" in body
         batches = [c for c in emulator.rest_log if c.method == "batch"]
-        limited = emulator.stats.limited
-        assert limited <= 2  # jitter may tip the portal's bucket; a retry absorbs it
-        assert 3 <= len(batches) <= 5 + limited
+        refused = emulator.stats.limited
+        assert refused <= 2  # jitter may tip the portal's bucket; a retry absorbs it
+        assert 3 <= len(batches) <= 5 + refused
         assert emulator.stats.upstream_requests <= 5 + len(batches)
 
     async def test_mixed_methods_and_errors_inside_a_batch(
