@@ -49,22 +49,28 @@ async def emulator(emulator_clock: OffsetClock) -> AsyncIterator[Emulator]:
         yield emu
 
 
+def settings_env(emulator: Emulator, tmp_path: Path) -> dict[str, str]:
+    """The settings every test sidecar starts from: the emulator, a fresh store, free ports."""
+    return {
+        "BITRIX_PORTAL": emulator.base_url,
+        "BITRIX_CLIENT_ID": CLIENT_ID,
+        "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
+        "BITRIX_SCOPE": "crm,user",
+        "SIDECAR_DB": str(tmp_path / "tokens.db"),
+        "SIDECAR_LISTEN": "127.0.0.1:0",
+        "SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
+        # The core's tests run without the rate limiter; tests/test_limits.py turns it on.
+        "SIDECAR_RATE": "0",
+    }
+
+
 @pytest.fixture
 def make_settings(emulator: Emulator, tmp_path: Path) -> Callable[..., Settings]:
     """Build settings for the emulator; keyword arguments are flags by their ``dest``."""
 
     def make(**flags: Any) -> Settings:
-        env = {
-            "BITRIX_PORTAL": emulator.base_url,
-            "BITRIX_CLIENT_ID": CLIENT_ID,
-            "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
-            "BITRIX_SCOPE": "crm,user",
-            "SIDECAR_DB": str(tmp_path / "tokens.db"),
-            "SIDECAR_LISTEN": "127.0.0.1:0",
-            # The core's tests run without the rate limiter; tests/test_limits.py turns it on.
-            "SIDECAR_RATE": "0",
-        }
-        return load_settings(env, {k: None if v is None else str(v) for k, v in flags.items()})
+        return load_settings(settings_env(emulator, tmp_path),
+                             {k: None if v is None else str(v) for k, v in flags.items()})
 
     return make
 
@@ -95,17 +101,7 @@ def tokens_of(client: TestClient[web.Request, web.Application]) -> TokenManager:
 def env(emulator: Emulator, tmp_path: Path) -> dict[str, str]:
     """Environment for the CLI pointing at the emulator, with a fresh store and free ports."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))}
-    return {
-        **base,
-        "BITRIX_PORTAL": emulator.base_url,
-        "BITRIX_CLIENT_ID": CLIENT_ID,
-        "BITRIX_CLIENT_SECRET": CLIENT_SECRET,
-        "BITRIX_SCOPE": "crm,user",
-        "SIDECAR_DB": str(tmp_path / "tokens.db"),
-        "SIDECAR_LISTEN": "127.0.0.1:0",
-        "SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
-        "SIDECAR_RATE": "0",
-    }
+    return base | settings_env(emulator, tmp_path)
 
 
 def free_port() -> int:
