@@ -19,7 +19,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import phpquery
 from sidecar.config import Settings
-from sidecar.errors import BadRequest, BodyTooLarge, OAuthError, Refused, SidecarError
+from sidecar.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientGone,
+    OAuthError,
+    Refused,
+    SidecarError,
+)
 from sidecar.oauth import valid_endpoint
 from sidecar.proxy import error_response, expect_continue
 from sidecar.store import TokenPair
@@ -148,6 +155,8 @@ class AuthFlow:
             except (ValueError, LookupError, HttpProcessingError, RequestPayloadError):
                 # Bad framing, a bogus charset, invalid UTF-8, a broken multipart body.
                 raise BadRequest("the install payload cannot be read as a form") from None
+            except ConnectionResetError:
+                raise ClientGone("the client hung up in the middle of its body") from None
             data = phpquery.parse(
                 [(k, v) for k, v in form.items() if isinstance(v, str)]
                 + [(k, v) for k, v in request.query.items()]

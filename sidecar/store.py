@@ -143,8 +143,10 @@ class TokenStore:
         """
         try:
             info = os.stat(self.path)
-        except OSError:
+        except FileNotFoundError:
             return True
+        except OSError:
+            return False  # unreadable for now (EIO, ESTALE...): not proof it is gone
         return self._inode is not None and (info.st_dev, info.st_ino) != self._inode
 
     async def reopen(self) -> None:

@@ -674,11 +674,15 @@ class TokenManager:
                 log.exception("token_watch_error")
 
     async def _store_replaced(self) -> None:
-        """The store's file was deleted or replaced and opened anew: write our pair back in."""
+        """The store's file was deleted or replaced and opened anew: write our pair back in, if
+        the new file is empty; if it holds a pair (another process, the CLI), that one is newer."""
         self._metrics.store_errors.inc()
-        if self._stored.pair is not None:
+        stored = await self._store.load()
+        if not _lost(stored, self._stored):
+            await self.sync()
+        elif not self._stored.reauth_required:  # a dead pair is not worth writing back
             self._unsaved = True
-            self._unsaved_base = (await self._store.load()).generation
+            self._unsaved_base = stored.generation
 
     async def save_unsaved(self) -> bool:
         """Write a pair the store refused earlier; return whether nothing is left unsaved."""
@@ -686,7 +690,7 @@ class TokenManager:
         if not self._unsaved or pair is None:
             return True
         async with self._store.locked() as stored:
-            if stored.generation != self._unsaved_base:
+            if stored.generation != self._unsaved_base and not _lost(stored, self._stored):
                 # Someone stored a pair after ours was renewed (a new authorization): theirs
                 # is newer than ours, so it wins.
                 self._unsaved = False

@@ -273,3 +273,50 @@ class TestStoreTrouble:
                 assert tokens.next_due() > time.time()
                 assert tokens.status()["refresh"]["failing"]
         assert emulator.stats.token_requests["refresh_token"] == 0
+
+
+class TestDeletedStore:
+    async def test_recreated_store_with_a_newer_pair_is_adopted_not_overwritten(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """When the file is deleted and another holder writes a newer pair into the new file,
+        the watcher adopts that pair instead of writing its own (spent) one back."""
+        import os
+
+        async with manager(settings) as first, manager(replace(settings, auth_code="")) as second:
+            old = first.pair
+            assert old is not None
+            for suffix in ("", "-wal", "-shm"):
+                os.unlink(f"{settings.db_path}{suffix}")
+            new = await first.refresh(old.access_token, trigger="schedule")  # reopens, saves
+            watch = asyncio.create_task(second.run_watch())
+            for _ in range(40):
+                if second.pair == new:
+                    break
+                await asyncio.sleep(0.05)
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            assert second.pair == new
+            assert await stored_pair(settings) == new
+        assert emulator.stats.refresh_rejected == 0
+
+    async def test_deleted_store_gets_the_held_pair_back(
+        self, settings: Settings, emulator: Emulator
+    ) -> None:
+        """A store deleted under a lone holder is recreated with the pair it holds."""
+        import os
+
+        async with manager(settings) as tokens:
+            held = tokens.pair
+            for suffix in ("", "-wal", "-shm"):
+                os.unlink(f"{settings.db_path}{suffix}")
+            watch = asyncio.create_task(tokens.run_watch())
+            for _ in range(40):
+                if settings.db_path.exists() and await stored_pair(settings) == held:
+                    break
+                await asyncio.sleep(0.05)
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        assert await stored_pair(settings) == held
+        async with manager(replace(settings, auth_code="")) as restarted:
+            assert restarted.pair == held
