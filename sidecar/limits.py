@@ -222,10 +222,6 @@ class Gate:
         if until > self._paused.get(method, 0.0):
             self._paused[method] = until
 
-    def paused_for(self, method: str) -> float:
-        """Return the seconds ``method`` is still paused."""
-        return max(0.0, self._paused.get(method, 0.0) - self._clock())
-
     @property
     def queue_timeout(self) -> float:
         """Return the longest a call may wait."""

@@ -391,9 +391,6 @@ class Proxy:
             return body
         return strip_body_auth(body, ctype)
 
-    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
-        return _filter_headers(request.headers, _DROP_REQUEST)
-
     async def _forward(
         self,
         request: web.Request,
@@ -403,7 +400,7 @@ class Proxy:
         outcome: _Outcome,
     ) -> web.StreamResponse:
         query = strip_query_auth(target.query)
-        headers = self._upstream_headers(request)
+        headers = _filter_headers(request.headers, _DROP_REQUEST)
         headers["X-Request-ID"] = request_id
         method = target.method.lower()
         ctype = request.content_type if body else ""

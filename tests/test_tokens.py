@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -281,8 +282,6 @@ class TestDeletedStore:
     ) -> None:
         """When the file is deleted and another holder writes a newer pair into the new file,
         the watcher adopts that pair instead of writing its own (spent) one back."""
-        import os
-
         async with manager(settings) as first, manager(replace(settings, auth_code="")) as second:
             old = first.pair
             assert old is not None
@@ -304,8 +303,6 @@ class TestDeletedStore:
         self, settings: Settings, emulator: Emulator
     ) -> None:
         """A store deleted under a lone holder is recreated with the pair it holds."""
-        import os
-
         async with manager(settings) as tokens:
             held = tokens.pair
             for suffix in ("", "-wal", "-shm"):
