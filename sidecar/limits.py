@@ -160,7 +160,8 @@ class Gate:
         except TimeoutError:
             self._metrics.queue_rejected.inc()
             raise QueueFull(
-                f"waited {self._queue_timeout:g} s for the portal's rate limit",
+                f"waited SIDECAR_QUEUE_TIMEOUT ({self._queue_timeout:g} s) for the portal's rate "
+                "limit without a turn",
                 retry_after=self._estimate(command is not None),
             ) from None
         finally:
