@@ -24,6 +24,7 @@ from sidecar.oauth import OAuthClient
 from sidecar.proxy import Proxy, error_response, expect_continue
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenManager
+from sidecar.upstream import Pool
 
 log = structlog.get_logger("sidecar.app")
 
@@ -119,15 +120,10 @@ def create_app(
             TokenStore(settings.db_path, portal=settings.portal,
                        client_id=settings.client_id) as store,
             oauth_session() as oauth_http,
-            # The portal's answer is relayed byte for byte, compressed or not, so nothing is
-            # decompressed and no Accept-Encoding is added that the client did not send.
-            no_resend(aiohttp.ClientSession(
-                auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent"),
-                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
-                trust_env=False,
-            )) as upstream_http,
         ):
+            # REST calls go through our own lean client: the portal's answer is relayed byte
+            # for byte, nothing is decompressed, no header is added, and nothing is resent.
+            pool = Pool(limit=256)
             alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
             tokens = TokenManager(
                 store, make_oauth(oauth_http, settings), settings,
@@ -139,8 +135,8 @@ def create_app(
             gate = Gate(rate=settings.rate, burst=settings.burst,
                         queue_timeout=settings.queue_timeout, coalesce=settings.coalesce,
                         metrics=metrics)
-            proxy = app[PROXY] = Proxy(settings, tokens, upstream_http, metrics, gate)
-            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, upstream_http)
+            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, gate)
+            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, oauth_http)
             authflow.add_routes(app, lifecycle.tracked)
             # After the exact routes.
             # Any path at all, newlines included, gets our own answers; so does any Expect.
@@ -162,6 +158,7 @@ def create_app(
                 for task in tasks:
                     await cancel_and_wait(task)
                 await gate.aclose()
+                await pool.close()
                 await tokens.aclose()
                 await alerts.drain()
 

@@ -142,3 +142,9 @@ class UpstreamTimeout(SidecarError):
     """The portal did not answer within ``SIDECAR_UPSTREAM_TIMEOUT``."""
 
     code = "SIDECAR_UPSTREAM_TIMEOUT"
+
+
+class InternalError(SidecarError):
+    """A fault of the sidecar's own: the call may or may not have reached the portal."""
+
+    code = "SIDECAR_INTERNAL_ERROR"

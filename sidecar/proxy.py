@@ -12,7 +12,6 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
@@ -35,6 +34,7 @@ from sidecar.errors import (
     BodyTooLarge,
     ClientGone,
     ExpectationFailed,
+    InternalError,
     MethodNotAllowed,
     MethodPaused,
     NotAuthorized,
@@ -52,6 +52,7 @@ from sidecar.limits import Gate, Waiter
 from sidecar.metrics import Metrics
 from sidecar.store import TokenPair
 from sidecar.tokens import TokenManager
+from sidecar.upstream import BadHeader, Origin, Pool, PortalConnectionError, Response
 
 log = structlog.get_logger("sidecar.proxy")
 
@@ -81,6 +82,7 @@ HOP_BY_HOP = frozenset(
 # aiohttp's server has already decoded a compressed request body, so its Content-Encoding goes.
 _DROP_REQUEST = HOP_BY_HOP | {
     "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
+    "x-request-id",  # ours replaces it
 }
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Answers up to this size are read whole (one write to the client); larger ones stream.
@@ -244,7 +246,7 @@ class Proxy:
         self,
         settings: Settings,
         tokens: TokenManager,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         metrics: Metrics,
         gate: Gate,
     ) -> None:
@@ -253,10 +255,15 @@ class Proxy:
         gate.run_batch = self.run_batch
         self._settings = settings
         self._tokens = tokens
-        self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout)
+        self._pool = pool
+        self._origins: dict[str, Origin] = {}
         self._hosts = frozenset({"localhost", "::1", settings.listen.host.lower(),
                                  *settings.allowed_hosts}) - {"0.0.0.0", "::", ""}  # noqa: S104
+
+    @property
+    def pool(self) -> Pool:
+        """The connections to the portal."""
+        return self._pool
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one client request to ``/rest/``, ``/token`` or anything else (404)."""
@@ -272,6 +279,14 @@ class Proxy:
         except SidecarError as exc:
             outcome.error = exc.code
             response = error_response(exc, request_id=request_id)
+        except Exception as exc:  # a bug of ours: still an answer in Bitrix's shape
+            # Only the type and where: an exception's text may hold an address with the token.
+            log.error("unexpected_error", request_id=request_id, error=type(exc).__name__,
+                      where=_where(exc))
+            outcome.error = InternalError.code
+            response = error_response(InternalError(
+                "the sidecar failed unexpectedly; its log has the details (request "
+                f"{request_id})"), request_id=request_id)
         finally:
             gauge.dec()
         duration = time.perf_counter() - started
@@ -401,7 +416,8 @@ class Proxy:
     ) -> web.StreamResponse:
         query = strip_query_auth(target.query)
         headers = _filter_headers(request.headers, _DROP_REQUEST)
-        headers["X-Request-ID"] = request_id
+        headers.append(("X-Request-ID", request_id))
+        headers.append(("Authorization", ""))
         method = target.method.lower()
         ctype = request.content_type if body else ""
         coalescible = (
@@ -431,20 +447,18 @@ class Proxy:
                 return _json_answer(answer, request_id)
             pair = self._tokens.current() or pair
             again = False
-            url = self._url(pair, target, query)
+            origin, path = self._target(pair, target, query)
             # The header outranks any auth the body may still hide; the parameter serves
             # servers that read only parameters.
-            headers["Authorization"] = f"Bearer {pair.access_token}"
+            headers[-1] = ("Authorization", f"Bearer {pair.access_token}")
             sent = time.perf_counter()
             try:
-                async with self._session.request(
-                    request.method,
-                    url,
-                    data=body if body or request.method == "POST" else None,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                ) as upstream:
+                upstream = await self._pool.request(
+                    request.method, origin, path, headers,
+                    body=body if body or request.method == "POST" else None,
+                    time_limit=self._settings.upstream_timeout,
+                )
+                try:
                     status = upstream.status
                     if status not in (401, 429, 503):
                         self._gate.passed()
@@ -484,14 +498,18 @@ class Proxy:
                         response.headers["Retry-After"] = str(math.ceil(wait))
                         return response
                     return self._answer(upstream, payload, request_id)
+                finally:
+                    upstream.release()
             except TimeoutError:
                 self._upstream_done(outcome, sent, error="timeout")
                 raise UpstreamTimeout(
                     f"the portal did not answer within {self._settings.upstream_timeout:g} s"
                 ) from None
-            except aiohttp.ClientError as exc:
+            except PortalConnectionError as exc:
                 self._upstream_done(outcome, sent, error="unreachable")
-                raise UpstreamError(f"the portal is unreachable: {_describe(exc)}") from None
+                raise UpstreamError(f"the portal is unreachable: {exc}") from None
+            except BadHeader:
+                raise BadRequest("a header name or value holds a line break") from None
 
     async def run_batch(self, group: list[Waiter]) -> None:
         """Send queued single calls as one ``batch`` and give each its own answer."""
@@ -501,26 +519,28 @@ class Proxy:
         try:
             pair = await self._tokens.get()
             for attempt in range(2):
-                url = self._url(pair, Target("batch", "", ""), "")
-                headers = {"Authorization": f"Bearer {pair.access_token}",
-                           "Content-Type": "application/x-www-form-urlencoded"}
+                origin, path = self._target(pair, Target("batch", "", ""), "")
+                headers = [("Authorization", f"Bearer {pair.access_token}"),
+                           ("Content-Type", "application/x-www-form-urlencoded")]
                 try:
-                    async with self._session.post(url, data=body, headers=headers,
-                                                  allow_redirects=False,
-                                                  timeout=self._timeout) as upstream:
+                    upstream = await self._pool.request(
+                        "POST", origin, path, headers, body=body,
+                        time_limit=self._settings.upstream_timeout)
+                    try:
                         status = upstream.status
                         payload = await upstream.read()
                         encoding = upstream.headers.get("Content-Encoding", "")
+                    finally:
+                        upstream.release()
                 except TimeoutError:
                     self._metrics.upstream_errors.labels(kind="timeout").inc()
                     raise UpstreamTimeout(
                         "the portal did not answer a coalesced batch within "
                         f"{self._settings.upstream_timeout:g} s"
                     ) from None
-                except aiohttp.ClientError as exc:
+                except PortalConnectionError as exc:
                     self._metrics.upstream_errors.labels(kind="unreachable").inc()
-                    raise UpstreamError(
-                        f"the portal is unreachable: {_describe(exc)}") from None
+                    raise UpstreamError(f"the portal is unreachable: {exc}") from None
                 finally:
                     self._metrics.upstream_duration.observe(time.perf_counter() - started)
                 error = _error_code(payload, encoding) if status != 200 else None
@@ -572,19 +592,29 @@ class Proxy:
         if error:
             self._metrics.upstream_errors.labels(kind=error).inc()
 
-    def _url(self, pair: TokenPair, target: Target, query: str) -> URL:
+    def _target(self, pair: TokenPair, target: Target, query: str) -> tuple[Origin, str]:
+        """Where the call goes: the portal's origin and the raw path with the token added."""
         base = pair.client_endpoint or self._settings.rest_base
+        origin = self._origins.get(base)
+        if origin is None:
+            try:
+                origin = Origin.parse(base)
+            except ValueError:
+                raise UpstreamError("the portal's REST address is not an http(s) "
+                                    "address") from None
+            if len(self._origins) > 8:  # the address changes only when a portal is renamed
+                self._origins.clear()
+            self._origins[base] = origin
         auth = f"auth={pair.access_token}"
-        full = f"{base}{target.method}{target.suffix}?{query}&{auth}" if query else (
-            f"{base}{target.method}{target.suffix}?{auth}"
-        )
-        return URL(full, encoded=True)
+        path = f"{origin.base_path}{target.method}{target.suffix}?{query}&{auth}" if query \
+            else f"{origin.base_path}{target.method}{target.suffix}?{auth}"
+        return origin, path
 
     async def _relay(
         self,
         request: web.Request,
         *,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         request_id: str,
         target: Target,
         sent: float,
@@ -617,7 +647,7 @@ class Proxy:
             response.content_length = length
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            while chunk := await upstream.next_chunk():
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionResetError:
@@ -626,7 +656,7 @@ class Proxy:
             outcome.error = "SIDECAR_CLIENT_GONE"
             self._upstream_done(outcome, sent)
             return response
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (PortalConnectionError, TimeoutError) as exc:
             # Too late for an error answer: cut the connection so the client sees it broke.
             outcome.error = "SIDECAR_UPSTREAM_BROKE_MID_STREAM"
             self._upstream_done(outcome, sent, error="broke_mid_stream")
@@ -639,7 +669,7 @@ class Proxy:
         return response
 
     def _answer(
-        self, upstream: aiohttp.ClientResponse, payload: bytes, request_id: str
+        self, upstream: Response, payload: bytes, request_id: str
     ) -> web.Response:
         return web.Response(
             status=upstream.status,
@@ -663,22 +693,18 @@ class _Outcome:
         self.error: str | None = None
 
 
-def _filter_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+def _filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
+                    drop: frozenset[str]) -> list[tuple[str, str]]:
     """Copy headers less ``drop`` and whatever the Connection header names as hop-by-hop."""
-    listed = {
-        name.strip().lower() for value in headers.getall("Connection", ())
-        for name in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered not in drop and lowered not in listed:
-            out.add(name, value)
-    return out
+    connection = headers.getall("Connection", ())
+    if connection:
+        drop = drop | {name.strip().lower() for value in connection
+                       for name in value.split(",")}
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
-def _response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    out = _filter_headers(headers, _DROP_RESPONSE)
+def _response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
+    out = CIMultiDict(_filter_headers(headers, _DROP_RESPONSE))
     out["X-Request-ID"] = request_id
     return out
 
@@ -729,9 +755,20 @@ def _json_answer(answer: Answer, request_id: str) -> web.Response:
     )
 
 
+def _where(exc: BaseException) -> str:
+    """Name the innermost frame of a traceback: file, line and function, never values."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return ""
+    code = frame.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.tb_lineno} in {code.co_name}"
+
+
 def _describe(exc: BaseException) -> str:
     """Name a network error without echoing an address (ours carry the token)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
+    if isinstance(exc, PortalConnectionError):
+        return str(exc)  # written to name no address
     return type(exc).__name__
 

@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,7 +32,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from sidecar.emulator import Emulator
-from tests.conftest import tokens_of
+from tests.conftest import Certificate, tokens_of
 
 Client = TestClient[web.Request, web.Application]
 
@@ -242,32 +238,6 @@ class TestBitrix24Rest:
 
 
 # -- b24pysdk --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """A self-signed certificate for 127.0.0.1 and its key."""
-
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="session")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
-    """Make a self-signed certificate for 127.0.0.1 with the openssl command."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is needed for the TLS terminator")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    return Certificate(cert, key)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

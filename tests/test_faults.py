@@ -826,11 +826,10 @@ class TestClientsHangingUp:
                 async with http.post(f"http://127.0.0.1:{port}/rest/crm.lead.add",
                                      data={"fields[TITLE]": "t" * 6000}) as response:
                     assert response.status == 200
-        connector = app[PROXY]._session.connector
-        assert isinstance(connector, aiohttp.TCPConnector)
+        pool = app[PROXY].pool
 
         def pooled() -> tuple[int, int]:
-            return sum(len(c) for c in connector._conns.values()), len(connector._acquired)
+            return pool.counts()
 
         def ours() -> list[asyncio.Task[Any]]:
             """Tasks but those of the emulator's connections: each keep-alive connection in the
@@ -885,7 +884,7 @@ class TestClientsHangingUp:
         assert len(ours()) <= baseline, [t.get_coro() for t in ours()]
         assert ours_server.connections == []  # every client connection was let go
         assert second_half[1][1] == 0  # no upstream connection left checked out
-        assert peak <= connector.limit
+        assert peak <= pool.limit
         assert second_half[1][0] <= max(first_half[1][0] + 10, 60)  # the pool is not growing
         assert growth < 4 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB in the second half"
         assert len(emulator.leads) == 45  # no half-uploaded body was ever forwarded
