@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+from typing import Any, ClassVar
 
 import structlog
+import structlog.testing
 
-from sidecar.logging import REDACTED, Redactor, configure_logging
+from sidecar.logging import REDACTED, Redactor, configure_logging, log_request
 
 
 class TestRedactor:
@@ -65,3 +67,69 @@ class TestPipeline:
         assert "another-secret-1" not in out.getvalue()
         assert json.loads(lines[0])["event"] == "boom"
         assert "RuntimeError" in json.loads(lines[0])["exception"]
+
+
+class TestAccessLog:
+    """The per-call event is rendered by hand; it must read exactly as structlog's would."""
+
+    def render_both(self, level: str = "info", **fields: Any) -> tuple[str, str]:
+        out = io.StringIO()
+        root_handlers = logging.getLogger().handlers[:]
+        redactor = configure_logging(fmt="json", level=level, stream=out)
+        try:
+            redactor.add("tok-0123456789abcdef")
+            log_request(*fields.values())
+            fast = out.getvalue()
+            out.seek(0)
+            out.truncate()
+            structlog.get_logger("sidecar.proxy").info("request", **fields)
+            slow = out.getvalue()
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers[:] = root_handlers
+        return fast, slow
+
+    FIELDS: ClassVar[dict[str, Any]] = {
+        "request_id": "abc-1", "method": "crm.lead.get", "http_method": "POST",
+        "status": 200, "duration_ms": 1.25, "upstream_ms": 0.0, "retried": False,
+        "coalesced": True, "error": None,
+    }
+
+    def test_same_line_as_structlog(self) -> None:
+        fast, slow = self.render_both(**self.FIELDS)
+        assert fast.endswith("\n")
+        assert fast.count("\n") == 1
+        fast_event, slow_event = json.loads(fast), json.loads(slow)
+        assert list(fast_event) == list(slow_event)  # same keys, same order
+        assert fast_event.pop("timestamp").endswith("Z")
+        slow_event.pop("timestamp")
+        assert fast_event == slow_event
+        assert fast.split('"timestamp"')[0] == slow.split('"timestamp"')[0]  # byte for byte
+
+    def test_values_are_escaped_and_redacted(self) -> None:
+        fields = self.FIELDS | {"http_method": 'PO"ST\\', "error": "bad tok-0123456789abcdef",
+                                "retried": True}
+        fast, slow = self.render_both(**fields)
+        assert "tok-0123456789abcdef" not in fast + slow
+        fast_event, slow_event = json.loads(fast), json.loads(slow)
+        fast_event.pop("timestamp")
+        slow_event.pop("timestamp")
+        assert fast_event == slow_event
+        assert fast_event["http_method"] == 'PO"ST\\'
+
+    def test_quiet_above_info(self) -> None:
+        fast, slow = self.render_both(level="warning", **self.FIELDS)
+        assert fast == slow == ""
+
+    def test_a_structlog_capture_still_sees_the_event(self) -> None:
+        out = io.StringIO()
+        root_handlers = logging.getLogger().handlers[:]
+        configure_logging(fmt="json", level="info", stream=out)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                log_request(*self.FIELDS.values())
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers[:] = root_handlers
+        assert out.getvalue() == ""
+        assert logs == [{**self.FIELDS, "event": "request", "log_level": "info"}]
