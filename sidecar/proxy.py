@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import json
@@ -11,11 +12,12 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote_plus
 
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -90,7 +92,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
     "x-request-id",  # ours replaces it
 }
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
 # Answers up to this size are read whole (one write to the client); larger ones stream.
 STREAM_THRESHOLD = 256 * 1024
 CHUNK = 64 * 1024
@@ -114,21 +116,147 @@ STATUS_OF: dict[type[SidecarError], int] = {
 }
 
 
-def error_response(
-    error: SidecarError, *, request_id: str | None = None
-) -> web.Response:
+@dataclass(slots=True)
+class Reply:
+    """An answer to a client, whichever HTTP server writes it.
+
+    ``body`` None means the answer has already gone out, streamed through the call's sink.
+    """
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | None
+    reason: str = ""
+
+
+class Sink(Protocol):
+    """Where a streamed answer goes; ``write`` raises ConnectionResetError once the client left."""
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]],
+                    length: int | None) -> None: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    def cut(self) -> None:
+        """Drop the connection: the client must see that the answer broke."""
+
+
+class Call:
+    """One client request to the proxy listener, whichever HTTP server read it."""
+
+    __slots__ = ("content_type", "headers", "host", "method", "raw_path", "transport", "version")
+
+    def __init__(  # noqa: PLR0917 - a plain record
+        self, method: str, raw_path: str, version: HttpVersion,
+        headers: CIMultiDictProxy[str] | CIMultiDict[str], host: str, content_type: str,
+        transport: asyncio.BaseTransport | None,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.content_type = content_type
+        self.transport = transport
+
+    def alive(self) -> bool:
+        """Say whether the client is still there."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
+
+    async def body(self, limit: int) -> bytes:
+        """Return the request body as sent (at most ``limit`` bytes)."""
+        raise NotImplementedError
+
+
+JSON_TYPE = ("Content-Type", "application/json; charset=utf-8")
+
+
+def error_reply(error: SidecarError, *, request_id: str | None = None) -> Reply:
     """Answer an error of the sidecar's own, in Bitrix24's shape."""
     status = next((s for cls, s in STATUS_OF.items() if isinstance(error, cls)), 500)
-    headers = {"X-Request-ID": request_id} if request_id else {}
+    headers = [JSON_TYPE]
+    if request_id:
+        headers.append(("X-Request-ID", request_id))
     if isinstance(error, MethodNotAllowed):
-        headers["Allow"] = "GET, POST"
+        headers.append(("Allow", "GET, POST"))
     if isinstance(error, QueueFull | MethodPaused):
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
-    return web.json_response(
-        {"error": error.code, "error_description": error.description},
-        status=status,
-        headers=headers,
-    )
+        headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))
+    body = json.dumps({"error": error.code, "error_description": error.description}).encode()
+    return Reply(status, headers, body)
+
+
+def web_response(reply: Reply) -> web.Response:
+    """Turn a whole reply into aiohttp's response."""
+    return web.Response(status=reply.status, reason=reply.reason or None, body=reply.body,
+                        headers=CIMultiDict(reply.headers))
+
+
+def error_response(error: SidecarError, *, request_id: str | None = None) -> web.Response:
+    """Answer an error of the sidecar's own, in Bitrix24's shape (aiohttp's response)."""
+    return web_response(error_reply(error, request_id=request_id))
+
+
+class _AiohttpCall(Call):
+    """A call read by aiohttp's server."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: web.Request) -> None:
+        super().__init__(request.method, request.raw_path, request.version, request.headers,
+                         request.host, request.content_type, request.transport)
+        self.request = request
+
+    async def body(self, limit: int) -> bytes:
+        request = self.request
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+        if not request.body_exists:
+            return b""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+        except (RequestPayloadError, HttpProcessingError):
+            raise BadRequest("the body cannot be read or decoded (bad framing or "
+                             "Content-Encoding)") from None
+        except ConnectionResetError:
+            raise ClientGone("the client hung up in the middle of its body") from None
+        return b"".join(chunks)
+
+
+class _AiohttpSink:
+    """Streams an answer through aiohttp's StreamResponse."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]],
+                    length: int | None) -> None:
+        response = self.response = web.StreamResponse(status=status, reason=reason or None,
+                                                      headers=CIMultiDict(headers))
+        if length is not None:
+            response.content_length = length
+        await response.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def cut(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
 
 
 @dataclass(frozen=True)
@@ -272,25 +400,34 @@ class Proxy:
         return self._pool
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one request aiohttp's server read (the fast lane hands it the unusual ones)."""
+        sink = _AiohttpSink(request)
+        reply = await self.serve(_AiohttpCall(request), sink)
+        if reply.body is None:
+            assert sink.response is not None
+            return sink.response
+        return web_response(reply)
+
+    async def serve(self, call: Call, sink: Sink) -> Reply:
         """Serve one client request to ``/rest/``, ``/token`` or anything else (404)."""
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-ID", "")
+        request_id = call.headers.get("X-Request-ID", "")
         if not _REQUEST_ID_RE.fullmatch(request_id):
             request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
         outcome = _Outcome()
         gauge = self._metrics.inflight
         gauge.inc()
         try:
-            response = await self._dispatch(request, request_id, outcome)
+            response = await self._dispatch(call, sink, request_id, outcome)
         except SidecarError as exc:
             outcome.error = exc.code
-            response = error_response(exc, request_id=request_id)
+            response = error_reply(exc, request_id=request_id)
         except Exception as exc:  # a bug of ours: still an answer in Bitrix's shape
             # Only the type and where: an exception's text may hold an address with the token.
             log.error("unexpected_error", request_id=request_id, error=type(exc).__name__,
                       where=_where(exc))
             outcome.error = InternalError.code
-            response = error_response(InternalError(
+            response = error_reply(InternalError(
                 "the sidecar failed unexpectedly; its log has the details (request "
                 f"{request_id})"), request_id=request_id)
         finally:
@@ -302,13 +439,13 @@ class Proxy:
             )
             self._metrics.observe_request(label, response.status, duration)
         log_request(
-            request_id, outcome.method, request.method, response.status,
+            request_id, outcome.method, call.method, response.status,
             round(duration * 1000, 2), round(outcome.upstream * 1000, 2), outcome.retried,
             outcome.coalesced, outcome.error,
         )
         return response
 
-    def _check_origin(self, request: web.Request) -> None:
+    def _check_origin(self, request: Call) -> None:
         """Refuse browsers on other sites (CSRF) and foreign Host names (DNS rebinding).
 
         Whoever reaches the port acts as the app, so a web page must not make a browser do it.
@@ -345,8 +482,8 @@ class Proxy:
             return False
 
     async def _dispatch(
-        self, request: web.Request, request_id: str, outcome: _Outcome
-    ) -> web.StreamResponse:
+        self, request: Call, sink: Sink, request_id: str, outcome: _Outcome
+    ) -> Reply:
         if request.version < HttpVersion10:
             raise BadRequest("HTTP/0.9 requests are not served")
         self._check_origin(request)
@@ -359,44 +496,24 @@ class Proxy:
         if request.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{request.method} is not accepted: use GET or POST")
         body = await self._read_body(request)
-        return await self._forward(request, request_id, target, body, outcome)
+        return await self._forward(request, sink, request_id, target, body, outcome)
 
-    async def _token(self, request: web.Request, request_id: str) -> web.Response:
+    async def _token(self, request: Call, request_id: str) -> Reply:
         if request.method != "GET":
             raise MethodNotAllowed(f"{request.method} is not accepted: use GET")
         pair = await self._tokens.get()
-        return web.json_response(
-            {
+        return Reply(200, [JSON_TYPE, ("X-Request-ID", request_id), ("Cache-Control", "no-store")],
+                     json.dumps({
                 "access_token": pair.access_token,
                 "expires_at": int(pair.expires_at),
                 "expires_in": max(0, int(pair.expires_in())),
                 "client_endpoint": pair.client_endpoint or self._settings.rest_base,
                 "member_id": pair.member_id,
                 "scope": pair.scope,
-            },
-            headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
-        )
+            }).encode())
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self._settings.max_body
-        if request.content_length is not None and request.content_length > limit:
-            raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
-        if not request.body_exists:
-            return b""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            while chunk := await request.content.readany():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
-                chunks.append(chunk)
-        except (RequestPayloadError, HttpProcessingError):
-            raise BadRequest("the body cannot be read or decoded (bad framing or "
-                             "Content-Encoding)") from None
-        except ConnectionResetError:
-            raise ClientGone("the client hung up in the middle of its body") from None
-        body = b"".join(chunks)
+    async def _read_body(self, request: Call) -> bytes:
+        body = await request.body(self._settings.max_body)
         ctype = request.content_type
         if ctype.startswith("multipart/"):
             boundary = multipart_boundary(request.headers.get("Content-Type", ""))
@@ -405,14 +522,15 @@ class Proxy:
             return body
         return strip_body_auth(body, ctype)
 
-    async def _forward(
+    async def _forward(  # noqa: PLR0917 - one call's parts
         self,
-        request: web.Request,
+        request: Call,
+        sink: Sink,
         request_id: str,
         target: Target,
         body: bytes,
         outcome: _Outcome,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         query = strip_query_auth(target.query)
         headers = _filter_headers(request.headers, _DROP_REQUEST)
         headers.append(("X-Request-ID", request_id))
@@ -431,8 +549,7 @@ class Proxy:
                 return None
             return command_line(SingleCall(target.method, query, body, ctype))
 
-        def alive() -> bool:
-            return request.transport is not None and not request.transport.is_closing()
+        alive = request.alive
 
         pair = await self._tokens.get()
         again = False  # this is a repeat of a call the portal refused unrun: it goes first
@@ -461,7 +578,7 @@ class Proxy:
                     status = upstream.status
                     if status not in (401, 429, 503):
                         self._gate.passed()
-                        return await self._relay(request, upstream=upstream,
+                        return await self._relay(sink, upstream=upstream,
                                                  request_id=request_id, target=target,
                                                  sent=sent, outcome=outcome)
                     payload = await upstream.read()
@@ -494,7 +611,7 @@ class Proxy:
                             self._metrics.upstream_retries.labels(reason="time_limit").inc()
                             continue
                         response = self._answer(upstream, payload, request_id)
-                        response.headers["Retry-After"] = str(math.ceil(wait))
+                        response.headers.append(("Retry-After", str(math.ceil(wait))))
                         return response
                     return self._answer(upstream, payload, request_id)
                 finally:
@@ -611,14 +728,14 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        sink: Sink,
         *,
         upstream: Response,
         request_id: str,
         target: Target,
         sent: float,
         outcome: _Outcome,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         if 300 <= upstream.status < 400 and upstream.status != 304:
             location = URL(upstream.headers.get("Location", ""))
             self._upstream_done(outcome, sent, error="redirect")
@@ -640,42 +757,33 @@ class Proxy:
             payload = await upstream.read()
             self._upstream_done(outcome, sent)
             return self._answer(upstream, payload, request_id)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=_response_headers(upstream.headers, request_id))
-        if length is not None:
-            response.content_length = length
+        streamed = Reply(upstream.status, [], None)
         try:
-            await response.prepare(request)
+            await sink.start(upstream.status, upstream.reason,
+                             _response_headers(upstream.headers, request_id), length)
             while chunk := await upstream.next_chunk():
-                await response.write(chunk)
-            await response.write_eof()
+                await sink.write(chunk)
+            await sink.finish()
         except ConnectionResetError:
             # The client hung up: nothing to tell it; the upstream connection is released
             # (closed) by the caller's context manager.
             outcome.error = "SIDECAR_CLIENT_GONE"
             self._upstream_done(outcome, sent)
-            return response
+            return streamed
         except (PortalConnectionError, TimeoutError) as exc:
             # Too late for an error answer: cut the connection so the client sees it broke.
             outcome.error = "SIDECAR_UPSTREAM_BROKE_MID_STREAM"
             self._upstream_done(outcome, sent, error="broke_mid_stream")
             log.warning("upstream_broke_mid_stream", request_id=request_id,
                         method=target.method, error=_describe(exc))
-            if request.transport is not None:
-                request.transport.close()
-            return response
+            sink.cut()
+            return streamed
         self._upstream_done(outcome, sent)
-        return response
+        return streamed
 
-    def _answer(
-        self, upstream: Response, payload: bytes, request_id: str
-    ) -> web.Response:
-        return web.Response(
-            status=upstream.status,
-            reason=upstream.reason,
-            body=payload,
-            headers=_response_headers(upstream.headers, request_id),
-        )
+    def _answer(self, upstream: Response, payload: bytes, request_id: str) -> Reply:
+        return Reply(upstream.status, _response_headers(upstream.headers, request_id), payload,
+                     upstream.reason)
 
 
 class _Outcome:
@@ -702,9 +810,9 @@ def _filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
     return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
-def _response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
-    out = CIMultiDict(_filter_headers(headers, _DROP_RESPONSE))
-    out["X-Request-ID"] = request_id
+def _response_headers(headers: CIMultiDict[str], request_id: str) -> list[tuple[str, str]]:
+    out = _filter_headers(headers, _DROP_RESPONSE)
+    out.append(("X-Request-ID", request_id))
     return out
 
 
@@ -746,12 +854,8 @@ def _reset_in(payload: bytes, encoding: str) -> float:
     return min(max(reset - time.time() + 1.0, 1.0), 600.0)
 
 
-def _json_answer(answer: Answer, request_id: str) -> web.Response:
-    return web.Response(
-        status=answer.status, body=answer.body,
-        headers={"Content-Type": "application/json; charset=utf-8",
-                 "X-Request-ID": request_id},
-    )
+def _json_answer(answer: Answer, request_id: str) -> Reply:
+    return Reply(answer.status, [JSON_TYPE, ("X-Request-ID", request_id)], answer.body)
 
 
 def _where(exc: BaseException) -> str:
