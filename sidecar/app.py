@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import structlog
@@ -17,6 +18,7 @@ from sidecar.alerts import Alerter
 from sidecar.authflow import AuthFlow, Handler
 from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
+from sidecar.fastlane import ProxyRunner
 from sidecar.limits import Gate
 from sidecar.logging import Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
@@ -50,20 +52,37 @@ class Lifecycle:
         """
 
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            self.inflight += 1
-            self.idle.clear()
+            self.begin()
             try:
                 return await handler(request)
             finally:
-                self.inflight -= 1
-                if not self.inflight:
-                    self.idle.set()
+                self.end()
 
         return wrapper
+
+    def begin(self) -> None:
+        """A request starts."""
+        self.inflight += 1
+        self.idle.clear()
+
+    def end(self) -> None:
+        """A request ends."""
+        self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
+
+
+def _lane(app: web.Application) -> tuple[Proxy, Lifecycle, int]:
+    return app[PROXY], app[LIFECYCLE], app[SETTINGS].max_body
+
+
+def proxy_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
+    """The runner of the proxy listener: connections start in the fast lane."""
+    return ProxyRunner(app, _lane, **kwargs)
 
 
 def no_resend(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
@@ -253,7 +272,7 @@ async def serve(
     """
     # The drain below waits for calls in flight itself (to count what is left); aiohttp's own
     # shutdown wait then only closes idle keep-alive connections.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+    runner = proxy_runner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
     oauth_runner: web.AppRunner | None = None

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
-from sidecar.app import TOKENS, create_app
+from sidecar.app import LIFECYCLE, TOKENS, create_app, proxy_runner
 from sidecar.config import Settings, load_settings
 from sidecar.emulator import Emulator, run_emulator
 from sidecar.tokens import TokenManager
@@ -35,6 +35,25 @@ class OffsetClock:
 
     def __call__(self) -> float:
         return time.time() + self.offset
+
+
+class ProxyTestServer(TestServer):
+    """A test server that serves a proxy app as ``bitrix-sidecar run`` does: fast lane first."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return proxy_runner(self.app, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
+    """pytest-aiohttp's client fixture, serving the proxy app through the fast lane."""
+
+    async def client(app: web.Application | BaseTestServer, **kwargs: Any) -> Any:
+        if isinstance(app, web.Application) and LIFECYCLE in app:
+            return await aiohttp_client(ProxyTestServer(app), **kwargs)
+        return await aiohttp_client(app, **kwargs)
+
+    return client
 
 
 @pytest.fixture

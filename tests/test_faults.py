@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from sidecar.app import PROXY, create_admin_app, create_app
+from sidecar.app import PROXY, create_admin_app, create_app, proxy_runner
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR_KEY, Emulator
 from sidecar.errors import ReauthorizationRequired, TokenUnavailable
@@ -790,7 +790,7 @@ async def served_like_run(app: web.Application) -> AsyncIterator[web.AppRunner]:
     aiohttp's TestServer (behind ``aiohttp_client``) cancels a handler whose client hangs up;
     ``serve()`` does not (aiohttp's default), and that is the behaviour under test here.
     """
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+    runner = proxy_runner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()

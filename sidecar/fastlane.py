@@ -1,0 +1,483 @@
+"""The proxy listener's fast lane: ordinary REST calls served without aiohttp's server machinery.
+
+aiohttp's request handling (request and response objects, routing, header serialisation) cost
+more per call than everything the sidecar itself does. Every connection to the proxy listener
+starts here instead. A request whose head is ordinary is parsed with httptools and given to
+the proxy core directly:
+
+- ``GET`` or ``POST`` to ``/rest/...``, HTTP/1.1 or HTTP/1.0, one ``Host`` header;
+- a body, if any, framed by one ``Content-Length`` of at most ``FAST_BODY`` bytes;
+- no ``Expect``, ``Transfer-Encoding``, ``Content-Encoding`` or ``Upgrade``.
+
+The first request that is anything else (``/token``, ``/oauth/...``, an upload, a chunked or
+compressed body, a malformed head) hands the connection over, with every byte not yet served,
+to aiohttp's own request handler, which serves it and everything after it exactly as before.
+So the unusual and the hostile are still met by aiohttp's well-tried parser and our aiohttp
+adapter, and the two paths share the proxy core (``Proxy.serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, Protocol, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
+
+from sidecar.proxy import Call, Proxy, Reply
+
+# Bodies up to this size are read by the fast lane; larger ones stream in through aiohttp.
+FAST_BODY = 1 << 20
+# A head longer than this goes to aiohttp, which answers it as it sees fit (431 or 400);
+# so does a long request line, many headers or a long one (aiohttp's limits decide).
+MAX_HEAD = 24 * 1024
+MAX_LINE = 8190
+MAX_HEADERS = 100
+_PREFIXES = (b"GET /rest/", b"POST /rest/")
+# An idle kept-alive client connection is closed after this long (aiohttp's default too).
+KEEPALIVE = 75.0
+_HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"content-encoding",
+                                 b"upgrade"})
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+class Tracker(Protocol):
+    """What the fast lane needs of the listener's lifecycle: counting calls in flight."""
+
+    def begin(self) -> None:
+        """A call starts."""
+
+    def end(self) -> None:
+        """A call ends."""
+
+
+class _Head:
+    """httptools callbacks for one request head."""
+
+    __slots__ = ("complete", "headers", "keep_alive", "method", "parser", "url", "version")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.parser = httptools.HttpRequestParser(self)
+        self.complete = False
+        self.keep_alive = False
+        self.method = b""
+        self.version = ""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # Read now: llhttp resets these once the message is complete.
+        parser = self.parser
+        self.complete = True
+        self.keep_alive = parser.should_keep_alive()
+        self.method = parser.get_method()
+        self.version = parser.get_http_version()
+
+
+class _Parsed:
+    """An ordinary request head, ready to serve once its body is in."""
+
+    __slots__ = ("call", "head_length", "keep_alive", "length", "version11")
+
+    def __init__(self, call: FastCall, head_length: int, length: int, keep_alive: bool,
+                 version11: bool) -> None:
+        self.call = call
+        self.head_length = head_length
+        self.length = length
+        self.keep_alive = keep_alive
+        self.version11 = version11
+
+
+class FastCall(Call):
+    """A call read by the fast lane: its body is already in hand."""
+
+    __slots__ = ("payload",)
+
+    payload: bytes
+
+    async def body(self, limit: int) -> bytes:
+        return self.payload  # no larger than FAST_BODY, itself within the limit
+
+
+def _parse(head: bytes, max_body: int, transport: asyncio.BaseTransport) -> _Parsed | None:
+    """Parse an ordinary request head; None when aiohttp should have it."""
+    collected = _Head()
+    try:
+        collected.parser.feed_data(head)
+    except httptools.HttpParserError:
+        return None
+    version = collected.version
+    if not collected.complete or version not in ("1.1", "1.0"):
+        return None
+    length = -1
+    host: str | None = None
+    headers: CIMultiDict[str] = CIMultiDict()
+    if len(collected.headers) > MAX_HEADERS:
+        return None
+    for name, value in collected.headers:
+        if len(name) + len(value) > MAX_LINE:
+            return None
+        lowered = name.lower()
+        if lowered in _HANDED_OFF_HEADERS:
+            return None
+        text = value.decode("utf-8", "surrogateescape")
+        if lowered == b"content-length":
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif lowered == b"host":
+            if host is not None:
+                return None
+            host = text
+        headers.add(name.decode("utf-8", "surrogateescape"), text)
+    if host is None or length > min(FAST_BODY, max_body):
+        return None
+    ctype = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    call = FastCall(collected.method.decode("ascii"),
+                    collected.url.decode("utf-8", "surrogateescape"),
+                    HttpVersion11 if version == "1.1" else HttpVersion10, headers, host,
+                    ctype or "application/octet-stream", transport)
+    return _Parsed(call, len(head), max(length, 0), collected.keep_alive, version == "1.1")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date() -> str:
+    global _date_cache  # noqa: PLW0603 - a per-second cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]],
+                framing: str) -> bytes:
+    """The status line and headers; ``framing`` is the length or connection lines."""
+    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
+    has_date = has_type = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "date":
+            has_date = True
+        elif lowered == "content-type":
+            has_type = True
+        lines.append(f"{name}: {value}\r\n")
+    if not has_date:
+        lines.append(f"Date: {_date()}\r\n")
+    if not has_type:
+        lines.append("Content-Type: application/octet-stream\r\n")  # what aiohttp would say
+    lines.append(framing)
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class _Sink:
+    """Streams an answer onto a fast-lane connection, chunked when its length is unknown."""
+
+    def __init__(self, lane: FastLane, parsed: _Parsed) -> None:
+        self._lane = lane
+        self._parsed = parsed
+        self._chunked = False
+        self.reusable = True
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]],
+                    length: int | None) -> None:
+        keep = self._parsed.keep_alive
+        if length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        elif self._parsed.version11:
+            self._chunked = True
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            keep = False  # HTTP/1.0 without a length: the body ends when the connection does
+            framing = ""
+        framing += _connection_line(keep, self._parsed.version11)
+        self.reusable = keep
+        await self._lane.send(_head_bytes(status, reason, headers, framing))
+
+    async def write(self, chunk: bytes) -> None:
+        if self._chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        await self._lane.send(chunk)
+
+    async def finish(self) -> None:
+        if self._chunked:
+            await self._lane.send(b"0\r\n\r\n")
+
+    def cut(self) -> None:
+        self.reusable = False
+        self._lane.close_now()
+
+
+def _connection_line(keep: bool, version11: bool) -> str:
+    if not keep:
+        return "Connection: close\r\n"
+    return "" if version11 else "Connection: keep-alive\r\n"
+
+
+class FastLane(asyncio.Protocol):
+    """One client connection to the proxy listener."""
+
+    def __init__(self, server: FastServer) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._parsed: _Parsed | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False  # no request after the one in flight
+        self._eof = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._last_active = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._server.register(self, self._transport)
+        self._last_active = self._loop.time()
+        self._timer = self._loop.call_later(KEEPALIVE, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._last_active = self._loop.time()
+        if self._task is None:
+            self._advance()
+        elif len(self._buffer) > FAST_BODY + MAX_HEAD and not self._reading_paused:
+            assert self._transport is not None
+            self._reading_paused = True  # a client pipelining far ahead waits its turn
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        # As aiohttp does: the client is gone, and so is the connection (a call in flight
+        # notices; one still waiting for its turn is never sent).
+        self._eof = True
+        if self._task is None and self._buffer:
+            self._hand_off()  # a request cut short: aiohttp reports it as it always has
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.unregister(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    # -- what aiohttp's server asks of a connection at shutdown ---------------------------
+
+    def close(self) -> None:
+        """Serve no further request; close now if none is in flight."""
+        self._closing = True
+        if self._task is None:
+            self.close_now()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp calls it so
+        """Let the call in flight finish within ``timeout``, then close."""
+        self._closing = True
+        task = self._task
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        self.close_now()
+
+    # -- serving --------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Serve the next request in the buffer, wait for more bytes, or hand off."""
+        if self._closing or self._transport is None:
+            return
+        buffer = self._buffer
+        parsed = self._parsed
+        if parsed is None:
+            if not buffer:
+                return
+            line_end = buffer.find(b"\r\n", 0, MAX_LINE)
+            if line_end < 0:
+                # Anything but an ordinary REST call (a TLS hello, say) goes to aiohttp at
+                # once: it may never send a line end.
+                if len(buffer) >= MAX_LINE or not any(
+                        buffer[:len(prefix)] == prefix[:len(buffer)] for prefix in _PREFIXES):
+                    self._hand_off()
+                return
+            line = bytes(buffer[:line_end])
+            if not (line.startswith(_PREFIXES) and line.endswith((b" HTTP/1.1", b" HTTP/1.0"))):
+                self._hand_off()
+                return
+            end = buffer.find(b"\r\n\r\n", line_end, MAX_HEAD)
+            if end < 0:
+                if len(buffer) >= MAX_HEAD:
+                    self._hand_off()
+                return
+            parsed = _parse(bytes(buffer[:end + 4]), self._server.max_body, self._transport)
+            if parsed is None:
+                self._hand_off()
+                return
+            self._parsed = parsed
+        total = parsed.head_length + parsed.length
+        if len(buffer) < total:
+            return  # the body is still coming
+        parsed.call.payload = bytes(buffer[parsed.head_length:total])
+        del buffer[:total]
+        self._parsed = None
+        self._task = self._loop.create_task(self._serve(parsed))
+
+    async def _serve(self, parsed: _Parsed) -> None:
+        server = self._server
+        server.served += 1
+        sink = _Sink(self, parsed)
+        keep = parsed.keep_alive
+        server.tracker.begin()
+        try:
+            reply: Reply = await server.proxy.serve(parsed.call, sink)
+            if reply.body is None:
+                keep = keep and sink.reusable
+            else:
+                framing = (f"Content-Length: {len(reply.body)}\r\n"
+                           + _connection_line(keep, parsed.version11))
+                transport = self._transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(_head_bytes(reply.status, reply.reason, reply.headers,
+                                                framing) + reply.body)
+        except BaseException:
+            self.close_now()
+            raise
+        finally:
+            server.tracker.end()
+            self._task = None
+        self._last_active = self._loop.time()
+        if not keep or self._closing or self._eof:
+            self._close_after_writing()
+            return
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        self._advance()
+
+    async def send(self, data: bytes) -> None:
+        """Write part of a streamed answer; wait while the client reads slower than we write."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client hung up")
+        transport.write(data)
+        while self._writing_paused:
+            self._drain = self._loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+            if transport.is_closing():
+                raise ConnectionResetError("the client hung up")
+
+    def _wake_writer(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _hand_off(self) -> None:
+        """Give the connection and every unserved byte to aiohttp's request handler."""
+        transport = self._transport
+        assert transport is not None
+        self._server.unregister(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._server.handed_off += 1
+        handler = self._server.aiohttp_handler()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            handler.data_received(data)
+        if self._eof:
+            handler.eof_received()
+
+    def _check_idle(self) -> None:
+        """Close a connection idle for KEEPALIVE seconds (a call in flight is not idle)."""
+        idle_for = self._loop.time() - self._last_active
+        if self._task is None and idle_for >= KEEPALIVE:
+            self.close_now()
+            return
+        wait = KEEPALIVE if self._task is not None else KEEPALIVE - idle_for
+        self._timer = self._loop.call_later(wait, self._check_idle)
+
+    def _close_after_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.close()  # what is written still goes out first
+
+    def close_now(self) -> None:
+        """Close the connection (what is already written still goes out)."""
+        self._closing = True
+        self._close_after_writing()
+
+
+class FastServer(web.Server):
+    """aiohttp's low-level server, whose connections start in the fast lane."""
+
+    def __init__(self, base: web.Server, *, proxy: Proxy, tracker: Tracker,
+                 max_body: int) -> None:
+        super().__init__(base.request_handler, request_factory=base.request_factory,
+                         handler_cancellation=base.handler_cancellation,
+                         loop=base._loop, **base._kwargs)
+        self.proxy = proxy
+        self.tracker = tracker
+        self.max_body = max_body
+        self.loop = base._loop
+        self.served = 0  # calls the fast lane served itself
+        self.handed_off = 0  # connections it gave to aiohttp
+
+    def __call__(self) -> FastLane:  # type: ignore[override]
+        return FastLane(self)
+
+    def aiohttp_handler(self) -> RequestHandler:
+        """A request handler of aiohttp's own, for a connection the fast lane hands over."""
+        return super().__call__()
+
+    def register(self, lane: FastLane, transport: asyncio.Transport) -> None:
+        """Count a fast-lane connection among the server's (for shutdown)."""
+        self._connections[cast(Any, lane)] = transport
+
+    def unregister(self, lane: FastLane) -> None:
+        """Forget a connection that closed or was handed over."""
+        self._connections.pop(cast(Any, lane), None)
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose server puts connections in the fast lane first."""
+
+    def __init__(self, app: web.Application,
+                 lane: Callable[[web.Application], tuple[Proxy, Tracker, int]],
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._lane = lane
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        proxy, tracker, max_body = self._lane(self.app)
+        return FastServer(base, proxy=proxy, tracker=tracker, max_body=max_body)

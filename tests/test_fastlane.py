@@ -1,0 +1,238 @@
+"""The proxy listener's fast lane, over real loopback: what it serves, what it hands to aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from sidecar import fastlane
+from sidecar.emulator import Emulator
+from sidecar.fastlane import FastServer
+
+Client = TestClient[web.Request, web.Application]
+HOST = b"Host: 127.0.0.1\r\n"
+
+
+def server_of(client: Client) -> FastServer:
+    runner = client.server.runner
+    assert runner is not None
+    server = runner.server
+    assert isinstance(server, FastServer)
+    return server
+
+
+async def exchange(client: Client, data: bytes | list[bytes], *,
+                   pause: float = 0.0) -> bytes:
+    """Write ``data`` (pieces with a pause between them) on one connection; read to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    for piece in [data] if isinstance(data, bytes) else data:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(pause)
+    received = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return received
+
+
+def answers(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split a byte stream of Content-Length or chunked HTTP/1.1 answers."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if status < 200:
+            body, raw = b"", rest
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            body, raw = rest[:length], rest[length:]
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                body, rest = body + rest[:size], rest[size + 2:]
+                if size == 0:
+                    break
+            raw = rest
+        else:
+            body, raw = rest, b""
+        out.append((status, headers, body))
+    return out
+
+
+def get(path: bytes, *extra: bytes, version: bytes = b"1.1") -> bytes:
+    return b"GET " + path + b" HTTP/" + version + b"\r\n" + HOST + b"".join(extra) + b"\r\n"
+
+
+class TestServedInTheLane:
+    async def test_kept_alive_calls_never_leave_the_lane(self, sidecar: Client,
+                                                         emulator: Emulator) -> None:
+        server = server_of(sidecar)
+        for _ in range(20):
+            response = await sidecar.get("/rest/profile", headers={"X-Request-ID": "r-1"})
+            assert response.status == 200
+            assert response.headers["X-Request-ID"] == "r-1"
+            assert (await response.json())["result"]["ID"] == "1"
+        assert server.served == 20
+        assert server.handed_off == 0
+        assert len(emulator.rest_log) == 20
+
+    async def test_pipelined_calls_are_answered_in_order(self, sidecar: Client) -> None:
+        raw = await exchange(sidecar, get(b"/rest/profile", b"X-Request-ID: a\r\n")
+                             + get(b"/rest/user.current", b"X-Request-ID: b\r\n")
+                             + get(b"/rest/profile", b"X-Request-ID: c\r\n",
+                                   b"Connection: close\r\n"))
+        got = answers(raw)
+        assert [(status, headers["x-request-id"]) for status, headers, _ in got] == [
+            (200, "a"), (200, "b"), (200, "c")]
+        assert server_of(sidecar).handed_off == 0
+
+    async def test_a_head_and_body_in_dribs_and_drabs(self, sidecar: Client,
+                                                      emulator: Emulator) -> None:
+        body = b"fields[TITLE]=slow%20lead&auth=client-token"
+        request = (b"POST /rest/crm.lead.add HTTP/1.1\r\n" + HOST
+                   + b"Content-Type: application/x-www-form-urlencoded\r\n"
+                   + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        raw = await exchange(sidecar, [request[i:i + 7] for i in range(0, len(request), 7)],
+                             pause=0.002)
+        [(status, _, answer)] = answers(raw)
+        assert status == 200
+        assert emulator.leads[int(json.loads(answer)["result"])]["TITLE"] == "slow lead"
+        assert server_of(sidecar).served == 1
+
+    async def test_http_1_0(self, sidecar: Client) -> None:
+        raw = await exchange(sidecar, get(b"/rest/profile", version=b"1.0"))
+        [(status, headers, _)] = answers(raw)
+        assert status == 200
+        assert headers["connection"] == "close"
+        raw = await exchange(sidecar, get(b"/rest/profile", b"Connection: keep-alive\r\n",
+                                          version=b"1.0")
+                             + get(b"/rest/profile", version=b"1.0"))
+        got = answers(raw)
+        assert [(s, h.get("connection")) for s, h, _ in got] == [(200, "keep-alive"),
+                                                                  (200, "close")]
+
+    async def test_a_large_answer_streams_chunked_or_to_the_close(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        for _ in range(60):
+            await sidecar.post("/rest/crm.lead.add", data={"fields[TITLE]": "t" * 8000})
+        for version, framing in ((b"1.1", "content-length"), (b"1.0", None)):
+            raw = await exchange(sidecar, get(b"/rest/crm.lead.list", b"Connection: close\r\n",
+                                              version=version))
+            [(status, headers, body)] = answers(raw)
+            assert status == 200
+            assert len(json.loads(body)["result"]) == 50
+            if framing:
+                assert framing in headers
+        assert server_of(sidecar).handed_off == 0
+
+    async def test_own_errors_keep_their_shape(self, sidecar: Client) -> None:
+        raw = await exchange(sidecar, get(b"/rest/../x", b"Connection: close\r\n"))
+        [(status, headers, body)] = answers(raw)
+        assert status == 400
+        assert headers["content-type"] == "application/json; charset=utf-8"
+        assert "date" in headers
+        assert set(json.loads(body)) == {"error", "error_description"}
+
+
+class TestHandedToAiohttp:
+    @pytest.mark.parametrize(("request_bytes", "status"), [
+        (get(b"/token", b"Connection: close\r\n"), 200),
+        (get(b"/oauth/start", b"Connection: close\r\n"), 302),
+        (b"PUT /rest/profile HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n", 405),
+        (b"POST /rest/profile HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
+         b"Connection: close\r\n\r\n0\r\n\r\n", 200),
+        (b"POST /rest/profile HTTP/1.1\r\n" + HOST + b"Expect: 100-continue\r\n"
+         b"Content-Length: 0\r\nConnection: close\r\n\r\n", 200),
+        (b"GET /rest/profile HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS hello
+    ], ids=["token", "oauth", "put", "chunked", "expect", "no-host", "tls"])
+    async def test_unusual_requests_are_served_by_aiohttp(
+        self, sidecar: Client, request_bytes: bytes, status: int
+    ) -> None:
+        raw = await exchange(sidecar, request_bytes)
+        assert answers(raw)[-1][0] == status
+        assert server_of(sidecar).handed_off == 1
+        assert server_of(sidecar).served == 0
+
+    async def test_a_compressed_body_is_decoded_by_aiohttp(self, sidecar: Client,
+                                                           emulator: Emulator) -> None:
+        body = gzip.compress(b"fields[TITLE]=zipped")
+        raw = await exchange(sidecar, b"POST /rest/crm.lead.add HTTP/1.1\r\n" + HOST
+                             + b"Content-Type: application/x-www-form-urlencoded\r\n"
+                             + b"Content-Encoding: gzip\r\nConnection: close\r\n"
+                             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        [(status, _, answer)] = answers(raw)
+        assert status == 200
+        assert emulator.leads[int(json.loads(answer)["result"])]["TITLE"] == "zipped"
+
+    async def test_a_connection_moves_to_aiohttp_with_nothing_lost(
+        self, sidecar: Client
+    ) -> None:
+        """Lane, then /token (aiohttp from here on), then REST again: all in order."""
+        raw = await exchange(sidecar, get(b"/rest/profile", b"X-Request-ID: one\r\n")
+                             + get(b"/token")
+                             + get(b"/rest/profile", b"X-Request-ID: three\r\n",
+                                   b"Connection: close\r\n"))
+        got = answers(raw)
+        assert [status for status, _, _ in got] == [200, 200, 200]
+        assert got[0][1]["x-request-id"] == "one"
+        assert "access_token" in json.loads(got[1][2])
+        assert got[2][1]["x-request-id"] == "three"
+        assert server_of(sidecar).served == 1
+        assert server_of(sidecar).handed_off == 1
+
+
+class TestConnections:
+    async def test_an_idle_connection_is_closed(self, sidecar: Client,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(fastlane, "KEEPALIVE", 0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(get(b"/rest/profile"))
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), 5)  # the server closes it
+        assert b"result" in rest
+        writer.close()
+        assert server_of(sidecar).connections == []
+
+    async def test_a_client_that_hangs_up_mid_body_leaves_nothing(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(b"POST /rest/crm.lead.add HTTP/1.1\r\n" + HOST
+                     + b"Content-Length: 100\r\n\r\nfields[TITLE]=half")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.2)
+        assert emulator.leads == {}
+        assert server_of(sidecar).connections == []
+        response = await sidecar.get("/rest/profile")
+        assert response.status == 200
+
+    async def test_shutdown_lets_the_call_in_flight_finish(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        emulator.call_delay = 0.5
+        async with aiohttp.ClientSession() as http:
+            slow = asyncio.ensure_future(http.get(f"http://127.0.0.1:{sidecar.port}/rest/profile"))
+            await asyncio.sleep(0.2)
+            server = server_of(sidecar)
+            server.pre_shutdown()
+            await server.shutdown(5)
+            response = await slow
+            assert response.status == 200
+            assert (await response.json())["result"]["ID"] == "1"
+        assert server.connections == []
