@@ -20,7 +20,7 @@ from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
 from sidecar.fastlane import ProxyRunner
 from sidecar.limits import Gate
-from sidecar.logging import Redactor
+from sidecar.logging import Redactor, flush_access_log
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.proxy import Proxy, error_response, expect_continue
@@ -330,6 +330,7 @@ async def serve(
         await runner.cleanup()
         if admin_runner is not None:
             await admin_runner.cleanup()
+        flush_access_log()
         log.info("stopped")
 def _bound_port(runner: web.AppRunner, fallback: int) -> int:
     for address in runner.addresses:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -100,6 +101,26 @@ class _AccessLog:
         self.processors: list[Processor] = []
         self.renderer: object = None
         self.redactor: Redactor | None = None
+        self.pending: list[str] = []  # lines of this turn of the event loop
+
+    def write(self, line: str) -> None:
+        """Queue a line; the lines of one turn of the event loop go out in one write."""
+        if not self.pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop: write it now
+                self.pending.append(line)
+                self.flush()
+                return
+        self.pending.append(line)
+
+    def flush(self) -> None:
+        """Write the queued lines."""
+        stream = self.stream
+        lines, self.pending = self.pending, []
+        if stream is not None and lines:
+            stream.write("".join(lines))
+            stream.flush()
 
     def bypass(self) -> bool:
         """Say whether structlog still runs our pipeline (a test's capture edits it in place)."""
@@ -109,6 +130,11 @@ class _AccessLog:
 
 
 _ACCESS = _AccessLog()
+
+
+def flush_access_log() -> None:
+    """Write access-log lines still queued (at shutdown, before the last words)."""
+    _ACCESS.flush()
 
 
 def log_request(  # noqa: PLR0917 - the event's fields, positional for speed
@@ -132,7 +158,7 @@ def log_request(  # noqa: PLR0917 - the event's fields, positional for speed
     # request_id and method are checked against narrow patterns before they get here; the
     # others are redacted like any value would be.
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    stream.write(
+    _ACCESS.write(
         f'{{"request_id": {_json_str(request_id)}, "method": {_json_str(method)}, '
         f'"http_method": {_json_str(redactor.redact(http_method))}, "status": {status}, '
         f'"duration_ms": {duration_ms!r}, "upstream_ms": {upstream_ms!r}, '
@@ -141,7 +167,6 @@ def log_request(  # noqa: PLR0917 - the event's fields, positional for speed
         f'"error": {"null" if error is None else _json_str(redactor.redact(error))}, '
         f'"event": "request", "level": "info", "timestamp": "{stamp}"}}\n'
     )
-    stream.flush()
 
 
 def configure_logging(
@@ -185,6 +210,7 @@ def configure_logging(
     root.setLevel(max(numeric, logging.INFO))  # aiohttp's debug chatter is not ours to show
     # Our own access-log event replaces aiohttp's.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    _ACCESS.flush()
     _ACCESS.stream = stream if fmt == "json" else None
     _ACCESS.enabled = numeric <= logging.INFO
     _ACCESS.processors = processors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -133,3 +134,25 @@ class TestAccessLog:
             logging.getLogger().handlers[:] = root_handlers
         assert out.getvalue() == ""
         assert logs == [{**self.FIELDS, "event": "request", "log_level": "info"}]
+
+    async def test_lines_of_one_loop_turn_go_out_together(self) -> None:
+        writes: list[str] = []
+
+        class Recorder(io.StringIO):
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return len(text)
+
+        root_handlers = logging.getLogger().handlers[:]
+        configure_logging(fmt="json", level="info", stream=Recorder())
+        try:
+            log_request(*self.FIELDS.values())
+            log_request(*(self.FIELDS | {"request_id": "abc-2"}).values())
+            assert writes == []  # queued until the loop turns
+            await asyncio.sleep(0)
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers[:] = root_handlers
+        assert len(writes) == 1
+        assert [json.loads(line)["request_id"] for line in writes[0].splitlines()] == [
+            "abc-1", "abc-2"]
