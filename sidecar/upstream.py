@@ -10,7 +10,9 @@ Rules it keeps:
 
 - A request is never sent twice: a connection that breaks is an error for the caller, who
   knows whether the call may be repeated (a REST GET such as ``crm.lead.add?...`` may not).
-- One deadline covers connecting, sending, the headers and the whole body.
+- One deadline covers connecting, sending, the headers and the whole body. Calls in flight
+  are checked every SWEEP seconds (one timer for all, not one per call), so a call that
+  times out is cut within SWEEP of its deadline.
 - A connection goes back to the pool only after a complete, kept-alive answer; anything odd
   (a timeout, a parse error, bytes nobody asked for, a caller who stopped reading) closes it.
 - Error messages name what went wrong, never the address: the target carries the token.
@@ -33,6 +35,8 @@ HIGH_WATER = 256 * 1024
 # An idle kept-alive connection older than this is closed rather than reused: the portal's
 # server may be about to drop it (nginx's default is 75 s).
 KEEPALIVE = 15.0
+# How often calls in flight are checked against their deadlines.
+SWEEP = 0.05
 
 
 class PortalConnectionError(Exception):
@@ -93,7 +97,9 @@ class Response:
         self._streaming = False
         self._paused = False
         self._error: BaseException | None = None
-        self._timer = loop.call_at(deadline, self._on_timeout)
+        self.deadline = deadline
+        self._pool = conn.pool
+        conn.pool.watch(self)
 
     @property
     def content_type(self) -> str:
@@ -158,7 +164,7 @@ class Response:
             return
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()
-        self._timer.cancel()
+        self._pool.unwatch(self)
         self._wake()
 
     # -- events from the connection -------------------------------------------------------
@@ -175,14 +181,15 @@ class Response:
             return
         if self._head.done() and self._until_close and exc is None:
             self._complete = True  # the body ran until the connection closed
-            self._timer.cancel()
+            self._pool.unwatch(self)
             self._wake()
             return
         reason = f" ({_why(exc)})" if exc is not None else ""
         where = "in the middle of its answer" if self._head.done() else "before answering"
         self._fail(PortalConnectionError(f"the portal closed the connection {where}{reason}"))
 
-    def _on_timeout(self) -> None:
+    def on_timeout(self) -> None:
+        """The deadline passed: fail the call and drop its connection."""
         if not self._complete:
             self._fail(TimeoutError())
             self.close()
@@ -190,7 +197,7 @@ class Response:
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
-        self._timer.cancel()
+        self._pool.unwatch(self)
         if not self._head.done():
             self._head.set_exception(exc)
         self._wake()
@@ -244,7 +251,7 @@ class Response:
         conn = self._conn
         if conn is None:
             return
-        self._timer.cancel()
+        self._pool.unwatch(self)
         self._conn = None
         conn.response = None
         if self._complete and self._keep_alive and self._error is None and not conn.closed:
@@ -257,7 +264,7 @@ class Response:
     def close(self) -> None:
         """Drop the connection whatever state the answer is in."""
         conn = self._conn
-        self._timer.cancel()
+        self._pool.unwatch(self)
         if conn is not None:
             self._conn = None
             conn.response = None
@@ -312,6 +319,8 @@ class Pool:
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._watched: set[Response] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.connections_made = 0
 
     @property
@@ -359,6 +368,25 @@ class Pool:
             raise
         return response
 
+    def watch(self, response: Response) -> None:
+        """Hold a call in flight to its deadline."""
+        self._watched.add(response)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
+
+    def unwatch(self, response: Response) -> None:
+        """A call is complete (or failed): its deadline no longer matters."""
+        self._watched.discard(response)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for response in [r for r in self._watched if r.deadline <= now]:
+            response.on_timeout()
+        if self._watched:
+            self._sweeper = loop.call_later(SWEEP, self._sweep)
+
     def put_idle(self, conn: _Connection) -> None:
         """Keep a connection whose answer is complete for the next call."""
         conn.idle_since = asyncio.get_running_loop().time()
@@ -381,6 +409,9 @@ class Pool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         await asyncio.sleep(0)  # let the transports finish closing
 
     async def _acquire(self, origin: Origin, deadline: float,
