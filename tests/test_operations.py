@@ -78,6 +78,16 @@ class TestMetrics:
         assert value(samples, "bitrix_sidecar_reauthorization_required") == 0
         assert value(samples, "bitrix_sidecar_inflight_requests") == 0
 
+    async def test_calls_in_flight_are_counted(
+        self, sidecar: Client, admin: Client, emulator: Emulator
+    ) -> None:
+        emulator.call_delay = 0.5
+        calls = [asyncio.ensure_future(sidecar.get("/rest/profile")) for _ in range(3)]
+        await until(lambda: len(emulator.rest_log) == 3)
+        assert value(await scrape(admin), "bitrix_sidecar_inflight_requests") == 3
+        await asyncio.gather(*calls)
+        assert value(await scrape(admin), "bitrix_sidecar_inflight_requests") == 0
+
     async def test_made_up_method_names_do_not_create_series(
         self, sidecar: Client, admin: Client
     ) -> None:
