@@ -148,3 +148,9 @@ class InternalError(SidecarError):
     """A fault of the sidecar's own: the call may or may not have reached the portal."""
 
     code = "SIDECAR_INTERNAL_ERROR"
+
+
+class RequestTimeout(SidecarError):
+    """A client took too long to send its request (a slow-drip client, or a stalled one)."""
+
+    code = "SIDECAR_REQUEST_TIMEOUT"

@@ -26,12 +26,14 @@ from email.utils import formatdate
 from typing import Any, Protocol, cast
 
 import httptools
+import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from sidecar.proxy import Call, Proxy, Reply
+from sidecar.errors import RequestTimeout
+from sidecar.proxy import Call, Proxy, Reply, error_reply
 
 # Bodies up to this size are read by the fast lane; larger ones stream in through aiohttp.
 FAST_BODY = 1 << 20
@@ -41,11 +43,19 @@ MAX_HEAD = 24 * 1024
 MAX_LINE = 8190
 MAX_HEADERS = 100
 _PREFIXES = (b"GET /rest/", b"POST /rest/")
+_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # An idle kept-alive client connection is closed after this long (aiohttp's default too).
 KEEPALIVE = 75.0
+# A request must arrive whole (head and body) within this long of its first byte, or it gets
+# a 408 (slow-drip clients). Every connection starts in the lane, so every first request
+# is held to it.
+REQUEST_TIMEOUT = 60.0
+LINGER = 2.0
 _HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"content-encoding",
                                  b"upgrade"})
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+log = structlog.get_logger("sidecar.fastlane")
 
 
 class Tracker(Protocol):
@@ -245,7 +255,8 @@ class FastLane(asyncio.Protocol):
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._last_active = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._started: float | None = None  # when the request being read began to arrive
+        self._discarding = False  # answered and closing: what still arrives is dropped
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -253,12 +264,15 @@ class FastLane(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._server.register(self, self._transport)
         self._last_active = self._loop.time()
-        self._timer = self._loop.call_later(KEEPALIVE, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         self._buffer += data
-        self._last_active = self._loop.time()
+        self._last_active = now = self._loop.time()
         if self._task is None:
+            if self._started is None:
+                self._started = now
             self._advance()
         elif len(self._buffer) > FAST_BODY + MAX_HEAD and not self._reading_paused:
             assert self._transport is not None
@@ -275,8 +289,6 @@ class FastLane(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.unregister(self)
-        if self._timer is not None:
-            self._timer.cancel()
         self._wake_writer()
 
     def pause_writing(self) -> None:
@@ -316,22 +328,27 @@ class FastLane(asyncio.Protocol):
         if parsed is None:
             if not buffer:
                 return
+            # What cannot be an HTTP/1 request (a TLS hello, an HTTP/0.9 line) goes to aiohttp
+            # at once: it may never send a blank line. Anything else is read whole (within
+            # REQUEST_TIMEOUT) before it is served here or handed over.
+            if buffer[0] not in _METHOD_START:
+                self._hand_off()
+                return
             line_end = buffer.find(b"\r\n", 0, MAX_LINE)
             if line_end < 0:
-                # Anything but an ordinary REST call (a TLS hello, say) goes to aiohttp at
-                # once: it may never send a line end.
-                if len(buffer) >= MAX_LINE or not any(
-                        buffer[:len(prefix)] == prefix[:len(buffer)] for prefix in _PREFIXES):
+                if len(buffer) >= MAX_LINE:
                     self._hand_off()
                 return
-            line = bytes(buffer[:line_end])
-            if not (line.startswith(_PREFIXES) and line.endswith((b" HTTP/1.1", b" HTTP/1.0"))):
+            if not buffer[:line_end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
                 self._hand_off()
                 return
             end = buffer.find(b"\r\n\r\n", line_end, MAX_HEAD)
             if end < 0:
                 if len(buffer) >= MAX_HEAD:
                     self._hand_off()
+                return
+            if not buffer.startswith(_PREFIXES):
+                self._hand_off()
                 return
             parsed = _parse(bytes(buffer[:end + 4]), self._server.max_body, self._transport)
             if parsed is None:
@@ -344,6 +361,7 @@ class FastLane(asyncio.Protocol):
         parsed.call.payload = bytes(buffer[parsed.head_length:total])
         del buffer[:total]
         self._parsed = None
+        self._started = None
         self._task = self._loop.create_task(self._serve(parsed))
 
     async def _serve(self, parsed: _Parsed) -> None:
@@ -370,6 +388,8 @@ class FastLane(asyncio.Protocol):
             server.tracker.end()
             self._task = None
         self._last_active = self._loop.time()
+        if self._buffer:
+            self._started = self._last_active  # the next request, pipelined
         if not keep or self._closing or self._eof:
             self._close_after_writing()
             return
@@ -402,8 +422,6 @@ class FastLane(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         self._server.unregister(self)
-        if self._timer is not None:
-            self._timer.cancel()
         self._server.handed_off += 1
         handler = self._server.aiohttp_handler()
         if self._reading_paused:
@@ -418,14 +436,36 @@ class FastLane(asyncio.Protocol):
         if self._eof:
             handler.eof_received()
 
-    def _check_idle(self) -> None:
-        """Close a connection idle for KEEPALIVE seconds (a call in flight is not idle)."""
-        idle_for = self._loop.time() - self._last_active
-        if self._task is None and idle_for >= KEEPALIVE:
-            self.close_now()
+    def tick(self, now: float) -> None:
+        """Close an idle connection; answer 408 to a request too slow to arrive."""
+        if self._task is not None or self._closing:
             return
-        wait = KEEPALIVE if self._task is not None else KEEPALIVE - idle_for
-        self._timer = self._loop.call_later(wait, self._check_idle)
+        if self._started is not None:
+            if now - self._started >= REQUEST_TIMEOUT:
+                self._too_slow(now - self._started)
+        elif now - self._last_active >= KEEPALIVE:
+            self.close_now()
+
+    def _too_slow(self, seconds: float) -> None:
+        log.info("request_too_slow", seconds=round(seconds, 1), received=len(self._buffer))
+        reply = error_reply(RequestTimeout(
+            f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s"))
+        assert reply.body is not None
+        transport = self._transport
+        self._closing = True
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_head_bytes(reply.status, reply.reason, reply.headers,
+                                    f"Content-Length: {len(reply.body)}\r\n"
+                                    "Connection: close\r\n") + reply.body)
+        # A lingering close: the client may still be sending, and closing with its bytes
+        # unread would reset the connection and lose the answer. Stop writing, read and
+        # drop what still comes for a moment, then close.
+        self._discarding = True
+        self._buffer.clear()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER, self.close_now)
 
     def _close_after_writing(self) -> None:
         if self._transport is not None:
@@ -451,6 +491,7 @@ class FastServer(web.Server):
         self.loop = base._loop
         self.served = 0  # calls the fast lane served itself
         self.handed_off = 0  # connections it gave to aiohttp
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> FastLane:  # type: ignore[override]
         return FastLane(self)
@@ -462,10 +503,27 @@ class FastServer(web.Server):
     def register(self, lane: FastLane, transport: asyncio.Transport) -> None:
         """Count a fast-lane connection among the server's (for shutdown)."""
         self._connections[cast(Any, lane)] = transport
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(_sweep_every(), self._sweep)
+
+    def _sweep(self) -> None:
+        """Check every fast-lane connection for idleness and slow requests (one timer for all)."""
+        self._sweeper = None
+        now = self.loop.time()
+        connections: list[object] = list(self._connections)
+        lanes = [conn for conn in connections if isinstance(conn, FastLane)]
+        for lane in lanes:
+            lane.tick(now)
+        if any(isinstance(conn, FastLane) for conn in self._connections):
+            self._sweeper = self.loop.call_later(_sweep_every(), self._sweep)
 
     def unregister(self, lane: FastLane) -> None:
         """Forget a connection that closed or was handed over."""
         self._connections.pop(cast(Any, lane), None)
+
+
+def _sweep_every() -> float:
+    return min(1.0, KEEPALIVE / 4, REQUEST_TIMEOUT / 4)
 
 
 class ProxyRunner(web.AppRunner):

@@ -206,6 +206,36 @@ class TestConnections:
         writer.close()
         assert server_of(sidecar).connections == []
 
+    @pytest.mark.parametrize("partial", [
+        b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ",
+        b"GET /token HTTP/1.1\r\nHo",
+        b"POST /rest/crm.lead.add HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\nf",
+    ], ids=["rest-head", "token-head", "rest-body"])
+    async def test_a_request_too_slow_to_arrive_gets_408(
+        self, sidecar: Client, emulator: Emulator, monkeypatch: pytest.MonkeyPatch,
+        partial: bytes,
+    ) -> None:
+        monkeypatch.setattr(fastlane, "REQUEST_TIMEOUT", 0.4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        started = asyncio.get_running_loop().time()
+        for byte in partial:  # a drip: bytes keep coming, the request never completes in time
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                break  # the sidecar gave up on us: its answer is waiting to be read
+            await asyncio.sleep(0.005)
+            if reader.at_eof() or started + 1 < asyncio.get_running_loop().time():
+                break
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        [(status, headers, body)] = answers(raw)
+        assert status == 408
+        assert headers["connection"] == "close"
+        assert json.loads(body)["error"] == "SIDECAR_REQUEST_TIMEOUT"
+        assert emulator.rest_log == []
+        assert (await sidecar.get("/rest/profile")).status == 200
+
     async def test_a_client_that_hangs_up_mid_body_leaves_nothing(
         self, sidecar: Client, emulator: Emulator
     ) -> None:
