@@ -122,9 +122,12 @@ class FastCall(Call):
         return self.payload  # no larger than FAST_BODY, itself within the limit
 
 
-def _parse(head: bytes, max_body: int, transport: asyncio.BaseTransport) -> _Parsed | None:
+def _parse(collected: _Head, head: bytes, max_body: int,
+           transport: asyncio.BaseTransport) -> _Parsed | None:
     """Parse an ordinary request head; None when aiohttp should have it."""
-    collected = _Head()
+    collected.url = b""
+    collected.headers = []
+    collected.complete = False
     try:
         collected.parser.feed_data(head)
     except httptools.HttpParserError:
@@ -257,6 +260,7 @@ class FastLane(asyncio.Protocol):
         self._last_active = 0.0
         self._started: float | None = None  # when the request being read began to arrive
         self._discarding = False  # answered and closing: what still arrives is dropped
+        self._head: _Head | None = None  # the parser, kept between requests without a body
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -350,10 +354,15 @@ class FastLane(asyncio.Protocol):
             if not buffer.startswith(_PREFIXES):
                 self._hand_off()
                 return
-            parsed = _parse(bytes(buffer[:end + 4]), self._server.max_body, self._transport)
+            collected = self._head or _Head()
+            parsed = _parse(collected, bytes(buffer[:end + 4]), self._server.max_body,
+                            self._transport)
             if parsed is None:
                 self._hand_off()
                 return
+            # A head with no body leaves the parser ready for the next request; after a
+            # body it would wait for that body, so the next request gets a fresh parser.
+            self._head = collected if parsed.length == 0 else None
             self._parsed = parsed
         total = parsed.head_length + parsed.length
         if len(buffer) < total:
