@@ -4,8 +4,10 @@ Everything runs on loopback, each part in its own process: a minimal fast upstre
 like the portal (bench/upstream.py), a bare aiohttp forwarder (bench/bare.py: the floor for any
 aiohttp proxy), the sidecar (`bitrix-sidecar run`, limiter off, default logging), nginx
 configured to add a fixed `auth` parameter (skipped with a note when nginx is not installed:
-`apt-get install nginx`), and the load from wrk and hey (`apt-get install wrk hey`). Each
-measurement is repeated and the median printed, with ratios to direct and nginx.
+`apt-get install nginx`), and the load from wrk and hey (`apt-get install wrk hey`). The
+500 calls/s load comes once from one hey (10 workers ticking in lockstep) and once from 10 hey
+processes started evenly apart. Each measurement is repeated and the median printed, with
+ratios to direct and nginx.
 
     python -m bench.overhead [--runs 3] [--seconds 5]
 """

@@ -19,6 +19,7 @@ adapter, and the two paths share the proxy core (``Proxy.serve``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ LINGER = 2.0
 _HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"content-encoding",
                                  b"upgrade"})
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_NO_BODY = frozenset({204, 304})
 
 log = structlog.get_logger("sidecar.fastlane")
 
@@ -130,8 +132,8 @@ def _parse(collected: _Head, head: bytes, max_body: int,
     collected.complete = False
     try:
         collected.parser.feed_data(head)
-    except httptools.HttpParserError:
-        return None
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None  # aiohttp answers what it makes of it
     version = collected.version
     if not collected.complete or version not in ("1.1", "1.0"):
         return None
@@ -177,10 +179,11 @@ def _date() -> str:
     return _date_cache[1]
 
 
-def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]],
-                framing: str) -> bytes:
+def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]], framing: str,
+                version11: bool = True) -> bytes:
     """The status line and headers; ``framing`` is the length or connection lines."""
-    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
+    lines = [f"HTTP/1.{1 if version11 else 0} {status} "
+             f"{reason or _REASONS.get(status, 'Unknown')}\r\n"]
     has_date = has_type = False
     for name, value in headers:
         lowered = name.lower()
@@ -205,12 +208,16 @@ class _Sink:
         self._lane = lane
         self._parsed = parsed
         self._chunked = False
+        self._bodiless = False
         self.reusable = True
 
     async def start(self, status: int, reason: str, headers: list[tuple[str, str]],
                     length: int | None) -> None:
         keep = self._parsed.keep_alive
-        if length is not None:
+        if status in _NO_BODY:
+            framing = ""  # no body and no framing, whatever the portal sent
+            self._bodiless = True
+        elif length is not None:
             framing = f"Content-Length: {length}\r\n"
         elif self._parsed.version11:
             self._chunked = True
@@ -220,15 +227,18 @@ class _Sink:
             framing = ""
         framing += _connection_line(keep, self._parsed.version11)
         self.reusable = keep
-        await self._lane.send(_head_bytes(status, reason, headers, framing))
+        await self._lane.send(_head_bytes(status, reason, headers, framing,
+                                          self._parsed.version11))
 
     async def write(self, chunk: bytes) -> None:
+        if self._bodiless:
+            return
         if self._chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         await self._lane.send(chunk)
 
     async def finish(self) -> None:
-        if self._chunked:
+        if self._chunked and not self._bodiless:
             await self._lane.send(b"0\r\n\r\n")
 
     def cut(self) -> None:
@@ -292,6 +302,11 @@ class FastLane(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Nothing more is served: requests pipelined behind the one in flight are dropped,
+        # as aiohttp drops them (they would run with nobody to answer).
+        self._closing = True
+        self._buffer.clear()
+        self._parsed = None
         self._server.unregister(self)
         self._wake_writer()
 
@@ -340,7 +355,7 @@ class FastLane(asyncio.Protocol):
                 return
             line_end = buffer.find(b"\r\n", 0, MAX_LINE)
             if line_end < 0:
-                if len(buffer) >= MAX_LINE:
+                if len(buffer) >= MAX_LINE or b"\n" in buffer:  # a bare LF: not ours to judge
                     self._hand_off()
                 return
             if not buffer[:line_end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
@@ -348,8 +363,8 @@ class FastLane(asyncio.Protocol):
                 return
             end = buffer.find(b"\r\n\r\n", line_end, MAX_HEAD)
             if end < 0:
-                if len(buffer) >= MAX_HEAD:
-                    self._hand_off()
+                if len(buffer) >= MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
+                    self._hand_off()  # too long, or a bare LF that may end the head for aiohttp
                 return
             if not buffer.startswith(_PREFIXES):
                 self._hand_off()
@@ -384,12 +399,15 @@ class FastLane(asyncio.Protocol):
             if reply.body is None:
                 keep = keep and sink.reusable
             else:
-                framing = (f"Content-Length: {len(reply.body)}\r\n"
-                           + _connection_line(keep, parsed.version11))
-                transport = self._transport
-                if transport is not None and not transport.is_closing():
-                    transport.write(_head_bytes(reply.status, reply.reason, reply.headers,
-                                                framing) + reply.body)
+                body = b"" if reply.status in _NO_BODY else reply.body
+                framing = ("" if reply.status in _NO_BODY
+                           else f"Content-Length: {len(body)}\r\n")
+                framing += _connection_line(keep, parsed.version11)
+                with contextlib.suppress(ConnectionResetError):  # the client left: fine
+                    # Through send(): a client that pipelines and never reads is not
+                    # answered faster than it reads.
+                    await self.send(_head_bytes(reply.status, reply.reason, reply.headers,
+                                                framing, parsed.version11) + body)
         except BaseException:
             self.close_now()
             raise

@@ -172,7 +172,7 @@ class Response:
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(PortalConnectionError(f"the portal's answer is not valid HTTP ({exc})"))
             self.close()
 
@@ -429,9 +429,12 @@ class Pool:
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            finally:
-                if not waiter.done():
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._notify()  # woken just as it gave up: pass the turn on
+                else:
                     waiter.cancel()
+                raise
 
     def _take_idle(self, key: tuple[str, str, int], now: float) -> _Connection | None:
         idle = self._idle.get(key)
@@ -464,6 +467,11 @@ class Pool:
             async with asyncio.timeout_at(deadline):
                 await loop.create_connection(lambda: conn, origin.host, origin.port,
                                              ssl=context)
+        except TimeoutError:  # an OSError too, but it is the deadline, not the network
+            self.forget(conn)
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise
         except OSError as exc:
             self.forget(conn)
             raise PortalConnectionError(f"cannot connect ({_why(exc)})") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
+import struct
 
 import aiohttp
 import pytest
@@ -14,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from sidecar import fastlane
 from sidecar.emulator import Emulator
 from sidecar.fastlane import FastServer
+from tests.test_operations import until
 
 Client = TestClient[web.Request, web.Application]
 HOST = b"Host: 127.0.0.1\r\n"
@@ -193,6 +196,32 @@ class TestHandedToAiohttp:
         assert server_of(sidecar).handed_off == 1
 
 
+class TestOddHeads:
+    """Heads the lane must not misjudge: whatever it is unsure of, aiohttp answers at once."""
+
+    UPGRADE = get(b"/rest/profile", b"Connection: Upgrade, close\r\nUpgrade: h2c\r\n")
+
+    async def test_an_upgrade_request_is_answered(self, sidecar: Client) -> None:
+        raw = await exchange(sidecar, self.UPGRADE)
+        assert answers(raw)[-1][0] in (200, 400)
+
+    async def test_an_upgrade_request_pipelined_after_a_call_is_answered(
+        self, sidecar: Client
+    ) -> None:
+        raw = await exchange(sidecar, get(b"/rest/profile") + self.UPGRADE)
+        got = answers(raw)
+        assert got[0][0] == 200
+        assert len(got) == 2
+
+    async def test_a_head_ending_in_bare_line_feeds_is_answered_at_once(
+        self, sidecar: Client
+    ) -> None:
+        started = asyncio.get_running_loop().time()
+        raw = await exchange(sidecar, b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\n\n")
+        assert answers(raw)[-1][0] in (200, 400)
+        assert asyncio.get_running_loop().time() - started < 5
+
+
 class TestConnections:
     async def test_an_idle_connection_is_closed(self, sidecar: Client,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,6 +280,24 @@ class TestConnections:
         assert server_of(sidecar).connections == []
         response = await sidecar.get("/rest/profile")
         assert response.status == 200
+
+    async def test_calls_pipelined_behind_a_reset_are_never_sent(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        emulator.call_delay = 0.3
+        add = (b"POST /rest/crm.lead.add HTTP/1.1\r\n" + HOST
+               + b"Content-Type: application/x-www-form-urlencoded\r\n"
+               + b"Content-Length: 19\r\n\r\nfields[TITLE]=piped")
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(add * 3)
+        await writer.drain()
+        await until(lambda: len(emulator.rest_log) == 1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not a polite close
+        await asyncio.sleep(1.0)
+        assert len(emulator.leads) == 1  # the first was under way; the other two never left
+        del reader
 
     async def test_shutdown_lets_the_call_in_flight_finish(
         self, sidecar: Client, emulator: Emulator

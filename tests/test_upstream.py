@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -221,6 +222,29 @@ class TestBroken:
             await pool.request("GET", Origin.parse(f"http://127.0.0.1:{port}/rest/"),
                                "/rest/x", [], body=None, time_limit=5)
         assert pool.counts() == (0, 0)
+
+    async def test_a_connect_that_hangs_is_a_timeout(self) -> None:
+        """The deadline, not the network: a TimeoutError (a 504 for the client), not a 502."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue: further SYNs are dropped, connects hang
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        pool = Pool()
+        try:
+            with pytest.raises(TimeoutError):
+                await pool.request("GET", Origin.parse(f"http://127.0.0.1:{port}/rest/"),
+                                   "/rest/x", [], body=None, time_limit=0.5)
+            assert pool.counts() == (0, 0)
+        finally:
+            for filler in fillers:
+                filler.close()
+            listener.close()
 
     async def test_closed_before_answering(self) -> None:
         async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
