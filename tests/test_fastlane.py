@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import struct
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from sidecar import fastlane
+from sidecar.app import create_app
 from sidecar.emulator import Emulator
 from sidecar.fastlane import FastServer
 from tests.test_operations import until
@@ -52,7 +54,7 @@ def answers(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ")[1])
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if status < 200:
+        if status < 200 or status in (204, 304):
             body, raw = b"", rest
         elif "content-length" in headers:
             length = int(headers["content-length"])
@@ -138,6 +140,58 @@ class TestServedInTheLane:
             if framing:
                 assert framing in headers
         assert server_of(sidecar).handed_off == 0
+
+    async def test_answers_wait_for_a_client_that_does_not_read(
+        self, sidecar: Client, emulator: Emulator
+    ) -> None:
+        """A client pipelining many calls and reading none gets no more buffered than a few."""
+        await sidecar.post("/rest/crm.lead.add", data={"fields[TITLE]": "t" * 200_000})
+        _reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(get(b"/rest/crm.lead.get?id=1") * 300)  # ~60 MB of answers
+        await writer.drain()
+        await asyncio.sleep(1.0)
+        ours = writer.get_extra_info("sockname")
+        transports: list[Any] = [t for t in server_of(sidecar)._connections.values()
+                                 if t.get_extra_info("peername") == ours]
+        [transport] = transports
+        buffered = transport.get_write_buffer_size()
+        assert buffered < 1_000_000, f"{buffered} bytes waiting for the client"
+        assert len(emulator.rest_log) < 250  # the rest wait their turn
+        writer.close()
+
+    async def test_a_bodiless_status_gets_no_framing(
+        self, make_settings: Any, aiohttp_client: Any, aiohttp_server: Any
+    ) -> None:
+        """A 204 from the portal goes out with neither length nor chunks: the next answer on
+        the connection is read where it starts."""
+        where: dict[str, str] = {}
+
+        async def token(request: web.Request) -> web.Response:
+            return web.json_response({
+                "access_token": "a" * 40, "refresh_token": "r" * 40, "expires_in": 3600,
+                "scope": "crm", "member_id": "m" * 32, "domain": where["domain"],
+                "client_endpoint": where["base"] + "/rest/", "status": "L", "user_id": 1,
+            })
+
+        async def rest(request: web.Request) -> web.Response:
+            return web.Response(status=204)
+
+        portal = web.Application()
+        portal.router.add_post("/oauth/token/", token)
+        portal.router.add_get("/oauth/token/", token)
+        portal.router.add_route("*", "/rest/{method}", rest)
+        server = await aiohttp_server(portal)
+        where["base"] = f"http://127.0.0.1:{server.port}"
+        where["domain"] = f"127.0.0.1:{server.port}"
+        sidecar = await aiohttp_client(create_app(make_settings(portal=where["base"],
+                                                                auth_code="any")))
+        raw = await exchange(sidecar, get(b"/rest/app.ping") + get(b"/rest/app.ping")
+                             + get(b"/rest/app.ping", b"Connection: close\r\n"))
+        got = answers(raw)
+        assert [status for status, _, _ in got] == [204, 204, 204]
+        for _, headers, body in got:
+            assert "transfer-encoding" not in headers
+            assert body == b""
 
     async def test_own_errors_keep_their_shape(self, sidecar: Client) -> None:
         raw = await exchange(sidecar, get(b"/rest/../x", b"Connection: close\r\n"))
