@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import re
 import sys
@@ -103,20 +104,23 @@ class _AccessLog:
         self.renderer: object = None
         self.redactor: Redactor | None = None
         self.pending: list[str] = []  # lines of this turn of the event loop
+        self._flushing_on: asyncio.AbstractEventLoop | None = None  # the loop due to flush
 
     def write(self, line: str) -> None:
         """Queue a line; the lines of one turn of the event loop go out in one write."""
-        if not self.pending:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no event loop: write it now
-                self.pending.append(line)
-                self.flush()
-                return
         self.pending.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: write it now
+            self.flush()
+            return
+        if self._flushing_on is not loop:  # (a loop that stopped before flushing is replaced)
+            self._flushing_on = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write the queued lines."""
+        self._flushing_on = None
         stream = self.stream
         lines, self.pending = self.pending, []
         if stream is not None and lines:
@@ -131,6 +135,7 @@ class _AccessLog:
 
 
 _ACCESS = _AccessLog()
+atexit.register(_ACCESS.flush)  # lines of a loop that ended before its flush ran
 _second: tuple[int, str] = (0, "")
 
 
@@ -141,7 +146,9 @@ def _stamp() -> str:
     whole = int(now)
     if _second[0] != whole:
         _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second[1]}.{int((now - whole) * 1_000_000):06d}Z"
+    micro = int((now - whole) * 1_000_000)
+    # isoformat() leaves out a zero fraction; so does this.
+    return f"{_second[1]}.{micro:06d}Z" if micro else f"{_second[1]}Z"
 
 
 def flush_access_log() -> None:
@@ -167,12 +174,14 @@ def log_request(  # noqa: PLR0917 - the event's fields, positional for speed
         return
     redactor = _ACCESS.redactor
     assert redactor is not None
-    # request_id and method are checked against narrow patterns before they get here; the
-    # others are redacted like any value would be.
+    # Redacted as structlog's pipeline would: a client may send a token as its X-Request-ID
+    # or as a method name. Under 6 characters nothing can hide (GET, POST).
     stamp = _stamp()
-    verb = http_method if len(http_method) < 6 else redactor.redact(http_method)  # GET, POST
+    rid = redactor.redact(request_id) if len(request_id) >= 6 else request_id
+    name = redactor.redact(method) if len(method) >= 6 else method
+    verb = http_method if len(http_method) < 6 else redactor.redact(http_method)
     _ACCESS.write(
-        f'{{"request_id": {_json_str(request_id)}, "method": {_json_str(method)}, '
+        f'{{"request_id": {_json_str(rid)}, "method": {_json_str(name)}, '
         f'"http_method": {_json_str(verb)}, "status": {status}, '
         f'"duration_ms": {duration_ms!r}, "upstream_ms": {upstream_ms!r}, '
         f'"retried": {"true" if retried else "false"}, '

@@ -615,6 +615,8 @@ class Proxy:
                             self._metrics.upstream_retries.labels(reason="time_limit").inc()
                             continue
                         response = self._answer(upstream, payload, request_id)
+                        response.headers = [h for h in response.headers
+                                            if h[0].lower() != "retry-after"]
                         response.headers.append(("Retry-After", str(math.ceil(wait))))
                         return response
                     return self._answer(upstream, payload, request_id)
@@ -780,6 +782,13 @@ class Proxy:
             self._upstream_done(outcome, sent, error="broke_mid_stream")
             log.warning("upstream_broke_mid_stream", request_id=request_id,
                         method=target.method, error=_describe(exc))
+            sink.cut()
+            return streamed
+        except Exception as exc:  # a bug of ours, with the answer under way: no second answer
+            log.error("unexpected_error", request_id=request_id, error=type(exc).__name__,
+                      where=_where(exc))
+            outcome.error = InternalError.code
+            self._upstream_done(outcome, sent)
             sink.cut()
             return streamed
         self._upstream_done(outcome, sent)
