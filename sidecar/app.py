@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -74,6 +75,16 @@ class Lifecycle:
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
+
+
+def settle_garbage_collector() -> None:
+    """Freeze what start-up built, so the cycle collector's full passes skip it.
+
+    Under load a full collection paused the loop for 20-40 ms (a p99 matter); the modules,
+    apps and routers live as long as the process, and frozen they are never walked again.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _lane(app: web.Application) -> tuple[Proxy, Lifecycle, int]:
@@ -301,6 +312,7 @@ async def serve(
                      f"{_bound_port(oauth_runner, oauth_listen.port)}")
         if ready is not None:
             ready(bound)
+        settle_garbage_collector()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -297,7 +297,7 @@ class FastLane(asyncio.Protocol):
         # As aiohttp does: the client is gone, and so is the connection (a call in flight
         # notices; one still waiting for its turn is never sent).
         self._eof = True
-        if self._task is None and self._buffer:
+        if self._task is None and self._buffer and not self._closing:
             self._hand_off()  # a request cut short: aiohttp reports it as it always has
         return False
 
