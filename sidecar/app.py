@@ -17,6 +17,7 @@ from aiohttp import web
 
 from sidecar.alerts import Alerter
 from sidecar.authflow import AuthFlow, Handler
+from sidecar.authorization import Authorization
 from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
 from sidecar.fastlane import ProxyRunner
@@ -26,12 +27,11 @@ from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.proxy import Proxy, error_response, expect_continue
 from sidecar.store import TokenStore
-from sidecar.tokens import TokenManager
 from sidecar.upstream import Pool
 
 log = structlog.get_logger("sidecar.app")
 
-TOKENS = web.AppKey("tokens", TokenManager)
+TOKENS = web.AppKey("tokens", Authorization)
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
@@ -155,7 +155,7 @@ def create_app(
             # for byte, nothing is decompressed, no header is added, and nothing is resent.
             pool = Pool(limit=256)
             alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
-            tokens = TokenManager(
+            tokens = Authorization(
                 store, make_oauth(oauth_http, settings), settings,
                 clock=clock, on_secret=redactor.add, watch_interval=watch_interval,
                 metrics=metrics, alerts=alerts,

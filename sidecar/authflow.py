@@ -18,6 +18,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import phpquery
+from sidecar.authinfo import authorize_url, code_hint
+from sidecar.authorization import Authorization
 from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
@@ -29,8 +31,7 @@ from sidecar.errors import (
 )
 from sidecar.oauth import valid_endpoint
 from sidecar.proxy import error_response, expect_continue
-from sidecar.store import TokenPair
-from sidecar.tokens import TokenManager, authorize_url, code_hint
+from sidecar.storage import TokenPair
 
 STATE_TTL = 600.0
 MAX_STATES = 1000
@@ -45,7 +46,7 @@ class AuthFlow:
     def __init__(
         self,
         settings: Settings,
-        tokens: TokenManager,
+        tokens: Authorization,
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -180,7 +181,7 @@ class AuthFlow:
 
     async def _event(self, event: str, auth: Mapping[str, Any]) -> web.Response:
         held = self._tokens.pair
-        live = held is not None and self._tokens.status()["state"] != "reauthorization_required"
+        live = held is not None and not self._tokens.state.dead
         if event != "ONAPPINSTALL" and not (live and held and held.application_token):
             # Only a token stored from a real install can vouch for other events (an uninstall
             # would otherwise be anyone's to send).

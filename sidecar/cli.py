@@ -19,11 +19,13 @@ import structlog
 
 from sidecar import __version__
 from sidecar.app import create_app, make_oauth, oauth_session, serve
+from sidecar.authinfo import authorize_url, code_hint, describe
+from sidecar.authorization import Authorization
 from sidecar.config import OPTIONS, Settings, load_settings, parse_listen
 from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
 from sidecar.logging import Redactor, configure_logging
-from sidecar.store import StoredState, TokenStore
-from sidecar.tokens import TokenManager, authorize_url, code_hint, describe
+from sidecar.storage import StoredState
+from sidecar.store import TokenStore
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -178,7 +180,7 @@ async def _authorize(settings: Settings, text: str) -> int:
         as store,
         oauth_session() as http,
     ):
-        tokens = TokenManager(store, make_oauth(http, settings), settings)
+        tokens = Authorization(store, make_oauth(http, settings), settings)
         try:
             await tokens.authorize(code, trigger="cli")
             await _ensure_saved(tokens)
@@ -193,7 +195,7 @@ async def _authorize(settings: Settings, text: str) -> int:
     return 0
 
 
-async def _ensure_saved(tokens: TokenManager, attempts: int = 20) -> None:
+async def _ensure_saved(tokens: Authorization, attempts: int = 20) -> None:
     """A one-shot command must not exit holding the only copy of a pair: retry, then fail."""
     for attempt in range(attempts):
         try:
@@ -232,7 +234,7 @@ async def _token(settings: Settings) -> int:
                        client_id=settings.client_id) as store,
             oauth_session() as http,
         ):
-            tokens = TokenManager(store, make_oauth(http, settings), settings)
+            tokens = Authorization(store, make_oauth(http, settings), settings)
             try:
                 await tokens.start()
                 pair = tokens.current() or await tokens.refresh(

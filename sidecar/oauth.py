@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from sidecar.errors import OAuthError
-from sidecar.store import TokenPair
+from sidecar.storage import TokenPair
 
 # Errors that retrying cannot fix: the refresh token or code is dead, or the app is refused.
 PERMANENT_ERRORS = frozenset(

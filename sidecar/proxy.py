@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.authorization import Authorization
 from sidecar.batching import (
     BATCH_ONLY_ERRORS,
     Answer,
@@ -55,8 +56,7 @@ from sidecar.errors import (
 from sidecar.limits import Gate, Waiter
 from sidecar.logging import log_request
 from sidecar.metrics import Metrics
-from sidecar.store import TokenPair
-from sidecar.tokens import TokenManager
+from sidecar.storage import TokenPair
 from sidecar.upstream import BadHeader, Origin, Pool, PortalConnectionError, Response
 
 log = structlog.get_logger("sidecar.proxy")
@@ -381,7 +381,7 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        tokens: TokenManager,
+        tokens: Authorization,
         pool: Pool,
         metrics: Metrics,
         gate: Gate,

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import aiosqlite
 import structlog
 
 from sidecar.errors import StoreError
+from sidecar.storage import StoredState, TokenPair
 
 log = structlog.get_logger("sidecar.store")
 
@@ -55,40 +55,6 @@ CREATE TABLE IF NOT EXISTS token (
 """
 
 
-@dataclass(frozen=True)
-class TokenPair:
-    """An access token and the refresh token that renews it, with what the server said of them."""
-
-    access_token: str = field(repr=False)
-    refresh_token: str = field(repr=False)
-    expires_at: float
-    scope: str = ""
-    member_id: str = ""
-    client_endpoint: str = ""
-    server_endpoint: str = ""
-    domain: str = ""
-    user_id: str = ""
-    status: str = ""
-    application_token: str = field(default="", repr=False)
-    obtained_at: float = 0.0
-
-    def expires_in(self, now: float | None = None) -> float:
-        """Return the seconds left before the access token expires."""
-        return self.expires_at - (time.time() if now is None else now)
-
-
-@dataclass(frozen=True)
-class StoredState:
-    """What the store holds: the pair (if any, and if it belongs to this portal and app)."""
-
-    pair: TokenPair | None
-    generation: int = 0
-    reauth_required: bool = False
-    last_error: str = ""
-    last_error_at: float | None = None
-    foreign: str = ""  # non-empty when the stored pair belongs to another portal or app
-
-
 class TokenStore:
     """Load and save the token pair of one app on one portal in a SQLite file."""
 
@@ -102,6 +68,7 @@ class TokenStore:
         self._db: aiosqlite.Connection | None = None
         self._inode: tuple[int, int] | None = None  # (device, inode) of the file we opened
         self.reopens = 0  # times the file was found deleted or replaced and opened again
+        self._healed = 0  # reopens already reported by heal()
         # One connection, one transaction at a time: tasks of this process queue here, other
         # processes at SQLite's own lock.
         self._lock = asyncio.Lock()
@@ -148,6 +115,14 @@ class TokenStore:
         except OSError:
             return False  # unreadable for now (EIO, ESTALE...): not proof it is gone
         return self._inode is not None and (info.st_dev, info.st_ino) != self._inode
+
+    async def heal(self) -> bool:
+        """Open the file anew if it was deleted or replaced; say whether it was opened anew
+        since the last call (here, or by a writer that found it gone)."""
+        if self.replaced():
+            await self.reopen()
+        healed, self._healed = self.reopens != self._healed, self.reopens
+        return healed
 
     async def reopen(self) -> None:
         """Close and open the store again at its path (creating a new file if it is gone)."""

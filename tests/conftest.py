@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
 from sidecar.app import LIFECYCLE, TOKENS, create_app, proxy_runner
+from sidecar.authorization import Authorization
 from sidecar.config import Settings, load_settings
 from sidecar.emulator import Emulator, run_emulator
-from sidecar.tokens import TokenManager
 
 CLIENT_ID = "local.test0000000001.00000001"
 CLIENT_SECRET = "test-client-secret-0123456789"
@@ -114,7 +114,7 @@ async def sidecar(
     return client
 
 
-def tokens_of(client: TestClient[web.Request, web.Application]) -> TokenManager:
+def tokens_of(client: TestClient[web.Request, web.Application]) -> Authorization:
     """Return the token manager of a served sidecar."""
     return client.app[TOKENS]
 

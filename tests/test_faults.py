@@ -31,11 +31,12 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from sidecar.app import PROXY, create_admin_app, create_app, proxy_runner
+from sidecar.authorization import Authorization
 from sidecar.config import Settings
 from sidecar.emulator import EMULATOR_KEY, Emulator
 from sidecar.errors import ReauthorizationRequired, TokenUnavailable
-from sidecar.store import TokenPair, TokenStore
-from sidecar.tokens import TokenManager
+from sidecar.storage import TokenPair
+from sidecar.store import TokenStore
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, tokens_of
 from tests.processes import Env, Running, cli, running
 from tests.test_operations import scrape, until, value
@@ -155,7 +156,7 @@ async def serve(
     return proxy, admin
 
 
-async def settled(tokens: TokenManager) -> None:
+async def settled(tokens: Authorization) -> None:
     """Wait for a renewal in flight (the schedule's, say) to end, whatever its outcome."""
     task = tokens._refresh_task
     if task is not None and not task.done():

@@ -339,8 +339,8 @@ class TestUpstreamFailures:
         # Point the pair at a port nobody listens on.
         from dataclasses import replace
 
-        manager._stored = replace(
-            manager._stored,
+        manager.life.stored = replace(
+            manager.life.stored,
             pair=replace(held, client_endpoint=f"http://127.0.0.1:{unused_tcp_port}/rest/"),
         )
         response = await client.get("/rest/profile")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import StoreError
-from sidecar.store import TokenPair, TokenStore
+from sidecar.storage import TokenPair
+from sidecar.store import TokenStore
 
 PORTAL = "https://corp.bitrix24.com"
 

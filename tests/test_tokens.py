@@ -13,25 +13,26 @@ from typing import Any
 import pytest
 
 from sidecar.app import make_oauth, oauth_session
+from sidecar.authorization import Authorization
 from sidecar.config import Settings, parse_duration
 from sidecar.emulator import Emulator
 from sidecar.errors import NotAuthorized, ReauthorizationRequired, SidecarError, TokenUnavailable
+from sidecar.renewal import IDLE_RENEWAL
 from sidecar.store import TokenStore
-from sidecar.tokens import KEEPALIVE, TokenManager
 from tests.conftest import CLIENT_ID
 
 
 @asynccontextmanager
 async def manager(
     settings: Settings, *, clock: Callable[[], float] = time.time, watch: float = 0.05
-) -> AsyncIterator[TokenManager]:
+) -> AsyncIterator[Authorization]:
     """Run a started token manager with its own store connection and HTTP session."""
     async with (
         TokenStore(settings.db_path, portal=settings.portal, client_id=settings.client_id)
         as store,
         oauth_session() as http,
     ):
-        tokens = TokenManager(store, make_oauth(http, settings), settings, clock=clock,
+        tokens = Authorization(store, make_oauth(http, settings), settings, clock=clock,
                               watch_interval=watch)
         await tokens.start()
         yield tokens
@@ -195,7 +196,7 @@ class TestSchedule:
             assert pair is not None
             assert tokens.next_due() == pytest.approx(pair.obtained_at + 25 * 60)
         for interval, expected in [("2h", pair.expires_at - 300), ("0", pair.obtained_at
-                                                                       + KEEPALIVE)]:
+                                                                       + IDLE_RENEWAL)]:
             async with manager(replace(settings, refresh_interval=_seconds(interval))) as tokens:
                 assert tokens.next_due() == pytest.approx(expected)
 
@@ -264,7 +265,7 @@ class TestStoreTrouble:
             TokenStore(settings.db_path, portal=settings.portal,
                        client_id=settings.client_id) as holder,
         ):
-            tokens = TokenManager(store, make_oauth(http, settings), settings)
+            tokens = Authorization(store, make_oauth(http, settings), settings)
             await tokens.start()
             async with holder.locked():  # another process holds the write lock
                 with pytest.raises(SidecarError):

@@ -1,0 +1,470 @@
+"""One authorization: the pair of one app on one portal, its state machine and its renewal.
+
+Everything the authorization owns hangs off it: its ``Life`` (state and pair), its ``Renewal``
+(schedule, backoff, episode), its ``StoreSync`` (the store it lives in) and, where calls are
+served, its rate ``gate``. Holding one per portal is a dictionary of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from sidecar.alerts import Alerter
+from sidecar.authinfo import describe, how_to_authorize, iso
+from sidecar.config import Settings
+from sidecar.errors import (
+    NotAuthorized,
+    OAuthError,
+    ReauthorizationRequired,
+    Refused,
+    SidecarError,
+    StoreError,
+    TokenUnavailable,
+)
+from sidecar.metrics import Metrics
+from sidecar.oauth import CLIENT_ERRORS, OAuthClient
+from sidecar.renewal import Renewal, run_schedule
+from sidecar.states import Life, State
+from sidecar.storage import PairStore, StoredState, TokenPair
+from sidecar.storesync import StoreSync
+
+if TYPE_CHECKING:
+    from sidecar.limits import Gate
+
+# A token this close to its end is treated as expired, so a call never leaves with a dying token.
+EXPIRY_SKEW = 30.0
+
+log = structlog.get_logger("sidecar.authorization")
+
+
+def _retrieve(task: asyncio.Task[TokenPair]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(
+        exc, SidecarError
+    ):
+        log.error("token_refresh_crashed", error=repr(exc))
+
+
+class Authorization:
+    """Hold one pair and renew it: one refresh at a time, across tasks and processes."""
+
+    # The rate gate in front of this authorization's portal, attached by the application that
+    # serves calls for it (the CLI's one-shot commands have none).
+    gate: Gate
+
+    def __init__(
+        self,
+        store: PairStore,
+        oauth: OAuthClient,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_secret: Callable[[str], None] = lambda _: None,
+        watch_interval: float = 1.0,
+        metrics: Metrics | None = None,
+        alerts: Alerter | None = None,
+    ) -> None:
+        self._metrics = metrics or Metrics()
+        self._store = store
+        self._oauth = oauth
+        self._settings = settings
+        self._clock = clock
+        self._on_secret = on_secret
+        self.life = Life()
+        self.renewal = Renewal(self.life, settings, self._metrics,
+                               alerts or Alerter(None, "", self._metrics), clock)
+        self.sync_state = StoreSync(store, self.life, self._adopt, self._metrics,
+                                    watch_interval)
+        self._refresh_task: asyncio.Task[TokenPair] | None = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """Return where the authorization stands."""
+        return self.life.state
+
+    @property
+    def pair(self) -> TokenPair | None:
+        """Return the pair held in memory, valid or not."""
+        return self.life.pair
+
+    @property
+    def unsaved(self) -> bool:
+        """Say whether the held pair is newer than what the store holds."""
+        return self.sync_state.unsaved
+
+    @property
+    def refreshes(self) -> int:
+        """Return how many renewals this process made."""
+        return self.renewal.refreshes
+
+    def current(self) -> TokenPair | None:
+        """Return the pair if it can be used right now; the hot path, no I/O."""
+        pair = self.life.stored.pair
+        if pair is None or self.life.state.dead:
+            return None
+        if pair.expires_at - self._clock() <= EXPIRY_SKEW:
+            return None
+        return pair
+
+    async def get(self) -> TokenPair:
+        """Return a usable pair, renewing it first if it has expired."""
+        pair = self.current()
+        if pair is not None:
+            return pair
+        if self.life.pair is None or self.life.state.dead:
+            # Another process (the CLI) may have just stored a new pair.
+            await self.sync_state.sync()
+            pair = self.current()
+            if pair is not None:
+                return pair
+        self._raise_if_unusable()
+        stale = self.life.pair
+        assert stale is not None  # _raise_if_unusable saw to it
+        return await self.refresh(stale.access_token, trigger="on_demand")
+
+    def status(self) -> dict[str, Any]:
+        """Describe the state for ``status``; never a token."""
+        return describe(self._settings, self.life.stored, state=self.life.state,
+                        now=self._clock(), unsaved=self.unsaved) | {
+            "refresh": self.renewal.status(),
+            "store_writable": self.sync_state.writable,
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        """Say whether calls can be served now, and if not, why (never calls Bitrix24).
+
+        An expired token that can be renewed on demand is ready: with
+        SIDECAR_REFRESH_INTERVAL=0 an idle sidecar's token expires, and the next call renews it.
+        """
+        state = self.life.state
+        if state is State.NOT_AUTHORIZED or self.life.pair is None:
+            return False, "not_authorized: no token pair is held"
+        if state is State.CLIENT_REJECTED:
+            return False, ("client_rejected: check BITRIX_CLIENT_ID and the client secret, "
+                           "then restart")
+        if state is State.REAUTHORIZATION_REQUIRED:
+            return False, "reauthorization_required: a person must authorize the app again"
+        if self.current() is None and self.life.failures:
+            return False, f"expired: renewing the token fails: {self.life.stored.last_error}"
+        if not self.sync_state.writable:
+            return False, "store_unwritable: the token store cannot be written"
+        return True, "ok"
+
+    def _raise_if_unusable(self) -> None:
+        state, last_error = self.life.state, self.life.stored.last_error
+        if state is State.CLIENT_REJECTED:
+            raise ReauthorizationRequired(
+                "the OAuth server rejected the application "
+                f"({last_error or 'no detail'}): check BITRIX_CLIENT_ID and the "
+                "client secret, and that the app is still installed on the portal, then restart"
+            )
+        if state is State.REAUTHORIZATION_REQUIRED:
+            raise ReauthorizationRequired(
+                "the OAuth server refused to renew the token "
+                f"({last_error or 'no detail'}); a person must authorize the app "
+                f"again: {how_to_authorize(self._settings)}"
+            )
+        if self.life.pair is None:
+            raise NotAuthorized(
+                f"bitrix-sidecar holds no token yet: {how_to_authorize(self._settings)}"
+            )
+
+    # -- changing from outside a renewal ---------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the stored pair; exchange ``BITRIX_AUTH_CODE`` if none is stored."""
+        self._adopt(await self._store.load(), "store")
+        if self.life.pair is None and self._settings.auth_code:
+            try:
+                await self.authorize(self._settings.auth_code, trigger="startup")
+            except SidecarError as exc:
+                log.error("auth_code_exchange_failed", error=exc.description,
+                          hint=how_to_authorize(self._settings))
+
+    async def sync(self) -> None:
+        """Adopt whatever another process stored since we last looked."""
+        await self.sync_state.sync()
+
+    async def save_unsaved(self) -> bool:
+        """Write a pair the store refused earlier; return whether nothing is left unsaved."""
+        return await self.sync_state.save_unsaved()
+
+    async def authorize(self, code: str, *, trigger: str = "cli") -> TokenPair:
+        """Exchange a first authorization code and store the pair."""
+        started = self._clock()
+        try:
+            pair = await self._oauth.exchange_code(code)
+        except OAuthError as exc:
+            log.error("authorization_failed", trigger=trigger, error=exc.error,
+                      description=exc.description)
+            raise
+        self.check_portal(pair)
+        await self.install(pair, trigger=trigger, started=started)
+        return pair
+
+    def check_portal(self, pair: TokenPair) -> None:
+        """Refuse a pair for another portal than the configured (or already authorized) one.
+
+        With a marketplace app one OAuth server serves every portal, so a code approved on any
+        portal exchanges fine: only this check keeps the proxy pointed at our portal.
+        """
+        held = self.life.pair
+        base = held.client_endpoint if held is not None and held.client_endpoint else (
+            self._settings.rest_base)
+        expected = urlsplit(base)
+        got = urlsplit(pair.client_endpoint or self._settings.rest_base)
+        if (got.scheme, got.netloc.lower()) != (expected.scheme, expected.netloc.lower()):
+            raise Refused(
+                f"the token is for {got.scheme}://{got.netloc}, not the configured portal "
+                f"{expected.scheme}://{expected.netloc}"
+            )
+        if held is not None and held.member_id and pair.member_id != held.member_id:
+            raise Refused("the token's member_id is not the authorized portal's")
+
+    async def install(self, pair: TokenPair, *, trigger: str, started: float | None = None) -> None:
+        """Store a pair that arrived from outside a refresh (a code exchange, an install event)."""
+        self._on_secret(pair.access_token)
+        self._on_secret(pair.refresh_token)
+        sync = self.sync_state
+        try:
+            async with self._store.locked():
+                generation = await self._store.save_pair(pair)
+            sync.saved()
+        except StoreError as exc:
+            sync.failed(exc, kept=True)
+            sync.keep_unsaved(self.life.stored.generation)
+            generation = self.life.stored.generation + 1
+        self.renewal.recovered()
+        self._adopt(StoredState(pair=pair, generation=generation), trigger)
+        log.info("token_authorized", trigger=trigger, member_id=pair.member_id,
+                 scope=pair.scope, expires_at=iso(pair.expires_at),
+                 duration=round(self._clock() - (started or self._clock()), 3))
+
+    async def revoke(self, reason: str) -> None:
+        """Mark the held pair dead (the app was uninstalled): a person must authorize again."""
+        try:
+            async with self._store.locked():
+                await self._store.record_error(reason, reauth_required=True)
+        except StoreError as exc:
+            self.sync_state.failed(exc, kept=False)
+        self.life.revoked(reason, now=self._clock())
+        self.renewal.note_failure(OAuthError(reason, error="uninstalled", permanent=True),
+                                  "install_event")
+
+    # -- renewing --------------------------------------------------------------------------
+
+    async def refresh(self, stale_access: str, *, trigger: str) -> TokenPair:
+        """Renew the pair unless it has already been replaced since ``stale_access`` was read.
+
+        However many callers ask at once, one refresh runs; it runs in its own task, so a caller
+        that goes away cannot cancel it, and callers are released only once the new pair is saved.
+        """
+        pair = self.life.pair
+        if pair is not None and pair.access_token != stale_access and self.current() is not None:
+            return pair
+        if self._refresh_task is None or self._refresh_task.done():
+            self._raise_if_unusable()
+            if self.life.failures and self._clock() < self.life.next_attempt_at:
+                raise TokenUnavailable(
+                    f"renewing the token failed ({self.life.stored.last_error}); next attempt "
+                    f"in {self.life.next_attempt_at - self._clock():.0f} s"
+                )
+            self.life.begin_refresh()
+            self._refresh_task = asyncio.create_task(
+                self._refresh(stale_access, trigger), name="token-refresh"
+            )
+            # Its callers may all have gone; the outcome is logged inside, never lost unseen.
+            self._refresh_task.add_done_callback(_retrieve)
+        return await asyncio.shield(self._refresh_task)
+
+    async def run_schedule(self) -> None:
+        """Renew the pair when due, forever; wakes early whenever the pair changes."""
+
+        async def renew(trigger: str) -> TokenPair:
+            pair = self.life.pair
+            assert pair is not None
+            return await self.refresh(pair.access_token, trigger=trigger)
+
+        await run_schedule(self.renewal, renew, self._clock)
+
+    async def run_watch(self) -> None:
+        """Notice pairs stored by other processes, and retry a save the store refused."""
+        await self.sync_state.run()
+
+    def next_due(self) -> float:
+        """Return when the background task should next renew the pair (``inf``: never)."""
+        return self.renewal.next_due()
+
+    async def aclose(self, wait_seconds: float = 35.0) -> None:
+        """Let a refresh in flight finish (its answer holds the only live refresh token), and
+        make a last attempt to save a pair the store refused."""
+        task = self._refresh_task
+        if task is not None and not task.done():
+            log.info("waiting_for_refresh_before_exit")
+            await asyncio.wait({task}, timeout=wait_seconds)
+        if self.unsaved:
+            try:
+                await self.save_unsaved()
+            except StoreError as exc:
+                log.error("token_lost_at_exit", error=exc.description,
+                          detail="the newest pair could not be saved; a person may have to "
+                          "authorize the app again")
+
+    async def _refresh(self, stale_access: str, trigger: str) -> TokenPair:
+        try:
+            return await self._renew(stale_access, trigger)
+        finally:
+            self.life.settle()
+
+    async def _renew(self, stale_access: str, trigger: str) -> TokenPair:
+        started = self._clock()
+        self.renewal.last_attempt_at = started
+        sync = self.sync_state
+        outcome: TokenPair | OAuthError | None = None
+        adopted = False
+        seen = self.life.stored.generation
+        generation = seen
+        try:
+            async with self._store.locked() as stored:
+                seen = stored.generation
+                outcome, adopted = await self._refresh_locked(stored, stale_access)
+                if isinstance(outcome, OAuthError):
+                    # A rejected app (bad id or secret) is a configuration error: it is not
+                    # written down as final, so a restart with fixed settings tries again.
+                    await self._store.record_error(
+                        outcome.description,
+                        reauth_required=outcome.permanent and not _client_error(outcome),
+                    )
+                elif not adopted:
+                    generation = await self._store.save_pair(outcome)
+        except StoreError as exc:
+            if isinstance(outcome, TokenPair) and not adopted:
+                # The OAuth server has rotated the pair: the old refresh token is dead, so
+                # the new pair lives in memory until a write succeeds.
+                sync.failed(exc, kept=True)
+                sync.keep_unsaved(seen)
+                generation = seen + 1
+            elif not isinstance(outcome, OAuthError):
+                # No lock, so no renewal: back off as from any transient failure.
+                sync.failed(exc, kept=False)
+                self.renewal.failed(OAuthError(f"token store unavailable: {exc.description}",
+                                               error="store_unavailable", permanent=False),
+                                    trigger)
+                raise
+            else:
+                sync.failed(exc, kept=False)
+        else:
+            sync.store_ok = True
+            if not adopted and isinstance(outcome, TokenPair):
+                sync.unsaved = False
+        assert outcome is not None
+        if isinstance(outcome, OAuthError):
+            self._metrics.refreshes.labels(
+                trigger=trigger, result="rejected" if outcome.permanent else "failed").inc()
+            self.renewal.failed(outcome, trigger)
+            raise _unusable(outcome, self._settings) from None
+        if adopted:
+            self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
+            return outcome  # another process renewed it; adopted under the lock
+        self.renewal.refreshes += 1
+        self._metrics.refreshes.labels(trigger=trigger, result="ok").inc()
+        self.renewal.recovered()
+        previous = self.life.stored
+        self.life.refreshed(outcome, generation)
+        self._adopted(previous, trigger, changed=True)
+        log.info("token_refreshed", trigger=trigger, expires_at=iso(outcome.expires_at),
+                 duration=round(self._clock() - started, 3))
+        return outcome
+
+    async def _refresh_locked(
+        self, stored: StoredState, stale_access: str
+    ) -> tuple[TokenPair | OAuthError, bool]:
+        """Under the store's lock: adopt a newer stored pair, or refresh the freshest one.
+
+        Returns the outcome and whether it was adopted from the store.
+        """
+        if self.sync_state.newer_in_store(stored):
+            self._adopt(stored, "store")
+            fresh = self.current()
+            if fresh is not None and fresh.access_token != stale_access:
+                return fresh, True
+            self._raise_if_unusable()
+        pair = self.life.pair
+        assert pair is not None
+        started = time.perf_counter()
+        try:
+            new = await self._oauth.refresh(pair.refresh_token)
+        except OAuthError as exc:
+            return exc, False
+        finally:
+            self._metrics.refresh_duration.observe(time.perf_counter() - started)
+        self._on_secret(new.access_token)
+        self._on_secret(new.refresh_token)
+        # The token answer carries no application token; it outlives refreshes.
+        return replace(new, application_token=pair.application_token), False
+
+    # -- taking a stored entry in ----------------------------------------------------------
+
+    def _adopt(self, stored: StoredState, source: str) -> None:
+        previous = self.life.stored
+        changed = self.life.adopt(stored)
+        if changed and stored.pair is not None and not stored.reauth_required:
+            self.renewal.recovered()  # a new pair from anywhere ends a failure episode
+        self._adopted(previous, source, changed=changed)
+
+    def _adopted(self, previous: StoredState, source: str, *, changed: bool) -> None:
+        """Tell metrics, the redactor, the log and the schedule of the entry now held."""
+        stored = self.life.stored
+        pair = stored.pair
+        metrics = self._metrics
+        metrics.authorized.set(1 if pair is not None else 0)
+        metrics.expires_at.set(pair.expires_at if pair else 0)
+        metrics.last_refresh.set(pair.obtained_at if pair else 0)
+        metrics.reauthorization_required.set(1 if self.life.state.dead else 0)
+        if pair is not None:
+            self._on_secret(pair.access_token)
+            self._on_secret(pair.refresh_token)
+        if changed:
+            if pair is not None and source == "store" and previous.pair is not None:
+                log.info("token_loaded", source=source, generation=stored.generation,
+                         expires_at=iso(pair.expires_at))
+            self._check_scope(pair)
+        if stored.foreign and not previous.foreign:
+            log.warning("token_store_foreign", detail=stored.foreign)
+        self.renewal.changed.set()
+
+    def _check_scope(self, pair: TokenPair | None) -> None:
+        if pair is None or not self._settings.scope:
+            return
+        granted = {s.strip() for s in pair.scope.split(",") if s.strip()}
+        missing = sorted(set(self._settings.scope) - granted)
+        if missing:
+            log.warning("scope_not_granted", requested=",".join(self._settings.scope),
+                        granted=pair.scope, missing=missing)
+
+
+def _client_error(error: OAuthError) -> bool:
+    return error.permanent and error.error.lower() in CLIENT_ERRORS
+
+
+def _unusable(error: OAuthError, settings: Settings) -> SidecarError:
+    """The error a caller of a failed renewal gets."""
+    if _client_error(error):
+        return ReauthorizationRequired(
+            f"{error.description}; check BITRIX_CLIENT_ID and the client secret, and "
+            "that the app is still installed on the portal, then restart"
+        )
+    if error.permanent:
+        return ReauthorizationRequired(
+            f"{error.description}; a person must authorize the app again: "
+            f"{how_to_authorize(settings)}"
+        )
+    return TokenUnavailable(f"renewing the token failed: {error.description}")

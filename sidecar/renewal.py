@@ -1,0 +1,181 @@
+"""When an authorization is renewed, and what a failed renewal costs: backoff, episodes, alerts.
+
+``Renewal`` does no I/O of its own but alerts: it records outcomes in the authorization's
+``Life`` and says when the next renewal is due; ``run_schedule`` is the loop that acts on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from sidecar.alerts import Alerter
+from sidecar.authinfo import authorize_url, how_to_authorize, iso
+from sidecar.config import Settings
+from sidecar.errors import OAuthError, SidecarError
+from sidecar.metrics import Metrics
+from sidecar.oauth import CLIENT_ERRORS
+from sidecar.states import Life, State
+
+# With SIDECAR_REFRESH_INTERVAL=0 the pair is still renewed this often, so an idle sidecar's
+# refresh token (180 days, 28 in older docs) never dies unused.
+IDLE_RENEWAL = 20 * 86400.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+# Whatever the server says of lifetimes, never renew more than once a second.
+MIN_GAP = 1.0
+
+log = structlog.get_logger("sidecar.renewal")
+
+
+@dataclass
+class Episode:
+    """A run of failed renewals, from the first failure to the next success."""
+
+    first_failure_at: float
+    attempts: int = 0
+    reauth_alerted: bool = False
+
+
+class Renewal:
+    """One authorization's renewal schedule, backoff and failure episode."""
+
+    def __init__(self, life: Life, settings: Settings, metrics: Metrics, alerts: Alerter,
+                 clock: Callable[[], float]) -> None:
+        self._life = life
+        self._settings = settings
+        self._metrics = metrics
+        self._alerts = alerts
+        self._clock = clock
+        self.episode: Episode | None = None
+        self.last_attempt_at = 0.0
+        self.refreshes = 0  # successful renewals by this process
+        self.changed = asyncio.Event()  # set whenever the schedule may have moved
+
+    def next_due(self) -> float:
+        """Return when the pair should next be renewed (``inf``: never)."""
+        life = self._life
+        pair = life.pair
+        if pair is None or life.state.dead or life.state is State.NOT_AUTHORIZED:
+            return float("inf")
+        if life.failures:
+            return life.next_attempt_at
+        interval = self._settings.refresh_interval
+        if interval <= 0:
+            due = pair.obtained_at + IDLE_RENEWAL
+        else:
+            lifetime = max(pair.expires_at - pair.obtained_at, 0.0)
+            early = min(BACKOFF_MAX, lifetime * 0.1)
+            due = min(pair.obtained_at + interval, pair.expires_at - early)
+        return max(due, self.last_attempt_at + MIN_GAP)
+
+    def failed(self, error: OAuthError, trigger: str) -> None:
+        """Record a failed renewal: back off, open or extend the episode, alert once."""
+        life = self._life
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** life.failures)
+        delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
+        now = self._clock()
+        client_rejected = error.permanent and error.error.lower() in CLIENT_ERRORS
+        if not life.refresh_failed(error.description, now=now, permanent=error.permanent,
+                                   client_rejected=client_rejected, retry_at=now + delay):
+            log.info("token_refresh_outcome_ignored", trigger=trigger, error=error.error,
+                     detail="the pair changed while the renewal ran")
+            return
+        self.note_failure(error, trigger, retry_in=delay)
+
+    def note_failure(self, error: OAuthError, trigger: str, *, retry_in: float = 0.0) -> None:
+        """Tell metrics, the episode, alerts and the log of a failure ``Life`` has recorded."""
+        life = self._life
+        self._metrics.refresh_failing.set(1)
+        self._metrics.refresh_failures.set(life.failures)
+        opened = self.episode is None
+        if self.episode is None:
+            self.episode = Episode(first_failure_at=self._clock())
+        self.episode.attempts += 1
+        if opened or (life.state.dead and not self.episode.reauth_alerted):
+            self._alert("token_refresh_failing" if opened else "token_reauthorization_required",
+                        error=error)
+        self.changed.set()
+        if life.state.dead:
+            self.episode.reauth_alerted = True
+            self._metrics.reauthorization_required.set(1)
+            log.error("reauthorization_required", trigger=trigger, error=error.error,
+                      description=error.description, hint=how_to_authorize(self._settings))
+            return
+        log.warning("token_refresh_failed", trigger=trigger, error=error.error,
+                    description=error.description, attempt=life.failures,
+                    retry_in=round(retry_in, 1))
+
+    def recovered(self) -> None:
+        """Close an open failure episode after a success."""
+        self._metrics.refresh_failing.set(0)
+        self._metrics.refresh_failures.set(0)
+        self._metrics.reauthorization_required.set(0)
+        if self.episode is not None:
+            self._alert("token_refresh_recovered")
+            self.episode = None
+
+    def status(self) -> dict[str, Any]:
+        """Describe the renewal for ``status``."""
+        due = self.next_due()
+        return {
+            "failing": self.episode is not None,
+            "consecutive_failures": self._life.failures,
+            "failing_since": iso(self.episode.first_failure_at) if self.episode else None,
+            "next_attempt_at": iso(due) if due < float("inf") else None,
+            "refreshes_by_this_process": self.refreshes,
+        }
+
+    def _alert(self, event: str, *, error: OAuthError | None = None) -> None:
+        episode = self.episode
+        assert episode is not None
+        life = self._life
+        pair = life.pair
+        payload: dict[str, Any] = {
+            "event": event,
+            "portal": self._settings.portal,
+            "client_id": self._settings.client_id,
+            "state": "reauthorization_required" if life.state.dead else "refresh_failing",
+            "first_failure_at": iso(episode.first_failure_at),
+            "attempts": episode.attempts,
+            "token_expires_at": iso(pair.expires_at) if pair else None,
+        }
+        if error is not None:
+            payload["error"] = error.error
+            payload["error_description"] = error.description
+        if life.state.dead:
+            payload["authorize_url"] = authorize_url(self._settings)
+        if event == "token_refresh_recovered":
+            payload["recovered_at"] = iso(self._clock())
+            payload["duration_seconds"] = round(self._clock() - episode.first_failure_at, 3)
+        self._alerts.send(payload)
+
+
+async def run_schedule(renewal: Renewal, renew: Callable[[str], Awaitable[object]],
+                       clock: Callable[[], float]) -> None:
+    """Renew when due, forever; wake early whenever the schedule may have moved."""
+    trigger = "startup"
+    while True:
+        renewal.changed.clear()
+        delay = renewal.next_due() - clock()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(renewal.changed.wait(),
+                                       None if delay == float("inf") else delay)
+            trigger = "schedule"
+            continue
+        try:
+            await renew(trigger)
+        except SidecarError:
+            pass  # logged and backed off inside; the loop just goes round again
+        except Exception:
+            # A bug must not end renewals for good: say so loudly and go on, slowly.
+            log.exception("token_schedule_error")
+            await asyncio.sleep(BACKOFF_MAX / 10)
+        trigger = "schedule"

@@ -1,0 +1,86 @@
+"""What an authorization's storage is: the pair, the stored state, and the narrow store interface.
+
+The state machine (``sidecar.authorization``) reaches its storage only through ``PairStore``; a
+second backend implements this interface and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """An access token and the refresh token that renews it, with what the server said of them."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_at: float
+    scope: str = ""
+    member_id: str = ""
+    client_endpoint: str = ""
+    server_endpoint: str = ""
+    domain: str = ""
+    user_id: str = ""
+    status: str = ""
+    application_token: str = field(default="", repr=False)
+    obtained_at: float = 0.0
+
+    def expires_in(self, now: float | None = None) -> float:
+        """Return the seconds left before the access token expires."""
+        return self.expires_at - (time.time() if now is None else now)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What the store holds: the pair (if any, and if it belongs to this portal and app)."""
+
+    pair: TokenPair | None
+    generation: int = 0
+    reauth_required: bool = False
+    last_error: str = ""
+    last_error_at: float | None = None
+    foreign: str = ""  # non-empty when the stored pair belongs to another portal or app
+
+
+class PairStore(Protocol):
+    """Where one authorization's pair lives, shared with other processes.
+
+    ``save_pair`` and ``record_error`` are called only inside ``locked()``: the lock is held
+    across processes, so two writers never renew the same refresh token.
+    """
+
+    async def load(self) -> StoredState:
+        """Read the stored state."""
+        ...
+
+    def locked(self) -> AbstractAsyncContextManager[StoredState]:
+        """Hold the write lock; yield the state as it is under it; commit on leaving."""
+        ...
+
+    async def save_pair(self, pair: TokenPair) -> int:
+        """Store a new pair, clearing any error; return the new generation."""
+        ...
+
+    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+        """Remember the last failure (and whether a person must re-authorize)."""
+        ...
+
+    async def data_version(self) -> int:
+        """Return a number that moves whenever another writer commits (the watch polls it)."""
+        ...
+
+    async def heal(self) -> bool:
+        """Reconnect if the storage vanished under us; say whether it was found anew (empty).
+
+        A backend that cannot lose its data this way returns False.
+        """
+        ...
+
+
+def lost(stored: StoredState, held: StoredState) -> bool:
+    """Say whether the store came back empty (deleted and recreated) while we hold a pair."""
+    return stored.pair is None and stored.generation == 0 and held.pair is not None

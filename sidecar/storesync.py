@@ -1,0 +1,130 @@
+"""Keep an authorization and its store in step: pairs written by another process, and pairs the
+store refused that wait in memory for a write that succeeds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from sidecar.errors import StoreError
+from sidecar.metrics import Metrics
+from sidecar.states import Life
+from sidecar.storage import PairStore, StoredState, lost
+
+log = structlog.get_logger("sidecar.storesync")
+
+Adopt = Callable[[StoredState, str], None]
+
+
+class StoreSync:
+    """Whether the held pair is in the store, and the watch that keeps it so."""
+
+    def __init__(self, store: PairStore, life: Life, adopt: Adopt, metrics: Metrics,
+                 interval: float = 1.0) -> None:
+        self._store = store
+        self._life = life
+        self._adopt = adopt  # how the owner takes a stored entry in (with its side effects)
+        self._metrics = metrics
+        self._interval = interval
+        self.store_ok = True
+        self.unsaved = False  # the held pair is newer than what the store holds
+        self._unsaved_base = 0  # the stored generation an unsaved pair was renewed from
+
+    @property
+    def writable(self) -> bool:
+        """Say whether the store takes writes and holds what we hold."""
+        return self.store_ok and not self.unsaved
+
+    def keep_unsaved(self, base: int) -> None:
+        """The store refused a pair the OAuth server has already issued: hold it until saved."""
+        self.unsaved = True
+        self._unsaved_base = base
+
+    def saved(self) -> None:
+        """A write went through."""
+        self.unsaved = False
+        self.store_ok = True
+
+    def failed(self, exc: StoreError, *, kept: bool) -> None:
+        """A store operation failed; ``kept``: a new pair waits in memory."""
+        self.store_ok = False
+        self._metrics.store_errors.inc()
+        if kept:
+            log.error("token_store_write_failed", error=exc.description,
+                      detail="the new pair is kept in memory and saved when the store allows")
+        else:
+            log.error("token_store_unavailable", error=exc.description)
+
+    def newer_in_store(self, stored: StoredState) -> bool:
+        """Say whether ``stored`` (read under the lock) was written by someone else since."""
+        return (not self.unsaved and stored.generation != self._life.stored.generation
+                and not lost(stored, self._life.stored))
+
+    async def sync(self) -> None:
+        """Adopt whatever another process stored since we last looked."""
+        if self.unsaved:
+            return  # ours is newer than the store's; save_unsaved() will write it
+        stored = await self._store.load()
+        if lost(stored, self._life.stored):
+            return  # the store was emptied and made anew: ours goes back in, not the other way
+        held = self._life.stored
+        if stored.generation != held.generation or stored.pair != held.pair:
+            self._adopt(stored, "store")
+
+    async def save_unsaved(self) -> bool:
+        """Write a pair the store refused earlier; return whether nothing is left unsaved."""
+        pair = self._life.pair
+        if not self.unsaved or pair is None:
+            return True
+        async with self._store.locked() as stored:
+            if stored.generation != self._unsaved_base and not lost(stored, self._life.stored):
+                # Someone stored a pair after ours was renewed (a new authorization): theirs
+                # is newer than ours, so it wins.
+                self.unsaved = False
+                self._adopt(stored, "store")
+                return True
+            generation = await self._store.save_pair(pair)
+        self.saved()
+        self._life.saved_as(generation)
+        log.info("token_store_write_recovered", generation=generation)
+        return True
+
+    async def run(self) -> None:
+        """Notice pairs stored by other processes, and retry a save the store refused."""
+        version = await self._store.data_version()
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                if await self._store.heal():
+                    await self._found_anew()
+                if self.unsaved:
+                    await self.save_unsaved()
+                current = await self._store.data_version()
+                if current != version:
+                    version = current
+                    await self.sync()
+                if not self.store_ok and not self.unsaved:
+                    # A write failed earlier: probe until the lock can be taken again.
+                    async with self._store.locked():
+                        pass
+                    self.store_ok = True
+                    log.info("token_store_recovered")
+            except StoreError as exc:
+                if self.store_ok:
+                    self.failed(exc, kept=self.unsaved)
+                else:
+                    self._metrics.store_errors.inc()
+            except Exception:
+                log.exception("token_watch_error")
+
+    async def _found_anew(self) -> None:
+        """The store was deleted or replaced and opened anew: write our pair back in, if the
+        new store is empty; if it holds a pair (another process, the CLI), that one is newer."""
+        self._metrics.store_errors.inc()
+        stored = await self._store.load()
+        if not lost(stored, self._life.stored):
+            await self.sync()
+        elif not self._life.state.dead:  # a dead pair is not worth writing back
+            self.keep_unsaved(stored.generation)
