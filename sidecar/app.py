@@ -15,9 +15,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from sidecar.adapter import error_response, expect_continue
 from sidecar.alerts import Alerter
 from sidecar.authflow import AuthFlow, Handler
 from sidecar.authorization import Authorization
+from sidecar.coalescer import Coalescer
 from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
 from sidecar.fastlane import ProxyRunner
@@ -25,7 +27,8 @@ from sidecar.limits import Gate
 from sidecar.logging import Redactor, flush_access_log
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
-from sidecar.proxy import Proxy, error_response, expect_continue
+from sidecar.portal import Addresses
+from sidecar.proxy import Proxy
 from sidecar.store import TokenStore
 from sidecar.upstream import Pool
 
@@ -144,6 +147,8 @@ def create_app(
     app[SETTINGS] = settings
     metrics = app[METRICS] = Metrics()
     lifecycle = app[LIFECYCLE] = Lifecycle()
+    # Read at scrape time: a gauge's lock twice per call would cost more on the hot path.
+    metrics.inflight.set_function(lambda: lifecycle.inflight)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with (
@@ -162,10 +167,13 @@ def create_app(
             )
             await tokens.start()
             app[TOKENS] = tokens
-            gate = Gate(rate=settings.rate, burst=settings.burst,
-                        queue_timeout=settings.queue_timeout, coalesce=settings.coalesce,
-                        metrics=metrics)
-            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, gate)
+            addresses = Addresses(settings.rest_base)
+            coalescer = Coalescer(tokens, pool, addresses, metrics,
+                                  time_limit=settings.upstream_timeout)
+            gate = tokens.gate = Gate(
+                rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
+                coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send)
+            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses)
             authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, oauth_http)
             authflow.add_routes(app, lifecycle.tracked)
             # After the exact routes.

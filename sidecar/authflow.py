@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import phpquery
+from sidecar.adapter import error_response, expect_continue
 from sidecar.authinfo import authorize_url, code_hint
 from sidecar.authorization import Authorization
 from sidecar.config import Settings
@@ -30,7 +31,6 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.oauth import valid_endpoint
-from sidecar.proxy import error_response, expect_continue
 from sidecar.storage import TokenPair
 
 STATE_TTL = 600.0

@@ -91,7 +91,7 @@ _REFERENCE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*\[")
 _INT64 = 2**63
 
 # HTTP status a method's error code comes with when the method is called alone
-# (/work/shared/bitrix24-protocol.md section 4; b24restdocs error-codes.md and its system table).
+# (Bitrix24's REST docs, bitrix24/b24restdocs: error-codes.md and its table of system errors).
 # ACCESS_DENIED is 401 only as the plan-level system error ("REST is available only on commercial
 # plans"), which the portal raises before running anything, so it fails the whole batch request and
 # never appears per command; inside result_error it can only come from a method, and methods answer

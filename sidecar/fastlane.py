@@ -34,7 +34,8 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from sidecar.errors import RequestTimeout
-from sidecar.proxy import Call, Proxy, Reply, error_reply
+from sidecar.proxy import Proxy
+from sidecar.replies import Call, Reply, error_reply
 
 # Bodies up to this size are read by the fast lane; larger ones stream in through aiohttp.
 FAST_BODY = 1 << 20

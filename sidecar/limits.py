@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sidecar.batching import Answer
 from sidecar.errors import MethodPaused, QueueFull, SidecarError
 from sidecar.metrics import Metrics
 
@@ -73,12 +74,22 @@ class Waiter:
     line: str | None  # its batch command line, if it may be coalesced
     alive: Callable[[], bool]
     enqueued: float
-    future: asyncio.Future[object | None] = field(default_factory=lambda: (
+    future: asyncio.Future[Answer | None] = field(default_factory=lambda: (
         asyncio.get_running_loop().create_future()))
     attempts: int = 0
 
 
-BatchRunner = Callable[[list[Waiter]], Awaitable[None]]
+@dataclass
+class Feedback:
+    """What a batch sender tells the gate: the portal's verdict on its bucket, and the calls
+    that did not run and wait for another turn."""
+
+    limited: bool = False  # 503 QUERY_LIMIT_EXCEEDED: our bucket was out of step
+    passed: bool = False  # the request went through
+    requeue: list[Waiter] = field(default_factory=list)
+
+
+BatchSender = Callable[[list[Waiter]], Awaitable[Feedback]]
 
 
 def _gone(waiter: Waiter) -> None:
@@ -100,10 +111,11 @@ class Gate:
         queue_timeout: float,
         coalesce: bool,
         metrics: Metrics,
+        send_batch: BatchSender | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enabled = rate > 0
-        self.coalesce = coalesce and self.enabled
+        self.coalesce = coalesce and self.enabled and send_batch is not None
         self._bucket = LeakyBucket(rate if rate > 0 else 1.0, burst, clock)
         self._queue_timeout = queue_timeout
         self._metrics = metrics
@@ -113,7 +125,8 @@ class Gate:
         self._backoff = 0.0
         self._backoff_until = 0.0
         self._paused: dict[str, float] = {}  # method -> monotonic time its pause ends
-        self.run_batch: BatchRunner | None = None
+        self._send_batch = send_batch
+        self._batches: set[asyncio.Task[None]] = set()  # ours: awaited in aclose()
 
     # -- entering ----------------------------------------------------------------------------
 
@@ -124,7 +137,7 @@ class Gate:
         line: Callable[[], str | None] = lambda: None,
         alive: Callable[[], bool] = lambda: True,
         retry: bool = False,
-    ) -> object | None:
+    ) -> Answer | None:
         """Wait for this call's turn. ``None``: go now (a slot is taken); else the call's answer,
         already fetched as part of a batch.
 
@@ -252,9 +265,9 @@ class Gate:
             if len(group) == 1:
                 group[0].future.set_result(None)
             else:
-                assert self.run_batch is not None
                 task = asyncio.create_task(self._send(group), name="coalesced-batch")
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
 
     def _next_group(self) -> list[Waiter]:
         """Take the head of the queue, and with it up to 49 more coalescible calls."""
@@ -263,7 +276,7 @@ class Gate:
         if not self._queue:
             return []
         head = self._queue.popleft()
-        if head.line is None or self.run_batch is None:
+        if head.line is None or self._send_batch is None:
             return [head]
         group = [head]
         keep: deque[Waiter] = deque()
@@ -280,12 +293,22 @@ class Gate:
         return group
 
     async def _send(self, group: list[Waiter]) -> None:
-        assert self.run_batch is not None
+        assert self._send_batch is not None
+        again: list[Waiter] = []
         try:
-            await self.run_batch(group)
+            feedback = await self._send_batch(group)
+            again = feedback.requeue
+            if feedback.limited:
+                self.limited()
+            if feedback.passed:
+                self.passed()
+            if again:
+                self.requeue(again)
+        except Exception:
+            log.exception("coalesced_batch_error")
         finally:
             for waiter in group:
-                if not waiter.future.done():
+                if not waiter.future.done() and waiter not in again:
                     waiter.future.set_exception(
                         SidecarError("the coalesced batch ended without an answer")
                     )
@@ -299,11 +322,13 @@ class Gate:
         self._kick()
 
     async def aclose(self) -> None:
-        """Stop the pump; waiting calls get an error."""
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
+        """Stop the pump and the batches under way; waiting calls get an error."""
+        for task in [self._pump, *self._batches]:
+            if task is None or task.done():
+                continue
+            task.cancel()
             try:
-                await self._pump
+                await task
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import gzip
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class Front:
     def __init__(self, target: str) -> None:
         self.target = target
         self.mode = "pass"
+        self.encoding = ""  # "gzip" or "deflate": compress what the server answers
         self.hits: list[str] = []  # "METHOD /path" of every request that arrived
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -124,6 +127,9 @@ class Front:
         if self.mode == "run_then_reset":
             assert request.transport is not None
             request.transport.abort()
+        if self.encoding and "Content-Encoding" not in relayed:
+            payload = gzip.compress(payload) if self.encoding == "gzip" else zlib.compress(payload)
+            relayed["Content-Encoding"] = self.encoding
         return web.Response(status=upstream.status, body=payload, headers=relayed)
 
 
@@ -208,6 +214,30 @@ async def heal_oauth(fault: str, emulator: Emulator, front: Front) -> None:
         await front.start()
     front.mode = "pass"
     emulator.oauth_failure = None
+
+
+class TestCompressedAuthErrors:
+    @pytest.mark.parametrize("encoding", ["", "gzip", "deflate"])
+    async def test_a_compressed_401_is_recognized_and_cured_once(
+        self, encoding: str, make_settings: Callable[..., Settings], emulator: Emulator,
+        fronts: tuple[Front, Front], aiohttp_client: Callable[..., Any],
+    ) -> None:
+        """A portal that compresses its expired_token answer still gets one refresh and one
+        retry: the call succeeds with the new token."""
+        _, portal = fronts
+        portal.encoding = encoding
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), rate="0")
+        proxy, _ = await serve(settings, aiohttp_client)
+        tokens = tokens_of(proxy)
+        first = tokens.pair
+        assert first is not None
+        emulator.expire_access_tokens()
+        response = await proxy.get("/rest/profile")
+        assert response.status == 200, await response.text()
+        assert emulator.stats.token_requests["refresh_token"] == 1
+        assert tokens.pair is not None
+        assert tokens.pair.access_token != first.access_token
+        assert portal.hits.count("GET /rest/profile") == 2
 
 
 class TestOAuthServerFaults:

@@ -363,22 +363,6 @@ class TestUpstreamFailures:
         assert (await response.json())["error"] == "SIDECAR_UPSTREAM_TIMEOUT"
 
 
-class TestRefreshDetection:
-    @pytest.mark.parametrize("encoding", ["", "gzip", "deflate"])
-    def test_compressed_401_bodies_are_read(self, encoding: str) -> None:
-        """An expired_token body is recognized whether or not the portal compressed it."""
-        import gzip
-        import zlib as zlib_module
-
-        from sidecar.proxy import _needs_refresh
-
-        body = json.dumps({"error": "expired_token", "error_description": "x"}).encode()
-        packed = {"": body, "gzip": gzip.compress(body), "deflate": zlib_module.compress(body)}
-        assert _needs_refresh(packed[encoding], encoding)
-        assert not _needs_refresh(b'{"error": "insufficient_scope"}', "")
-        assert not _needs_refresh(b"\x1f\x8bnot gzip", "gzip")
-
-
 class TestReviewedEncodings:
     async def test_multipart_auth_in_odd_spellings_is_removed(
         self, sidecar: Client, emulator: Emulator

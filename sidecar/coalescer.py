@@ -1,0 +1,111 @@
+"""Send a group of queued single calls as one ``batch`` and give each call its own answer.
+
+The rate gate hands a group over and acts on the ``Feedback``; this module never calls back
+into the gate.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sidecar.authorization import Authorization
+from sidecar.batching import BATCH_ONLY_ERRORS, Answer, batch_body, split_answers
+from sidecar.errors import SidecarError, UpstreamError, UpstreamTimeout
+from sidecar.limits import Feedback, Waiter
+from sidecar.metrics import Metrics
+from sidecar.portal import Addresses, Refusal, error_code, plain
+from sidecar.storage import TokenPair
+from sidecar.upstream import Pool, PortalConnectionError
+
+# A call the portal refused unrun (503 QUERY_LIMIT_EXCEEDED) is sent again at most this often.
+LIMIT_RETRIES = 5
+
+
+class Coalescer:
+    """The batch sender of one authorization's gate."""
+
+    def __init__(self, tokens: Authorization, pool: Pool, addresses: Addresses,
+                 metrics: Metrics, *, time_limit: float) -> None:
+        self._tokens = tokens
+        self._pool = pool
+        self._addresses = addresses
+        self._metrics = metrics
+        self._time_limit = time_limit
+
+    async def send(self, group: list[Waiter]) -> Feedback:
+        """Send the group's command lines as one batch; settle every waiter or hand it back."""
+        try:
+            refusal = await self._post(batch_body([waiter.line or "" for waiter in group]))
+        except SidecarError as exc:
+            for waiter in group:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+            return Feedback()
+        if refusal.rate_limited:
+            again = [w for w in group if w.attempts < LIMIT_RETRIES]
+            self._metrics.upstream_retries.labels(reason="rate_limit").inc(len(again))
+            for waiter in group:
+                if waiter not in again and not waiter.future.done():
+                    waiter.future.set_result(Answer(refusal.status, refusal.payload))
+            return Feedback(limited=True, requeue=again)
+        if refusal.status != 200:
+            # The batch itself was refused: each call would have been refused alike.
+            body = plain(refusal.payload, refusal.encoding)
+            for waiter in group:
+                waiter.future.set_result(Answer(refusal.status, body))
+            return Feedback()
+        try:
+            answers = split_answers(plain(refusal.payload, refusal.encoding), len(group))
+        except ValueError:
+            self._metrics.upstream_errors.labels(kind="not_rest").inc()
+            error = UpstreamError("the portal answered the batch with garbage")
+            for waiter in group:
+                waiter.future.set_exception(error)
+            return Feedback(passed=True)
+        alone: list[Waiter] = []
+        for waiter, answer in zip(group, answers, strict=True):
+            if error_code(answer.body, "") in BATCH_ONLY_ERRORS:
+                # Refused by the batch itself, not by the method: it never ran, so it is
+                # sent again, alone.
+                waiter.line = None
+                alone.append(waiter)
+            elif not waiter.future.done():
+                waiter.future.set_result(answer)
+        return Feedback(passed=True, requeue=alone)
+
+    async def _post(self, body: bytes) -> Refusal:
+        """POST the batch, refreshing the token once after an auth error; return the answer."""
+        started = time.perf_counter()
+        pair = await self._tokens.get()
+        refusal = await self._post_once(pair, body, started)
+        if refusal.auth_error:
+            self._metrics.upstream_retries.labels(reason="auth_error").inc()
+            pair = await self._tokens.refresh(pair.access_token, trigger="auth_error")
+            refusal = await self._post_once(pair, body, started)
+        return refusal
+
+    async def _post_once(self, pair: TokenPair, body: bytes, started: float) -> Refusal:
+        origin, path = self._addresses.target(pair, "batch", "", "")
+        headers = [("Authorization", f"Bearer {pair.access_token}"),
+                   ("Content-Type", "application/x-www-form-urlencoded")]
+        try:
+            upstream = await self._pool.request("POST", origin, path, headers, body=body,
+                                                time_limit=self._time_limit)
+            try:
+                status = upstream.status
+                payload = await upstream.read()
+                encoding = upstream.headers.get("Content-Encoding", "")
+            finally:
+                upstream.release()
+        except TimeoutError:
+            self._metrics.upstream_errors.labels(kind="timeout").inc()
+            raise UpstreamTimeout(
+                f"the portal did not answer a coalesced batch within {self._time_limit:g} s"
+            ) from None
+        except PortalConnectionError as exc:
+            self._metrics.upstream_errors.labels(kind="unreachable").inc()
+            raise UpstreamError(f"the portal is unreachable: {exc}") from None
+        finally:
+            self._metrics.upstream_duration.observe(time.perf_counter() - started)
+        return Refusal(status, payload, encoding,
+                       error_code(payload, encoding) if status != 200 else None)

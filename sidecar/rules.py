@@ -1,0 +1,200 @@
+"""Pure request rules: which targets are REST calls, what of the client's is stripped before
+forwarding (its own credentials, hop-by-hop headers), and which Host and Origin are served."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.errors import BadRequest, NotFound, Refused
+
+# /rest/<method>[.json|.xml] and the inbound-webhook shape /rest/<user>/<code>/<method>[.json|.xml].
+# Matched on the raw request target: no percent-escape, dot segment or second slash gets through.
+_PATH_RE = re.compile(
+    r"/rest/(?:\d{1,10}/[A-Za-z0-9_]{1,64}/)?"
+    r"(?P<method>[A-Za-z][A-Za-z0-9_]{0,63}(?:\.[A-Za-z0-9_]{1,64}){0,15}?)"
+    r"(?P<suffix>\.json|\.xml)?",
+    re.IGNORECASE,
+)
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CLIENT_AUTH_PARAMS = frozenset({"auth", "access_token"})
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade"}
+)
+# Not forwarded upstream: hop-by-hop headers, the client's own credentials, and what the
+# client library computes for its own connection.
+# aiohttp's server has already decoded a compressed request body, so its Content-Encoding goes.
+DROP_REQUEST = HOP_BY_HOP | {
+    "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
+    "x-request-id",  # ours replaces it
+}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a client asked for: a REST method, its output format, and the raw query string."""
+
+    method: str
+    suffix: str
+    query: str
+
+
+def parse_target(raw: str) -> Target:
+    """Split and check the raw request target; raise NotFound or BadRequest."""
+    path, _, query = raw.partition("?")
+    if not path.startswith("/rest/"):
+        raise NotFound(f"bitrix-sidecar serves /rest/<method> only, not {show(path)}")
+    match = _PATH_RE.fullmatch(path)
+    if match is None:
+        raise BadRequest(
+            f"{show(path)} is not a REST method address: use /rest/<method>, "
+            "/rest/<method>.json or /rest/<user_id>/<code>/<method>"
+        )
+    if any(c in query for c in "\r\n\0#"):
+        raise BadRequest("the query string holds control characters")
+    return Target(match["method"], (match["suffix"] or "").lower(), query)
+
+
+def show(text: str) -> str:
+    """Quote a piece of client input safely for an error description."""
+    return json.dumps(text[:120])
+
+
+def _param_name(segment: bytes | str) -> str:
+    """Return the base name of a urlencoded ``key=value`` segment (``auth[x]`` -> ``auth``)."""
+    text = segment.decode("latin-1") if isinstance(segment, bytes) else segment
+    name = unquote_plus(text.partition("=")[0])
+    return name.partition("[")[0].strip().lower()
+
+
+def strip_query_auth(query: str) -> str:
+    """Drop ``auth`` and ``access_token`` parameters from a raw query string, keep the rest raw."""
+    lowered = query.lower()
+    if "auth" not in lowered and "access_token" not in lowered and "%" not in query:
+        return query
+    return "&".join(
+        seg for seg in query.split("&") if seg and _param_name(seg) not in _CLIENT_AUTH_PARAMS
+    )
+
+
+def strip_body_auth(body: bytes, content_type: str) -> bytes:
+    """Drop the client's ``auth``/``access_token`` from a form, JSON or multipart body."""
+    lowered = body.lower()
+    # JSON may spell a key with \u escapes, forms with %-escapes: those are parsed too.
+    if not body or (b"auth" not in lowered and b"\\u" not in body and b"%" not in body):
+        return body
+    if content_type == "application/x-www-form-urlencoded":
+        return b"&".join(
+            seg for seg in body.split(b"&")
+            if seg and _param_name(seg) not in _CLIENT_AUTH_PARAMS
+        )
+    if content_type == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest("the body is not valid JSON") from None
+        if isinstance(data, dict) and any(k.lower() in _CLIENT_AUTH_PARAMS for k in data):
+            data = {k: v for k, v in data.items() if k.lower() not in _CLIENT_AUTH_PARAMS}
+            # ASCII escapes carry any string, lone surrogates included, unchanged in meaning.
+            return json.dumps(data).encode()
+    return body
+
+
+_PART_NAME_RE = re.compile(rb'\bname\s*=\s*(?:"([^"]*)"|([^\s;]+))')
+_PART_HEAD_MAX = 8192  # a part's header block longer than this is not a form field
+_BOUNDARY_RE = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
+
+
+def multipart_boundary(content_type: str) -> str:
+    """Return the boundary parameter of a multipart content type ('' if none)."""
+    match = _BOUNDARY_RE.search(content_type)
+    return (match.group(1) or match.group(2)) if match else ""
+
+
+def strip_multipart_auth(body: bytes, boundary: str) -> bytes:
+    """Drop ``auth``/``access_token`` parts of a multipart body, keeping the others byte-exact."""
+    if not boundary.isascii():
+        raise BadRequest("the multipart boundary is not ASCII")
+    delimiter = b"--" + boundary.encode("ascii")
+    pieces = body.split(delimiter)
+    kept = [pieces[0]]
+    for piece in pieces[1:]:
+        head = piece[:_PART_HEAD_MAX].split(b"\r\n\r\n", 1)[0].lower()
+        # Line by line, so a hostile header block costs linear time, not quadratic.
+        disposition = next((line for line in head.split(b"\r\n")
+                            if line.lstrip().startswith(b"content-disposition:")), b"")
+        name = _PART_NAME_RE.search(disposition)
+        value = (name.group(1) or name.group(2) or b"") if name else b""
+        if value.partition(b"[")[0].strip().decode("latin-1") in _CLIENT_AUTH_PARAMS:
+            continue
+        kept.append(piece)
+    return delimiter.join(kept)
+
+
+class HostPolicy:
+    """Refuse browsers on other sites (CSRF) and foreign Host names (DNS rebinding).
+
+    Whoever reaches the port acts as the app, so a web page must not make a browser do it.
+    """
+
+    def __init__(self, listen_host: str, allowed_hosts: tuple[str, ...]) -> None:
+        self._hosts = frozenset({"localhost", "::1", listen_host.lower(),
+                                 *allowed_hosts}) - {"0.0.0.0", "::", ""}  # noqa: S104
+
+    def check(self, headers: CIMultiDictProxy[str] | CIMultiDict[str], host_header: str) -> None:
+        """Raise Refused unless the request comes from a served Host and no foreign page."""
+        site = headers.get("Sec-Fetch-Site", "")
+        if site in ("cross-site", "same-site"):
+            raise Refused("a browser request from another site is refused")
+        origin = headers.get("Origin")
+        if origin is not None:
+            try:
+                origin_host = URL(origin).host or ""
+            except ValueError:
+                origin_host = ""  # unparsable: as foreign as it gets
+            if not self.allowed(origin_host):
+                raise Refused("a request from a foreign Origin is refused")
+        host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else (
+            host_header[1:].split("]", 1)[0]
+        )
+        if not self.allowed(host):
+            raise Refused(
+                f"Host {show(host_header)} is not served: call 127.0.0.1 or localhost, or add "
+                "the name to SIDECAR_ALLOWED_HOSTS"
+            )
+
+    def allowed(self, host: str) -> bool:
+        """Say whether a host name or address literal is served."""
+        host = host.lower().strip("[]")
+        if host in self._hosts or "*" in self._hosts:
+            return True
+        try:
+            # Only an address literal can be loopback: "127.0.0.1.evil.example" is a name.
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
+                   drop: frozenset[str]) -> list[tuple[str, str]]:
+    """Copy headers less ``drop`` and whatever the Connection header names as hop-by-hop."""
+    connection = headers.getall("Connection", ())
+    if connection:
+        drop = drop | {name.strip().lower() for value in connection
+                       for name in value.split(",")}
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+
+
+def response_headers(headers: CIMultiDict[str], request_id: str) -> list[tuple[str, str]]:
+    """The portal's answer headers as relayed to the client."""
+    out = filter_headers(headers, DROP_RESPONSE)
+    out.append(("X-Request-ID", request_id))
+    return out
