@@ -28,6 +28,8 @@ import aiohttp
 from bench.common import CLIENT_ID, CLIENT_SECRET, sidecar
 from sidecar.emulator import Emulator, run_emulator
 
+HERE = str(Path(__file__).resolve().parent.parent)  # this checkout
+
 
 async def storm(base: str, calls: int) -> tuple[float, Counter[int]]:
     """Make ``calls`` concurrent calls; return the seconds until the last answer and statuses."""
@@ -77,7 +79,7 @@ async def main() -> None:
     args = parser.parse_args()
     # The sidecar runs as `python -m sidecar`, which puts its working directory first on its
     # path: work from a neutral one, and name each checkout on PYTHONPATH.
-    here = str(Path(__file__).resolve().parent.parent)
+    here = HERE
     os.chdir(tempfile.gettempdir())
     variants = {"this checkout": here}
     if args.before:
