@@ -42,8 +42,7 @@ _DEAD = {State.REAUTHORIZATION_REQUIRED, State.CLIENT_REJECTED}
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.NOT_AUTHORIZED: frozenset({State.VALID, State.REAUTHORIZATION_REQUIRED}),
     State.VALID: frozenset({State.VALID, State.REFRESHING, State.NOT_AUTHORIZED, *_DEAD}),
-    State.REFRESHING: frozenset({State.REFRESHING, State.VALID, State.FAILING,
-                                 State.NOT_AUTHORIZED, *_DEAD}),
+    State.REFRESHING: frozenset({State.VALID, State.FAILING, State.NOT_AUTHORIZED, *_DEAD}),
     State.FAILING: frozenset({State.VALID, State.REFRESHING, State.NOT_AUTHORIZED, *_DEAD}),
     State.REAUTHORIZATION_REQUIRED: frozenset({State.VALID, State.REAUTHORIZATION_REQUIRED,
                                                State.NOT_AUTHORIZED}),
@@ -142,7 +141,9 @@ class Life:
             self.move(State.FAILING if self.failures else State.VALID)
 
     def revoked(self, description: str, *, now: float) -> None:
-        """The app was uninstalled: the pair is dead."""
+        """The app was uninstalled: the pair is dead (there must be one to kill)."""
+        if self.pair is None:
+            raise IllegalTransition(self.state, State.REAUTHORIZATION_REQUIRED)
         self.failures += 1
         self.stored = replace(self.stored, reauth_required=True, last_error=description,
                               last_error_at=now)
