@@ -11,9 +11,9 @@ from sidecar.emulator.portal import (
     PAGE_SIZE,
     Emulator,
     EmulatorStats,
+    IssuedPair,
     OAuthFailure,
     RestCall,
-    TokenPair,
     render_xml,
     run_emulator,
 )
@@ -24,9 +24,9 @@ __all__ = [
     "PAGE_SIZE",
     "Emulator",
     "EmulatorStats",
+    "IssuedPair",
     "OAuthFailure",
     "RestCall",
-    "TokenPair",
     "render_xml",
     "run_emulator",
 ]

@@ -35,9 +35,9 @@ __all__ = [
     "PAGE_SIZE",
     "Emulator",
     "EmulatorStats",
+    "IssuedPair",
     "OAuthFailure",
     "RestCall",
-    "TokenPair",
     "render_xml",
     "run_emulator",
 ]
@@ -119,7 +119,7 @@ class RestCall:
 
 
 @dataclass(frozen=True)
-class TokenPair:
+class IssuedPair:
     """A token pair whose refresh token is still usable."""
 
     client_id: str
@@ -181,13 +181,15 @@ class _Caller:
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class MethodResult:
+    """What a method returns: its result and, for a list, the next page's offset and the total."""
+
     result: Any
     next: int | None = None
     total: int | None = None
 
 
-_Handler = Callable[[_Caller, dict[str, Any]], _Outcome]
+_Handler = Callable[[_Caller, dict[str, Any]], MethodResult]
 
 
 @dataclass(frozen=True)
@@ -599,13 +601,15 @@ class Emulator:
         """Create an inbound webhook served at /rest/{user_id}/{code}/{method}."""
         self._webhooks.add((user_id, code))
 
-    def current_tokens(self) -> list[TokenPair]:
+    def current_tokens(self) -> list[IssuedPair]:
         """List the pairs whose refresh token is still usable, oldest first."""
-        pairs: list[TokenPair] = []
+        pairs: list[IssuedPair] = []
         for refresh_token, refresh in self._refresh.items():
             access = self._access.get(refresh.access_token)
             expires = access.expires_at if access is not None else 0.0
-            pairs.append(TokenPair(refresh.client_id, refresh.access_token, refresh_token, expires))
+            pairs.append(
+                IssuedPair(refresh.client_id, refresh.access_token, refresh_token, expires)
+            )
         return pairs
 
     @property
@@ -811,7 +815,7 @@ class Emulator:
         self._bucket_level += 1
         return True
 
-    def _run(self, caller: _Caller, method: str, params: dict[str, Any]) -> _Outcome:
+    def _run(self, caller: _Caller, method: str, params: dict[str, Any]) -> MethodResult:
         """Run a known method for a caller, checking its scope."""
         spec = self._methods[method]
         if spec.scope is not None and caller.scope is not None and spec.scope not in caller.scope:
@@ -873,15 +877,15 @@ class Emulator:
                 })
             if self.call_delay > 0:
                 await asyncio.sleep(self.call_delay)
-            outcome = self._run(caller, route.method, params)
+            answer = self._run(caller, route.method, params)
         except RestError as exc:
             return _render(route.fmt, exc.status, exc.body())
         finish = self.clock()
-        payload: dict[str, Any] = {"result": outcome.result}
-        if outcome.next is not None:
-            payload["next"] = outcome.next
-        if outcome.total is not None:
-            payload["total"] = outcome.total
+        payload: dict[str, Any] = {"result": answer.result}
+        if answer.next is not None:
+            payload["next"] = answer.next
+        if answer.total is not None:
+            payload["total"] = answer.total
         payload["time"] = _time_block(start, finish)
         response = _render(route.fmt, 200, payload)
         response.headers["X-Bitrix-Rest-Application"] = caller.client_id or "webhook"
@@ -910,9 +914,9 @@ class Emulator:
 
     # -- methods -------------------------------------------------------------------------------
 
-    def _profile(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _profile(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `profile` for the fixed admin user."""
-        return _Outcome(
+        return MethodResult(
             {
                 "ID": str(caller.user_id),
                 "ADMIN": True,
@@ -924,9 +928,9 @@ class Emulator:
             }
         )
 
-    def _user_current(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _user_current(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `user.current` for the fixed admin user."""
-        return _Outcome(
+        return MethodResult(
             {
                 "ID": str(caller.user_id),
                 "XML_ID": None,
@@ -944,10 +948,10 @@ class Emulator:
             }
         )
 
-    def _app_info(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _app_info(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `app.info` for the calling application."""
         app = self._apps.get(caller.client_id) if caller.client_id is not None else None
-        return _Outcome(
+        return MethodResult(
             {
                 "ID": "1",
                 "CODE": app.client_id if app is not None else "",
@@ -1017,7 +1021,7 @@ class Emulator:
             raise RestError(400, "", "Not found")
         return lead_id, lead
 
-    def _lead_add(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _lead_add(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Create a lead; the result is its new integer ID."""
         fields = _fields_param(params)
         lead_id = self._next_lead_id
@@ -1035,28 +1039,28 @@ class Emulator:
         }
         self._apply_fields(lead, fields)
         self._leads[lead_id] = lead
-        return _Outcome(lead_id)
+        return MethodResult(lead_id)
 
-    def _lead_get(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _lead_get(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Return one lead by `id`."""
         _, lead = self._find_lead(params)
-        return _Outcome(self._lead_view(lead))
+        return MethodResult(self._lead_view(lead))
 
-    def _lead_update(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _lead_update(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Update a lead's fields; the result is true."""
         _, lead = self._find_lead(params)
         fields = _fields_param(params)
         lead["MODIFY_BY_ID"] = str(caller.user_id)
         self._apply_fields(lead, fields)
-        return _Outcome(True)
+        return MethodResult(True)
 
-    def _lead_delete(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _lead_delete(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Delete a lead; the result is true."""
         lead_id, _ = self._find_lead(params)
         del self._leads[lead_id]
-        return _Outcome(True)
+        return MethodResult(True)
 
-    def _lead_list(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _lead_list(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """List leads in pages of 50 with filter, select, order and `start`."""
         conditions = params.get("filter")
         views = [self._lead_view(lead) for lead in self._leads.values()]
@@ -1082,11 +1086,11 @@ class Emulator:
         start = int(_number(params.get("start")) or 0)
         if start == -1:
             # start=-1 asks Bitrix to skip counting: one page, no next, no total.
-            return _Outcome([pick(v) for v in views[:PAGE_SIZE]])
+            return MethodResult([pick(v) for v in views[:PAGE_SIZE]])
         start = max(0, start)
         page = [pick(v) for v in views[start : start + PAGE_SIZE]]
         more = start + PAGE_SIZE < len(views)
-        return _Outcome(page, next=start + PAGE_SIZE if more else None, total=len(views))
+        return MethodResult(page, next=start + PAGE_SIZE if more else None, total=len(views))
 
     def _resolve_refs(self, value: Any, results: Mapping[str, Any]) -> Any:
         """Replace `$result[key][field]` references to earlier batch results."""
@@ -1116,7 +1120,7 @@ class Emulator:
             return lookup(whole)
         return _RESULT_REF.sub(lambda m: str(lookup(m)), value)
 
-    def _batch(self, caller: _Caller, params: dict[str, Any]) -> _Outcome:
+    def _batch(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
         """Run up to 50 commands, each as if called alone; later ones get LENGTH_EXCEEDED."""
         cmd = params.get("cmd")
         halt = _truthy(params.get("halt", 0))
@@ -1149,19 +1153,19 @@ class Emulator:
                 if method not in self._methods:
                     raise RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
                 command_params = self._resolve_refs(phpquery.parse_qs(query), results)
-                outcome = self._run(caller, method, command_params)
+                answer = self._run(caller, method, command_params)
             except RestError as exc:
                 errors[key] = exc.body()
                 if halt:
                     break
                 continue
-            results[key] = outcome.result
-            if outcome.total is not None:
-                totals[key] = outcome.total
-            if outcome.next is not None:
-                nexts[key] = outcome.next
+            results[key] = answer.result
+            if answer.total is not None:
+                totals[key] = answer.total
+            if answer.next is not None:
+                nexts[key] = answer.next
             times[key] = _time_block(start, self.clock())
-        return _Outcome(
+        return MethodResult(
             {
                 "result": _php_map(results),
                 "result_error": _php_map(errors),
