@@ -9,25 +9,39 @@ from __future__ import annotations
 import asyncio
 import collections
 import html
-import json
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.message import Message
-from email.parser import BytesParser
-from email.policy import HTTP
-from email.utils import collapse_rfc2231_value
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 from yarl import URL
 
 from sidecar import phpquery
+from sidecar.emulator.model import (
+    Caller,
+    EmulatorStats,
+    Method,
+    MethodResult,
+    OAuthFailure,
+    RestCall,
+    RestError,
+)
+from sidecar.emulator.wire import (
+    Route,
+    body_params,
+    credentials,
+    iso,
+    json_response,
+    parse_route,
+    render,
+    render_xml,
+    time_block,
+)
 
 __all__ = [
     "BATCH_MAX_LENGTH",
@@ -42,18 +56,10 @@ __all__ = [
     "run_emulator",
 ]
 
-OAuthFailure = Literal["html", "garbage", "500", "invalid_client", "slow", "reset"]
-TokenSource = Literal["header", "auth", "access_token", "webhook"]
-OutputFormat = Literal["json", "xml"]
-
 PAGE_SIZE = 50
 BATCH_MAX_LENGTH = 50
-# Bitrix reports the operating-time budget over a 10-minute window.
-_OPERATING_WINDOW = 600
-
 _Ordered = TypeVar("_Ordered", float, str)
 
-_XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _FILTER_KEY = re.compile(r"(>=|<=|!=|>|<|!|=|%)?(.*)", re.DOTALL)
 _RESULT_REF = re.compile(r"\$result\[([^\]]+)\]((?:\[[^\]]*\])*)")
 _REF_SEGMENT = re.compile(r"\[([^\]]*)\]")
@@ -84,40 +90,6 @@ _MULTI_FIELDS = ("PHONE", "EMAIL", "WEB", "IM")
 _READ_ONLY_FIELDS = frozenset({"ID", "DATE_CREATE", "DATE_MODIFY", "HAS_PHONE", "HAS_EMAIL"})
 
 
-@dataclass
-class EmulatorStats:
-    """Counters a test reads to see what the sidecar did upstream."""
-
-    # Every /oauth/token/ request, keyed by the grant_type it named ("" when none).
-    token_requests: collections.Counter[str] = field(default_factory=collections.Counter)
-    # Refresh grants that issued a new pair; refresh_rejected counts all other refresh answers
-    # (injected failures included), so the two add up to token_requests["refresh_token"].
-    refresh_ok: int = 0
-    refresh_rejected: int = 0
-    # Method runs: requests that passed auth and the rate limit, plus each dispatched batch command.
-    rest_calls: collections.Counter[str] = field(default_factory=collections.Counter)
-    limited: int = 0
-    upstream_requests: int = 0
-    # 429 OPERATION_TIME_LIMIT answers sent for methods blocked with block_method().
-    time_limited: int = 0
-
-
-@dataclass(frozen=True)
-class RestCall:
-    """One REST HTTP request as the emulator received it."""
-
-    method: str
-    http_method: str
-    path: str
-    query: str
-    params: dict[str, Any]
-    token: str | None
-    token_source: TokenSource | None
-    headers: dict[str, str]
-    body: bytes
-    fmt: OutputFormat
-
-
 @dataclass(frozen=True)
 class IssuedPair:
     """A token pair whose refresh token is still usable."""
@@ -126,21 +98,6 @@ class IssuedPair:
     access_token: str
     refresh_token: str
     expires: float
-
-
-class RestError(Exception):
-    """A Bitrix error answer: HTTP status plus the error body."""
-
-    def __init__(self, status: int, error: str, description: str) -> None:
-        """Keep the status and body fields."""
-        super().__init__(f"{status} {error}: {description}")
-        self.status = status
-        self.error = error
-        self.description = description
-
-    def body(self) -> dict[str, str]:
-        """Return the JSON error body."""
-        return {"error": self.error, "error_description": self.description}
 
 
 @dataclass
@@ -171,63 +128,6 @@ class _Refresh:
     access_token: str
 
 
-@dataclass(frozen=True)
-class _Caller:
-    """Who is calling: an app by token, or a webhook user (client_id None, any scope)."""
-
-    client_id: str | None
-    scope: frozenset[str] | None
-    user_id: int
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    """What a method returns: its result and, for a list, the next page's offset and the total."""
-
-    result: Any
-    next: int | None = None
-    total: int | None = None
-
-
-_Handler = Callable[[_Caller, dict[str, Any]], MethodResult]
-
-
-@dataclass(frozen=True)
-class _Method:
-    scope: str | None
-    handler: _Handler
-
-
-@dataclass(frozen=True)
-class _Route:
-    """What a /rest/ path names."""
-
-    method: str
-    fmt: OutputFormat
-    webhook: tuple[int, str] | None
-    known_shape: bool
-
-
-def _iso(ts: float) -> str:
-    """Format a unix time the way Bitrix dates look."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def _time_block(start: float, finish: float) -> dict[str, Any]:
-    """Build the `time` object Bitrix adds to successful answers."""
-    duration = max(0.0, finish - start)
-    return {
-        "start": start,
-        "finish": finish,
-        "duration": duration,
-        "processing": duration,
-        "date_start": _iso(start),
-        "date_finish": _iso(finish),
-        "operating_reset_at": int(start) + _OPERATING_WINDOW,
-        "operating": 0,
-    }
-
-
 def _php_map(items: dict[str, Any]) -> Any:
     """Serialize a keyed map as PHP's json_encode would: `[]` when empty, a list when 0..n-1."""
     if all(key == str(i) for i, key in enumerate(items)):
@@ -240,79 +140,6 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value not in ("", "0")
     return bool(value)
-
-
-def _parse_route(tail: str) -> _Route:
-    """Split the part after /rest/ into method, output format and webhook credentials."""
-    parts = tail.split("/")
-    webhook: tuple[int, str] | None = None
-    if len(parts) == 3 and parts[0].isascii() and parts[0].isdigit():
-        webhook = (int(parts[0]), parts[1])
-        name = parts[2]
-    elif len(parts) == 1:
-        name = parts[0]
-    else:
-        return _Route(tail.lower(), "json", None, known_shape=False)
-    name = name.lower()
-    fmt: OutputFormat = "json"
-    if name.endswith(".json"):
-        name = name[: -len(".json")]
-    elif name.endswith(".xml"):
-        name = name[: -len(".xml")]
-        fmt = "xml"
-    return _Route(name, fmt, webhook, known_shape=bool(name))
-
-
-def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
-    """Read multipart/form-data fields; file parts become {filename, size}."""
-    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-    message = BytesParser(policy=HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        return {}
-    pairs: list[tuple[str, str]] = []
-    payload = message.get_payload()
-    parts = [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
-    for part in parts:
-        raw_name = part.get_param("name", header="content-disposition")
-        if raw_name is None:
-            continue
-        name = collapse_rfc2231_value(raw_name)
-        content = part.get_payload(decode=True)
-        data = content if isinstance(content, bytes) else b""
-        filename = part.get_filename()
-        if filename is not None:
-            pairs.append((f"{name}[filename]", filename))
-            pairs.append((f"{name}[size]", str(len(data))))
-        else:
-            charset = part.get_content_charset() or "utf-8"
-            pairs.append((name, data.decode(charset, "replace")))
-    return phpquery.parse(pairs)
-
-
-def _xml_text(value: Any) -> str:
-    """Render a value's content the way PHP would stringify it in XML."""
-    if isinstance(value, Mapping):
-        return "".join(_xml_element(str(k), v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return "".join(_xml_element("item", v) for v in value)
-    if isinstance(value, bool):
-        # PHP prints true as 1 and false as an empty string.
-        return "1" if value else ""
-    if value is None:
-        return ""
-    return html.escape(str(value), quote=False)
-
-
-def _xml_element(name: str, value: Any) -> str:
-    """Render one element, falling back to <item key="..."> for keys that are not XML names."""
-    if _XML_NAME.fullmatch(name) and not name.lower().startswith("xml"):
-        return f"<{name}>{_xml_text(value)}</{name}>"
-    return f'<item key="{html.escape(name)}">{_xml_text(value)}</item>'
-
-
-def render_xml(payload: Mapping[str, Any]) -> str:
-    """Render a response body as the minimal XML document Bitrix's .xml suffix asks for."""
-    return f'<?xml version="1.0" encoding="UTF-8"?><response>{_xml_text(payload)}</response>'
 
 
 def _number(value: Any) -> float | None:
@@ -477,16 +304,16 @@ class Emulator:
         self._leads: dict[int, dict[str, Any]] = {}
         self._next_lead_id = 1
         self._next_multi_id = 1
-        self._methods: dict[str, _Method] = {
-            "batch": _Method(None, self._batch),
-            "profile": _Method(None, self._profile),
-            "user.current": _Method("user", self._user_current),
-            "app.info": _Method(None, self._app_info),
-            "crm.lead.add": _Method("crm", self._lead_add),
-            "crm.lead.get": _Method("crm", self._lead_get),
-            "crm.lead.list": _Method("crm", self._lead_list),
-            "crm.lead.update": _Method("crm", self._lead_update),
-            "crm.lead.delete": _Method("crm", self._lead_delete),
+        self._methods: dict[str, Method] = {
+            "batch": Method(None, self._batch),
+            "profile": Method(None, self._profile),
+            "user.current": Method("user", self._user_current),
+            "app.info": Method(None, self._app_info),
+            "crm.lead.add": Method("crm", self._lead_add),
+            "crm.lead.get": Method("crm", self._lead_get),
+            "crm.lead.list": Method("crm", self._lead_list),
+            "crm.lead.update": Method("crm", self._lead_update),
+            "crm.lead.delete": Method("crm", self._lead_delete),
         }
 
     # -- test controls -------------------------------------------------------------------------
@@ -696,9 +523,9 @@ class Emulator:
             return web.Response(status=200, text="this is not JSON {", content_type="text/plain")
         if failure == "500":
             error = RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
-            return _json_response(error.status, error.body())
+            return json_response(error.status, error.body())
         if failure == "invalid_client":
-            return _json_response(
+            return json_response(
                 401, {"error": "invalid_client", "error_description": "Invalid client credentials"}
             )
         # "reset": drop the connection; aiohttp quietly discards the response written after it.
@@ -727,10 +554,10 @@ class Emulator:
         except RestError as exc:
             if is_refresh:
                 self.stats.refresh_rejected += 1
-            return _json_response(exc.status, exc.body())
+            return json_response(exc.status, exc.body())
         if is_refresh:
             self.stats.refresh_ok += 1
-        return _json_response(200, body)
+        return json_response(200, body)
 
     async def _handle_authorize(self, request: web.Request) -> web.Response:
         """Auto-approve /oauth/authorize/: redirect with a code, or show it on a page."""
@@ -766,29 +593,12 @@ class Emulator:
 
     # -- REST ----------------------------------------------------------------------------------
 
-    def _credentials(
-        self, request: web.Request, params: Mapping[str, Any], route: _Route
-    ) -> tuple[str | None, TokenSource | None]:
-        """Find the token the server would use, by its priority: header, auth, access_token."""
-        if route.webhook is not None:
-            return None, "webhook"
-        scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip(), "header"
-        auth = params.get("auth")
-        if isinstance(auth, str) and auth:
-            return auth, "auth"
-        access_token = params.get("access_token")
-        if isinstance(access_token, str) and access_token:
-            return access_token, "access_token"
-        return None, None
-
-    def _authenticate(self, route: _Route, token: str | None) -> _Caller:
+    def _authenticate(self, route: Route, token: str | None) -> Caller:
         """Check webhook credentials or the access token; raise the Bitrix 401 on failure."""
         if route.webhook is not None:
             if route.webhook not in self._webhooks:
                 raise RestError(401, "INVALID_CREDENTIALS", "Invalid request credentials")
-            return _Caller(None, None, route.webhook[0])
+            return Caller(None, None, route.webhook[0])
         if token is None:
             raise RestError(401, "NO_AUTH_FOUND", "Wrong authorization data")
         access = self._access.get(token)
@@ -798,7 +608,7 @@ class Emulator:
             raise RestError(401, "expired_token", "The access token provided has expired.")
         app = self._apps[access.client_id]
         scope = frozenset(s.strip() for s in app.scope.split(",") if s.strip())
-        return _Caller(app.client_id, scope, 1)
+        return Caller(app.client_id, scope, 1)
 
     def _admit(self) -> bool:
         """Pass one request through the leaky bucket, or refuse it when the bucket is full."""
@@ -815,7 +625,7 @@ class Emulator:
         self._bucket_level += 1
         return True
 
-    def _run(self, caller: _Caller, method: str, params: dict[str, Any]) -> MethodResult:
+    def _run(self, caller: Caller, method: str, params: dict[str, Any]) -> MethodResult:
         """Run a known method for a caller, checking its scope."""
         spec = self._methods[method]
         if spec.scope is not None and caller.scope is not None and spec.scope not in caller.scope:
@@ -831,14 +641,14 @@ class Emulator:
         """Serve /rest/...: log, check method, auth and rate limit, run, render."""
         start = self.clock()
         body = await request.read()
-        route = _parse_route(request.match_info["tail"])
+        route = parse_route(request.match_info["tail"])
         params: dict[str, Any] = phpquery.parse_qs(request.rel_url.raw_query_string)
         body_error: str | None = None
         try:
-            params |= self._body_params(request, body)
+            params |= body_params(request, body)
         except ValueError as exc:
             body_error = str(exc)
-        token, source = self._credentials(request, params, route)
+        token, source = credentials(request, params, route)
         self.stats.upstream_requests += 1
         self.rest_log.append(
             RestCall(
@@ -868,53 +678,33 @@ class Emulator:
             blocked_until = self._blocked.get(route.method, 0.0)
             if self.clock() < blocked_until:
                 self.stats.time_limited += 1
-                time_block = _time_block(start, self.clock())
-                time_block |= {"operating": 480, "operating_reset_at": int(blocked_until)}
-                return _render(route.fmt, 429, {
+                spent = time_block(start, self.clock())
+                spent |= {"operating": 480, "operating_reset_at": int(blocked_until)}
+                return render(route.fmt, 429, {
                     "error": "OPERATION_TIME_LIMIT",
                     "error_description": "Method is blocked due to operation time limit.",
-                    "time": time_block,
+                    "time": spent,
                 })
             if self.call_delay > 0:
                 await asyncio.sleep(self.call_delay)
             answer = self._run(caller, route.method, params)
         except RestError as exc:
-            return _render(route.fmt, exc.status, exc.body())
+            return render(route.fmt, exc.status, exc.body())
         finish = self.clock()
         payload: dict[str, Any] = {"result": answer.result}
         if answer.next is not None:
             payload["next"] = answer.next
         if answer.total is not None:
             payload["total"] = answer.total
-        payload["time"] = _time_block(start, finish)
-        response = _render(route.fmt, 200, payload)
+        payload["time"] = time_block(start, finish)
+        response = render(route.fmt, 200, payload)
         response.headers["X-Bitrix-Rest-Application"] = caller.client_id or "webhook"
         response.headers["X-Bitrix-Rest-Time"] = f"{max(0.0, finish - start):.6f}"
         return response
 
-    def _body_params(self, request: web.Request, body: bytes) -> dict[str, Any]:
-        """Parse a request body by its content type; raise ValueError for unreadable JSON."""
-        if not body:
-            return {}
-        content_type = request.content_type
-        if content_type == "application/x-www-form-urlencoded":
-            return phpquery.parse_qs(body.decode("utf-8", "replace"))
-        if content_type == "multipart/form-data":
-            return _parse_multipart(request.headers.get("Content-Type", ""), body)
-        if content_type == "application/json" or content_type.endswith("+json"):
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise ValueError("Request body is not valid JSON") from None
-            if not isinstance(data, dict):
-                raise ValueError("Request body must be a JSON object")
-            return data
-        # PHP fills no parameters from bodies of other types.
-        return {}
-
     # -- methods -------------------------------------------------------------------------------
 
-    def _profile(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _profile(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `profile` for the fixed admin user."""
         return MethodResult(
             {
@@ -928,7 +718,7 @@ class Emulator:
             }
         )
 
-    def _user_current(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _user_current(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `user.current` for the fixed admin user."""
         return MethodResult(
             {
@@ -948,7 +738,7 @@ class Emulator:
             }
         )
 
-    def _app_info(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _app_info(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `app.info` for the calling application."""
         app = self._apps.get(caller.client_id) if caller.client_id is not None else None
         return MethodResult(
@@ -1001,7 +791,7 @@ class Emulator:
                 lead[key] = self._merge_multi(lead.get(key), value, key)
             else:
                 lead[key] = _stored(value)
-        lead["DATE_MODIFY"] = _iso(self.clock())
+        lead["DATE_MODIFY"] = iso(self.clock())
 
     def _lead_view(self, lead: Mapping[str, Any]) -> dict[str, Any]:
         """Return a lead as crm.lead.get shows it: all standard fields, then extras."""
@@ -1021,12 +811,12 @@ class Emulator:
             raise RestError(400, "", "Not found")
         return lead_id, lead
 
-    def _lead_add(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _lead_add(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Create a lead; the result is its new integer ID."""
         fields = _fields_param(params)
         lead_id = self._next_lead_id
         self._next_lead_id += 1
-        now = _iso(self.clock())
+        now = iso(self.clock())
         user = str(caller.user_id)
         lead: dict[str, Any] = {
             "ID": str(lead_id),
@@ -1041,12 +831,12 @@ class Emulator:
         self._leads[lead_id] = lead
         return MethodResult(lead_id)
 
-    def _lead_get(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _lead_get(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Return one lead by `id`."""
         _, lead = self._find_lead(params)
         return MethodResult(self._lead_view(lead))
 
-    def _lead_update(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _lead_update(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Update a lead's fields; the result is true."""
         _, lead = self._find_lead(params)
         fields = _fields_param(params)
@@ -1054,13 +844,13 @@ class Emulator:
         self._apply_fields(lead, fields)
         return MethodResult(True)
 
-    def _lead_delete(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _lead_delete(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Delete a lead; the result is true."""
         lead_id, _ = self._find_lead(params)
         del self._leads[lead_id]
         return MethodResult(True)
 
-    def _lead_list(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _lead_list(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """List leads in pages of 50 with filter, select, order and `start`."""
         conditions = params.get("filter")
         views = [self._lead_view(lead) for lead in self._leads.values()]
@@ -1120,7 +910,7 @@ class Emulator:
             return lookup(whole)
         return _RESULT_REF.sub(lambda m: str(lookup(m)), value)
 
-    def _batch(self, caller: _Caller, params: dict[str, Any]) -> MethodResult:
+    def _batch(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Run up to 50 commands, each as if called alone; later ones get LENGTH_EXCEEDED."""
         cmd = params.get("cmd")
         halt = _truthy(params.get("halt", 0))
@@ -1143,7 +933,7 @@ class Emulator:
                 if not isinstance(command, str):
                     raise RestError(400, "ERROR_ARGUMENT", "Batch command must be a string")
                 name, _, query = command.partition("?")
-                method = _parse_route(name.strip().lstrip("/")).method
+                method = parse_route(name.strip().lstrip("/")).method
                 if method == "batch":
                     raise RestError(
                         405,
@@ -1164,7 +954,7 @@ class Emulator:
                 totals[key] = answer.total
             if answer.next is not None:
                 nexts[key] = answer.next
-            times[key] = _time_block(start, self.clock())
+            times[key] = time_block(start, self.clock())
         return MethodResult(
             {
                 "result": _php_map(results),
@@ -1177,22 +967,6 @@ class Emulator:
 
 
 EMULATOR_KEY = web.AppKey("emulator", Emulator)
-
-
-def _json_response(status: int, payload: Any) -> web.Response:
-    """Answer with a JSON body as Bitrix does (application/json; charset=utf-8)."""
-    return web.Response(
-        status=status,
-        text=json.dumps(payload, ensure_ascii=False),
-        content_type="application/json",
-    )
-
-
-def _render(fmt: OutputFormat, status: int, payload: Mapping[str, Any]) -> web.Response:
-    """Answer in the format the method suffix asked for."""
-    if fmt == "xml":
-        return web.Response(status=status, text=render_xml(payload), content_type="text/xml")
-    return _json_response(status, payload)
 
 
 def _html_page(title: str, body: str) -> str:
