@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import html
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 from yarl import URL
@@ -31,12 +28,12 @@ from sidecar.emulator.model import (
     RestCall,
     RestError,
 )
+from sidecar.emulator.oauth import IssuedPair, OAuthServer
 from sidecar.emulator.wire import (
     Route,
     body_params,
     credentials,
     iso,
-    json_response,
     parse_route,
     render,
     render_xml,
@@ -88,44 +85,6 @@ _LEAD_FIELDS = (
 )
 _MULTI_FIELDS = ("PHONE", "EMAIL", "WEB", "IM")
 _READ_ONLY_FIELDS = frozenset({"ID", "DATE_CREATE", "DATE_MODIFY", "HAS_PHONE", "HAS_EMAIL"})
-
-
-@dataclass(frozen=True)
-class IssuedPair:
-    """A token pair whose refresh token is still usable."""
-
-    client_id: str
-    access_token: str
-    refresh_token: str
-    expires: float
-
-
-@dataclass
-class _App:
-    client_id: str
-    client_secret: str
-    scope: str
-    redirect_uri: str | None
-    application_token: str = field(default_factory=lambda: secrets.token_hex(16))
-
-
-@dataclass
-class _Code:
-    client_id: str
-    issued_at: float
-
-
-@dataclass
-class _Access:
-    client_id: str
-    expires_at: float
-    expired: bool = False
-
-
-@dataclass
-class _Refresh:
-    client_id: str
-    access_token: str
 
 
 def _php_map(items: dict[str, Any]) -> Any:
@@ -280,23 +239,15 @@ class Emulator:
     ) -> None:
         """Set up an empty portal; register apps and webhooks before use."""
         self.clock = clock
-        self.access_ttl = access_ttl
-        self.code_ttl = code_ttl
         self.rate = rate
         self.burst = burst
         self.call_delay = call_delay
-        self.base_url = ""
-        self.member_id = secrets.token_hex(16)
-        self.oauth_failure: OAuthFailure | None = None
-        self.oauth_slow_seconds: float = 5.0
         self.stats = EmulatorStats()
         self.rest_log: list[RestCall] = []
-        self._apps: dict[str, _App] = {}
-        self._codes: dict[str, _Code] = {}
-        self._access: dict[str, _Access] = {}
-        self._refresh: dict[str, _Refresh] = {}
+        self._oauth = OAuthServer(
+            clock=clock, stats=self.stats, access_ttl=access_ttl, code_ttl=code_ttl
+        )
         self._webhooks: set[tuple[int, str]] = set()
-        self._issued: list[str] = []
         self._injected: collections.deque[RestError] = collections.deque()
         self._bucket_level = 0.0
         self._bucket_at: float | None = None
@@ -318,9 +269,55 @@ class Emulator:
 
     # -- test controls -------------------------------------------------------------------------
 
+    @property
+    def base_url(self) -> str:
+        """The address the emulator is served at ("" until bound)."""
+        return self._oauth.base_url
+
+    @property
+    def member_id(self) -> str:
+        """The portal's member_id, as token answers and install events carry it."""
+        return self._oauth.member_id
+
+    @property
+    def access_ttl(self) -> float:
+        """Seconds an access token lives."""
+        return self._oauth.access_ttl
+
+    @access_ttl.setter
+    def access_ttl(self, seconds: float) -> None:
+        self._oauth.access_ttl = seconds
+
+    @property
+    def code_ttl(self) -> float:
+        """Seconds an authorization code can be traded."""
+        return self._oauth.code_ttl
+
+    @code_ttl.setter
+    def code_ttl(self, seconds: float) -> None:
+        self._oauth.code_ttl = seconds
+
+    @property
+    def oauth_failure(self) -> OAuthFailure | None:
+        """A failure every token request answers with, until set back to None."""
+        return self._oauth.failure
+
+    @oauth_failure.setter
+    def oauth_failure(self, failure: OAuthFailure | None) -> None:
+        self._oauth.failure = failure
+
+    @property
+    def oauth_slow_seconds(self) -> float:
+        """How long a token request waits under the "slow" failure."""
+        return self._oauth.slow_seconds
+
+    @oauth_slow_seconds.setter
+    def oauth_slow_seconds(self, seconds: float) -> None:
+        self._oauth.slow_seconds = seconds
+
     def bind(self, base_url: str) -> None:
         """Set the address the emulator is served at, as it appears in tokens and redirects."""
-        self.base_url = base_url.rstrip("/")
+        self._oauth.base_url = base_url.rstrip("/")
 
     def register_app(
         self,
@@ -331,27 +328,22 @@ class Emulator:
         redirect_uri: str | None = None,
     ) -> None:
         """Install an application on the portal."""
-        self._apps[client_id] = _App(client_id, client_secret, scope, redirect_uri)
+        self._oauth.register_app(client_id, client_secret, scope=scope, redirect_uri=redirect_uri)
 
     def issue_code(self, client_id: str) -> str:
         """Issue an authorization code as if a person approved the app in a browser now."""
-        if client_id not in self._apps:
-            raise ValueError(f"unknown client_id {client_id!r}")
-        code = secrets.token_hex(34)
-        self._codes[code] = _Code(client_id, self.clock())
-        self._issued.append(code)
-        return code
+        return self._oauth.issue_code(client_id)
 
     def issue_tokens(self, client_id: str) -> dict[str, Any]:
         """Mint a token pair without a code, as ONAPPINSTALL delivers one; return the token body."""
-        app = self._apps.get(client_id)
-        if app is None:
-            raise ValueError(f"unknown client_id {client_id!r}")
-        return self._issue_pair(app, self.base_url)
+        return self._oauth.issue_tokens(client_id)
 
     def application_token(self, client_id: str) -> str:
         """Return the token the portal signs this app's events with."""
-        return self._apps[client_id].application_token
+        app = self._oauth.app(client_id)
+        if app is None:
+            raise KeyError(client_id)
+        return app.application_token
 
     async def send_install_event(
         self, url: str, client_id: str, *, ui: bool = False, event: str = "ONAPPINSTALL",
@@ -367,7 +359,6 @@ class Emulator:
         import aiohttp  # noqa: PLC0415 - only this test control needs a client
 
         pair = self.issue_tokens(client_id)
-        app = self._apps[client_id]
         authority = URL(self.base_url).raw_authority
         query: dict[str, str] = {}
         if ui:
@@ -381,8 +372,8 @@ class Emulator:
                 "PLACEMENT": "DEFAULT", "PLACEMENT_OPTIONS": "{}",
             }
         else:
-            auth = {**pair, "application_token": application_token or app.application_token,
-                    "domain": authority}
+            signed = application_token or self.application_token(client_id)
+            auth = {**pair, "application_token": signed, "domain": authority}
             if member_id is not None:
                 auth["member_id"] = member_id
             if client_endpoint is not None:
@@ -403,12 +394,11 @@ class Emulator:
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer 401 expired_token."""
-        for access in self._access.values():
-            access.expired = True
+        self._oauth.expire_access_tokens()
 
     def revoke_access_token(self, access_token: str) -> None:
         """Forget one access token, so it answers 401 invalid_token as if rotated away elsewhere."""
-        self._access.pop(access_token, None)
+        self._oauth.revoke_access_token(access_token)
 
     def fail_next_rest(
         self, status: int, error: str, description: str = "Injected failure"
@@ -418,11 +408,11 @@ class Emulator:
 
     def issued_secrets(self) -> list[str]:
         """List every code, access token and refresh token issued so far, oldest first."""
-        return list(self._issued)
+        return self._oauth.issued_secrets()
 
     def revoke_refresh_tokens(self) -> None:
         """Make every refresh token issued so far answer invalid_grant."""
-        self._refresh.clear()
+        self._oauth.revoke_refresh_tokens()
 
     def register_webhook(self, user_id: int, code: str) -> None:
         """Create an inbound webhook served at /rest/{user_id}/{code}/{method}."""
@@ -430,14 +420,7 @@ class Emulator:
 
     def current_tokens(self) -> list[IssuedPair]:
         """List the pairs whose refresh token is still usable, oldest first."""
-        pairs: list[IssuedPair] = []
-        for refresh_token, refresh in self._refresh.items():
-            access = self._access.get(refresh.access_token)
-            expires = access.expires_at if access is not None else 0.0
-            pairs.append(
-                IssuedPair(refresh.client_id, refresh.access_token, refresh_token, expires)
-            )
-        return pairs
+        return self._oauth.current_tokens()
 
     @property
     def leads(self) -> dict[int, dict[str, Any]]:
@@ -449,147 +432,13 @@ class Emulator:
         app = web.Application()
         app[EMULATOR_KEY] = self
         for path in ("/oauth/token/", "/oauth/token"):
-            app.router.add_get(path, self._handle_token, allow_head=False)
-            app.router.add_post(path, self._handle_token)
+            app.router.add_get(path, self._oauth.handle_token, allow_head=False)
+            app.router.add_post(path, self._oauth.handle_token)
         for path in ("/oauth/authorize/", "/oauth/authorize"):
-            app.router.add_get(path, self._handle_authorize, allow_head=False)
+            app.router.add_get(path, self._oauth.handle_authorize, allow_head=False)
         app.router.add_get("/rest/{tail:.*}", self._handle_rest, allow_head=False)
         app.router.add_post("/rest/{tail:.*}", self._handle_rest)
         return app
-
-    # -- OAuth ---------------------------------------------------------------------------------
-
-    def _base(self, request: web.Request) -> str:
-        """Return the bound base URL, or the one this request came in on."""
-        return self.base_url or str(request.url.origin())
-
-    def _issue_pair(self, app: _App, base: str) -> dict[str, Any]:
-        """Create a new access/refresh pair and return the token endpoint's success body."""
-        access_token = secrets.token_hex(34)
-        refresh_token = secrets.token_hex(34)
-        expires = self.clock() + self.access_ttl
-        self._access[access_token] = _Access(app.client_id, expires)
-        self._refresh[refresh_token] = _Refresh(app.client_id, access_token)
-        self._issued += [access_token, refresh_token]
-        endpoint = f"{base}/rest/"
-        return {
-            "access_token": access_token,
-            "expires": int(expires),
-            "expires_in": int(self.access_ttl),
-            "scope": app.scope,
-            "domain": URL(base).raw_authority if base else "",
-            "server_endpoint": endpoint,
-            "status": "L",
-            "client_endpoint": endpoint,
-            "member_id": self.member_id,
-            "user_id": 1,
-            "refresh_token": refresh_token,
-        }
-
-    def _grant(self, params: Mapping[str, str], base: str) -> dict[str, Any]:
-        """Run one token request; raise RestError with the OAuth error on refusal."""
-        grant = params.get("grant_type", "")
-        secret_name = {"authorization_code": "code", "refresh_token": "refresh_token"}.get(grant)
-        if secret_name is None:
-            raise RestError(400, "invalid_request", "Unsupported or missing grant_type")
-        for name in ("client_id", "client_secret", secret_name):
-            if not params.get(name):
-                raise RestError(400, "invalid_request", f"Parameter {name} is required")
-        app = self._apps.get(params["client_id"])
-        if app is None or not secrets.compare_digest(app.client_secret, params["client_secret"]):
-            raise RestError(401, "invalid_client", "Invalid client credentials")
-        if grant == "authorization_code":
-            code = self._codes.get(params["code"])
-            if code is None or code.client_id != app.client_id:
-                raise RestError(400, "invalid_grant", "Invalid authorization code")
-            del self._codes[params["code"]]
-            if self.clock() - code.issued_at >= self.code_ttl:
-                raise RestError(400, "expired_token", "The authorization code has expired")
-            return self._issue_pair(app, base)
-        refresh = self._refresh.get(params["refresh_token"])
-        if refresh is None or refresh.client_id != app.client_id:
-            raise RestError(400, "invalid_grant", "Invalid refresh token")
-        # Rotation: the used refresh token and the access token it came with both die now.
-        del self._refresh[params["refresh_token"]]
-        self._access.pop(refresh.access_token, None)
-        return self._issue_pair(app, base)
-
-    def _failure_response(self, request: web.Request, failure: OAuthFailure) -> web.Response:
-        """Answer the token endpoint with an injected failure."""
-        if failure == "html":
-            page = _html_page("502 Bad Gateway", "<h1>502 Bad Gateway</h1>")
-            return web.Response(status=502, text=page, content_type="text/html")
-        if failure == "garbage":
-            return web.Response(status=200, text="this is not JSON {", content_type="text/plain")
-        if failure == "500":
-            error = RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
-            return json_response(error.status, error.body())
-        if failure == "invalid_client":
-            return json_response(
-                401, {"error": "invalid_client", "error_description": "Invalid client credentials"}
-            )
-        # "reset": drop the connection; aiohttp quietly discards the response written after it.
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response(status=500)
-
-    async def _handle_token(self, request: web.Request) -> web.Response:
-        """Serve /oauth/token/ for both GET query strings and POST forms."""
-        params = dict(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
-        if request.method == "POST":
-            form = await request.post()
-            params.update({k: v for k, v in form.items() if isinstance(v, str)})
-        grant = params.get("grant_type", "")
-        is_refresh = grant == "refresh_token"
-        self.stats.token_requests[grant] += 1
-        failure = self.oauth_failure
-        if failure == "slow":
-            await asyncio.sleep(self.oauth_slow_seconds)
-        elif failure is not None:
-            if is_refresh:
-                self.stats.refresh_rejected += 1
-            return self._failure_response(request, failure)
-        try:
-            body = self._grant(params, self._base(request))
-        except RestError as exc:
-            if is_refresh:
-                self.stats.refresh_rejected += 1
-            return json_response(exc.status, exc.body())
-        if is_refresh:
-            self.stats.refresh_ok += 1
-        return json_response(200, body)
-
-    async def _handle_authorize(self, request: web.Request) -> web.Response:
-        """Auto-approve /oauth/authorize/: redirect with a code, or show it on a page."""
-        query = dict(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True))
-        client_id = query.get("client_id", "")
-        app = self._apps.get(client_id)
-        if app is None:
-            page = _html_page("Error", "<p>Application not found.</p>")
-            return web.Response(status=400, text=page, content_type="text/html")
-        code = self.issue_code(client_id)
-        state = query.get("state")
-        base = self._base(request)
-        authority = URL(base).raw_authority
-        if app.redirect_uri:
-            extra = {"code": code}
-            if state is not None:
-                extra["state"] = state
-            extra |= {
-                "domain": authority,
-                "member_id": self.member_id,
-                "scope": app.scope,
-                "server_domain": authority,
-            }
-            location = URL(app.redirect_uri).extend_query(extra)
-            return web.Response(status=302, headers={"Location": str(location)})
-        body = (
-            f"<p>Application {html.escape(client_id)} was granted access.</p>"
-            f'<p>Authorization code: <code id="code">{code}</code></p>'
-        )
-        if state is not None:
-            body += f'<p>State: <code id="state">{html.escape(state)}</code></p>'
-        return web.Response(text=_html_page("Authorization", body), content_type="text/html")
 
     # -- REST ----------------------------------------------------------------------------------
 
@@ -601,14 +450,7 @@ class Emulator:
             return Caller(None, None, route.webhook[0])
         if token is None:
             raise RestError(401, "NO_AUTH_FOUND", "Wrong authorization data")
-        access = self._access.get(token)
-        if access is None:
-            raise RestError(401, "invalid_token", "The access token provided is invalid.")
-        if access.expired or self.clock() >= access.expires_at:
-            raise RestError(401, "expired_token", "The access token provided has expired.")
-        app = self._apps[access.client_id]
-        scope = frozenset(s.strip() for s in app.scope.split(",") if s.strip())
-        return Caller(app.client_id, scope, 1)
+        return self._oauth.caller_for(token)
 
     def _admit(self) -> bool:
         """Pass one request through the leaky bucket, or refuse it when the bucket is full."""
@@ -740,7 +582,7 @@ class Emulator:
 
     def _app_info(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Answer `app.info` for the calling application."""
-        app = self._apps.get(caller.client_id) if caller.client_id is not None else None
+        app = self._oauth.app(caller.client_id) if caller.client_id is not None else None
         return MethodResult(
             {
                 "ID": "1",
@@ -967,14 +809,6 @@ class Emulator:
 
 
 EMULATOR_KEY = web.AppKey("emulator", Emulator)
-
-
-def _html_page(title: str, body: str) -> str:
-    """Wrap body HTML in a minimal page."""
-    return (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"</head><body>{body}</body></html>"
-    )
 
 
 @asynccontextmanager
