@@ -6,6 +6,7 @@ poke the portal while `create_app()` serves it (`run_emulator` serves it on a re
 
 from __future__ import annotations
 
+import collections
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from sidecar.emulator.batch import Batch
 from sidecar.emulator.crm import Crm
 from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
 from sidecar.emulator.oauth import IssuedPair, OAuthServer
-from sidecar.emulator.rest import RestServer
+from sidecar.emulator.rest import REST_LOG_LIMIT, RestServer
 
 __all__ = ["EMULATOR_KEY", "Emulator", "run_emulator"]
 
@@ -37,8 +38,13 @@ class Emulator:
         rate: float | None = None,
         burst: int = 50,
         call_delay: float = 0.0,
+        rest_log_limit: int = REST_LOG_LIMIT,
     ) -> None:
-        """Set up an empty portal; register apps and webhooks before use."""
+        """Set up an empty portal; register apps and webhooks before use.
+
+        `rest_log` keeps the last `rest_log_limit` REST requests, so a long-running emulator
+        stays bounded; the counters in `stats` count every request.
+        """
         self._clock = clock
         self._stats = EmulatorStats()
         self._oauth = OAuthServer(
@@ -46,7 +52,7 @@ class Emulator:
         )
         self._rest = RestServer(
             oauth=self._oauth, clock=clock, stats=self._stats,
-            rate=rate, burst=burst, call_delay=call_delay,
+            rate=rate, burst=burst, call_delay=call_delay, rest_log_limit=rest_log_limit,
         )
         self._crm = Crm(clock=clock)
         self._rest.add_methods(Batch(self._rest, clock=clock).methods())
@@ -79,8 +85,8 @@ class Emulator:
         return self._stats
 
     @property
-    def rest_log(self) -> list[RestCall]:
-        """Every REST request received, oldest first."""
+    def rest_log(self) -> collections.deque[RestCall]:
+        """The last `rest_log_limit` REST requests received, oldest first."""
         return self._rest.rest_log
 
     @property

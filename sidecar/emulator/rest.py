@@ -14,7 +14,10 @@ from sidecar.emulator.model import Caller, EmulatorStats, Method, MethodResult, 
 from sidecar.emulator.oauth import OAuthServer
 from sidecar.emulator.wire import Route, body_params, credentials, parse_route, render, time_block
 
-__all__ = ["RestServer"]
+__all__ = ["REST_LOG_LIMIT", "RestServer"]
+
+# How many requests the log keeps by default; older ones drop off as new ones arrive.
+REST_LOG_LIMIT = 10_000
 
 
 class RestServer:
@@ -29,6 +32,7 @@ class RestServer:
         rate: float | None,
         burst: int,
         call_delay: float,
+        rest_log_limit: int = REST_LOG_LIMIT,
     ) -> None:
         """Start with no methods; `oauth` checks access tokens, `stats` is shared."""
         self.clock = clock
@@ -37,7 +41,8 @@ class RestServer:
         self.rate = rate
         self.burst = burst
         self.call_delay = call_delay
-        self.rest_log: list[RestCall] = []
+        # The last `rest_log_limit` requests; stats.upstream_requests counts them all.
+        self.rest_log: collections.deque[RestCall] = collections.deque(maxlen=rest_log_limit)
         self._oauth = oauth
         self._methods: dict[str, Method] = {}
         self._webhooks: set[tuple[int, str]] = set()
