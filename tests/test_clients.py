@@ -136,7 +136,7 @@ class TestFastBitrix24:
         await seed_leads(emulator)
         leads = await bitrix.get_all("crm.lead.list", {"select": ["ID", "TITLE"]})
         assert_all_seeded(leads)
-        assert [c.method for c in emulator.rest_log[-2:]] == ["crm.lead.list", "batch"]
+        assert [c.method for c in list(emulator.rest_log)[-2:]] == ["crm.lead.list", "batch"]
         assert_sidecar_token(emulator, sidecar)
 
     async def test_call_batch(self, bitrix: Any, sidecar: Client, emulator: Emulator) -> None:
@@ -221,8 +221,8 @@ class TestBitrix24Rest:
         await seed_leads(emulator)
         leads = await bitrix.callMethod("crm.lead.list", {"select": ["ID", "TITLE"]})
         assert_all_seeded(leads)
-        assert [c.method for c in emulator.rest_log[-3:]] == ["crm.lead.list"] * 3
-        assert sorted(c.params["start"] for c in emulator.rest_log[-3:]) == ["0", "100", "50"]
+        assert [c.method for c in list(emulator.rest_log)[-3:]] == ["crm.lead.list"] * 3
+        assert sorted(c.params["start"] for c in list(emulator.rest_log)[-3:]) == ["0", "100", "50"]
         assert_sidecar_token(emulator, sidecar)
 
     async def test_expired_token_is_invisible(
@@ -333,7 +333,7 @@ class TestB24PySdk:
             lambda: client.crm.lead.list(select=["ID", "TITLE"]).as_list().result
         )
         assert_all_seeded(leads)
-        assert [c.method for c in emulator.rest_log[-2:]] == ["crm.lead.list", "batch"]
+        assert [c.method for c in list(emulator.rest_log)[-2:]] == ["crm.lead.list", "batch"]
         assert_sidecar_token(emulator, sidecar)
 
     async def test_as_list_fast_fetches_every_page(

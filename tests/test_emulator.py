@@ -559,6 +559,21 @@ async def test_rest_log_records_the_request(portal: Client, emu: Emulator) -> No
     assert portal.app[EMULATOR_KEY] is emu
 
 
+async def test_rest_log_keeps_only_the_newest_requests(clock: FakeClock) -> None:
+    """The log is capped (a long-running emulator stays bounded); the counters still count all."""
+    emu = Emulator(clock=clock, rest_log_limit=5)
+    emu.register_webhook(HOOK_USER, HOOK_CODE)
+    async with run_emulator(emu) as base_url, aiohttp.ClientSession() as http:
+        for n in range(12):
+            url = f"{base_url}/rest/{HOOK_USER}/{HOOK_CODE}/profile.json?n={n}"
+            async with http.get(url) as response:
+                assert response.status == 200
+    assert [call.params["n"] for call in emu.rest_log] == ["7", "8", "9", "10", "11"]
+    assert emu.stats.upstream_requests == 12
+    assert emu.stats.rest_calls["profile"] == 12
+    assert Emulator().rest_log.maxlen == 10_000  # the default bound
+
+
 # -- REST: crm.lead ------------------------------------------------------------------------------
 
 

@@ -316,7 +316,7 @@ class TestConnections:
         assert status == 408
         assert headers["connection"] == "close"
         assert json.loads(body)["error"] == "SIDECAR_REQUEST_TIMEOUT"
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
         assert (await sidecar.get("/rest/profile")).status == 200
 
     async def test_a_client_that_hangs_up_mid_body_leaves_nothing(

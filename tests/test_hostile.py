@@ -702,7 +702,7 @@ class TestBodies:
         answer = await one_answer(small, request_bytes)
         assert time.perf_counter() - started < 2.0
         assert (answer.status, answer.bitrix_error()[0]) == (413, "SIDECAR_BODY_TOO_LARGE")
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
         assert_only_rest(emulator)
         await assert_still_serving(small)
 
@@ -768,7 +768,7 @@ class TestBodies:
         answer = await asyncio.wait_for(read_answer(reader), 5)
         writer.close()
         assert answer is None or (400 <= answer.status < 500)
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
         assert_only_rest(emulator)
         await assert_still_serving(sidecar)
 

@@ -224,7 +224,7 @@ class TestCoalescing:
 
         statuses = await asyncio.gather(*(one() for _ in range(3)))
         assert statuses == [200, 200, 200]
-        methods = [c.method for c in emulator.rest_log[1:]]
+        methods = [c.method for c in list(emulator.rest_log)[1:]]
         assert methods == [method] * 3
 
     async def test_client_hanging_up_while_queued_is_never_sent(

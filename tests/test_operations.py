@@ -140,7 +140,7 @@ class TestProbes:
         assert response.status == 404
         assert (await response.json())["error"] == "SIDECAR_NOT_FOUND"
         assert (await admin.get("/token")).status == 404
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
 
 
 class Receiver:

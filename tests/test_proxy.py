@@ -246,7 +246,7 @@ class TestNotAuthorized:
         body = await response.json()
         assert body["error"] == "SIDECAR_NOT_AUTHORIZED"
         assert "/oauth/authorize/?client_id=" in body["error_description"]
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
 
     async def test_dead_refresh_token_stops_refreshing(
         self, sidecar: Client, emulator: Emulator
@@ -285,7 +285,7 @@ class TestRefused:
         if status != 400 or "error" in body:
             assert body["error"].startswith("SIDECAR_")
             assert body["error_description"]
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
 
     async def test_other_paths_are_404(self, sidecar: Client, emulator: Emulator) -> None:
         """Only /rest/ and /token are served."""
@@ -293,7 +293,7 @@ class TestRefused:
             response = await sidecar.get(path)
             assert response.status == 404
             assert (await response.json())["error"] == "SIDECAR_NOT_FOUND"
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
         assert emulator.stats.token_requests["refresh_token"] == 0
 
     async def test_other_http_methods_are_405(self, sidecar: Client) -> None:
@@ -434,7 +434,7 @@ class TestBrowsersAndHosts:
                 await sidecar.get(path, headers=headers))
             assert response.status == 403
             assert (await response.json())["error"] == "SIDECAR_REFUSED"
-        assert emulator.rest_log == []
+        assert list(emulator.rest_log) == []
 
     async def test_loopback_and_configured_hosts_are_served(
         self, make_settings: Callable[..., Settings], emulator: Emulator,

@@ -1,0 +1,30 @@
+"""A small Bitrix24 portal and OAuth server in one aiohttp app, faithful to the wire protocol.
+
+Tests (and local experiments) point the sidecar at it instead of a real portal. All state lives on
+the `Emulator` instance, so a test can inspect and poke it while the app is serving.
+
+This module only re-exports. The parts, each importing only those listed before it:
+model (shared records), wire (the REST wire format), oauth (the OAuth server), rest (REST
+dispatch), batch, crm (leads), account (profile, user.current, app.info) and portal (the
+`Emulator` that assembles them and carries the test controls).
+"""
+
+from sidecar.emulator.batch import BATCH_MAX_LENGTH
+from sidecar.emulator.crm import PAGE_SIZE
+from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
+from sidecar.emulator.oauth import IssuedPair
+from sidecar.emulator.portal import EMULATOR_KEY, Emulator, run_emulator
+from sidecar.emulator.wire import render_xml
+
+__all__ = [
+    "BATCH_MAX_LENGTH",
+    "EMULATOR_KEY",
+    "PAGE_SIZE",
+    "Emulator",
+    "EmulatorStats",
+    "IssuedPair",
+    "OAuthFailure",
+    "RestCall",
+    "render_xml",
+    "run_emulator",
+]

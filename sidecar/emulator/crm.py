@@ -1,0 +1,311 @@
+"""CRM leads: the lead store and the crm.lead.* methods (filters, order, select, pages of 50)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from sidecar.emulator.model import Caller, Method, MethodResult, RestError
+from sidecar.emulator.wire import iso
+
+__all__ = ["PAGE_SIZE", "Crm"]
+
+PAGE_SIZE = 50
+
+_Ordered = TypeVar("_Ordered", float, str)
+
+_FILTER_KEY = re.compile(r"(>=|<=|!=|>|<|!|=|%)?(.*)", re.DOTALL)
+
+_LEAD_FIELDS = (
+    "ID",
+    "TITLE",
+    "HONORIFIC",
+    "NAME",
+    "SECOND_NAME",
+    "LAST_NAME",
+    "COMPANY_TITLE",
+    "SOURCE_ID",
+    "STATUS_ID",
+    "OPENED",
+    "CURRENCY_ID",
+    "OPPORTUNITY",
+    "HAS_PHONE",
+    "HAS_EMAIL",
+    "ASSIGNED_BY_ID",
+    "CREATED_BY_ID",
+    "MODIFY_BY_ID",
+    "DATE_CREATE",
+    "DATE_MODIFY",
+    "COMMENTS",
+)
+_MULTI_FIELDS = ("PHONE", "EMAIL", "WEB", "IM")
+_READ_ONLY_FIELDS = frozenset({"ID", "DATE_CREATE", "DATE_MODIFY", "HAS_PHONE", "HAS_EMAIL"})
+
+
+def _number(value: Any) -> float | None:
+    """Read a value as a number if it looks like one."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        return None
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    """Compare a stored field with a filter value, numerically when both are numbers."""
+    a, b = _number(actual), _number(expected)
+    if a is not None and b is not None:
+        return a == b
+    return ("" if actual is None else str(actual)) == str(expected)
+
+
+def _compare(op: str, actual: Any, expected: Any) -> bool:
+    """Apply one filter operator to one stored value."""
+    if op in ("", "="):
+        if isinstance(expected, list):
+            return any(_equal(actual, e) for e in expected)
+        return _equal(actual, expected)
+    if op == "%":
+        return str(expected).lower() in ("" if actual is None else str(actual)).lower()
+    a, b = _number(actual), _number(expected)
+    if a is not None and b is not None:
+        return _ordered(op, a, b)
+    return _ordered(op, "" if actual is None else str(actual), str(expected))
+
+
+def _ordered(op: str, left: _Ordered, right: _Ordered) -> bool:
+    """Apply an ordering operator (>, <, >=, <=) to two values of one type."""
+    if op == ">":
+        return left > right
+    if op == "<":
+        return left < right
+    if op == ">=":
+        return left >= right
+    return left <= right
+
+
+def _matches(view: Mapping[str, Any], conditions: Mapping[str, Any]) -> bool:
+    """Tell whether a lead passes every filter condition."""
+    for raw_key, expected in conditions.items():
+        match = _FILTER_KEY.fullmatch(str(raw_key))
+        op, name = (match.group(1) or "", match.group(2)) if match else ("", str(raw_key))
+        actual = view.get(name, view.get(name.upper()))
+        # Multi-fields (PHONE, EMAIL) match when any of their values does.
+        values = (
+            [item.get("VALUE") for item in actual if isinstance(item, Mapping)]
+            if isinstance(actual, list)
+            else [actual]
+        )
+        if op in ("!", "!="):
+            if any(_compare("=", v, expected) for v in values):
+                return False
+        elif not any(_compare(op, v, expected) for v in values):
+            return False
+    return True
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    """Order None first, then numbers, then strings, without comparing across types."""
+    if value is None:
+        return (0, 0.0, "")
+    number = _number(value)
+    if number is not None:
+        return (1, number, "")
+    return (2, 0.0, str(value))
+
+
+def _field_key(name: str) -> Callable[[Mapping[str, Any]], tuple[int, float, str]]:
+    """Return a sort key reading one field of a lead view."""
+
+    def key(view: Mapping[str, Any]) -> tuple[int, float, str]:
+        """Sort by the named field."""
+        return _sort_key(view.get(name))
+
+    return key
+
+
+def _names(value: Any) -> list[str]:
+    """Read a `select` parameter given as a list, a PHP map or a single name."""
+    if isinstance(value, Mapping):
+        return [str(v) for v in value.values()]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str) and value:
+        return [value]
+    return []
+
+
+def _id_param(params: Mapping[str, Any]) -> int:
+    """Read a positive integer `id` (or `ID`) parameter."""
+    raw = params.get("id", params.get("ID"))
+    if isinstance(raw, str | int) and not isinstance(raw, bool):
+        text = str(raw).strip()
+        if text.isascii() and text.isdigit() and int(text) > 0:
+            return int(text)
+    raise RestError(400, "", "ID is not defined or invalid.")
+
+
+def _fields_param(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Read the `fields` map a crm add/update needs."""
+    fields = params.get("fields")
+    if isinstance(fields, Mapping):
+        return fields
+    raise RestError(400, "", "Parameter 'fields' must be array.")
+
+
+def _stored(value: Any) -> Any:
+    """Store a scalar the way Bitrix hands it back: as a string, booleans as Y/N."""
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+class Crm:
+    """The portal's leads, and the methods that read and change them."""
+
+    def __init__(self, *, clock: Callable[[], float]) -> None:
+        """Start with no leads; `clock` stamps DATE_CREATE and DATE_MODIFY."""
+        self.clock = clock
+        self.leads: dict[int, dict[str, Any]] = {}
+        self._next_lead_id = 1
+        self._next_multi_id = 1
+
+    def methods(self) -> dict[str, Method]:
+        """Name the REST methods this part serves, with the scope each needs."""
+        return {
+            "crm.lead.add": Method("crm", self._lead_add),
+            "crm.lead.get": Method("crm", self._lead_get),
+            "crm.lead.list": Method("crm", self._lead_list),
+            "crm.lead.update": Method("crm", self._lead_update),
+            "crm.lead.delete": Method("crm", self._lead_delete),
+        }
+
+    def _merge_multi(self, current: Any, value: Any, type_id: str) -> list[dict[str, str]]:
+        """Apply a PHONE/EMAIL-style update: new items append, items with ID update or delete."""
+        items: list[dict[str, str]] = list(current) if isinstance(current, list) else []
+        given = list(value.values()) if isinstance(value, Mapping) else value
+        if not isinstance(given, list):
+            return items
+        for raw in given:
+            entry = raw if isinstance(raw, Mapping) else {"VALUE": raw}
+            text = "" if entry.get("VALUE") is None else str(entry.get("VALUE"))
+            kind = str(entry.get("VALUE_TYPE") or "WORK")
+            known = next((i for i in items if i["ID"] == str(entry.get("ID", ""))), None)
+            if known is not None:
+                if text:
+                    known.update(VALUE=text, VALUE_TYPE=kind)
+                else:
+                    items.remove(known)
+            elif text:
+                item_id = str(self._next_multi_id)
+                self._next_multi_id += 1
+                items.append({"ID": item_id, "VALUE_TYPE": kind, "VALUE": text, "TYPE_ID": type_id})
+        return items
+
+    def _apply_fields(self, lead: dict[str, Any], fields: Mapping[str, Any]) -> None:
+        """Store given lead fields, keeping what is given and ignoring read-only ones."""
+        for raw_key, value in fields.items():
+            key = str(raw_key)
+            if key.upper() in _READ_ONLY_FIELDS:
+                continue
+            if key.upper() in _MULTI_FIELDS:
+                key = key.upper()
+                lead[key] = self._merge_multi(lead.get(key), value, key)
+            else:
+                lead[key] = _stored(value)
+        lead["DATE_MODIFY"] = iso(self.clock())
+
+    def _lead_view(self, lead: Mapping[str, Any]) -> dict[str, Any]:
+        """Return a lead as crm.lead.get shows it: all standard fields, then extras."""
+        view: dict[str, Any] = {name: lead.get(name) for name in _LEAD_FIELDS}
+        view["HAS_PHONE"] = "Y" if lead.get("PHONE") else "N"
+        view["HAS_EMAIL"] = "Y" if lead.get("EMAIL") else "N"
+        for key, value in lead.items():
+            if key not in view and (key not in _MULTI_FIELDS or value):
+                view[key] = value
+        return view
+
+    def _find_lead(self, params: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Look up the lead named by `id`, raising Bitrix's errors."""
+        lead_id = _id_param(params)
+        lead = self.leads.get(lead_id)
+        if lead is None:
+            raise RestError(400, "", "Not found")
+        return lead_id, lead
+
+    def _lead_add(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
+        """Create a lead; the result is its new integer ID."""
+        fields = _fields_param(params)
+        lead_id = self._next_lead_id
+        self._next_lead_id += 1
+        now = iso(self.clock())
+        user = str(caller.user_id)
+        lead: dict[str, Any] = {
+            "ID": str(lead_id),
+            "STATUS_ID": "NEW",
+            "OPENED": "Y",
+            "ASSIGNED_BY_ID": user,
+            "CREATED_BY_ID": user,
+            "MODIFY_BY_ID": user,
+            "DATE_CREATE": now,
+        }
+        self._apply_fields(lead, fields)
+        self.leads[lead_id] = lead
+        return MethodResult(lead_id)
+
+    def _lead_get(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
+        """Return one lead by `id`."""
+        _, lead = self._find_lead(params)
+        return MethodResult(self._lead_view(lead))
+
+    def _lead_update(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
+        """Update a lead's fields; the result is true."""
+        _, lead = self._find_lead(params)
+        fields = _fields_param(params)
+        lead["MODIFY_BY_ID"] = str(caller.user_id)
+        self._apply_fields(lead, fields)
+        return MethodResult(True)
+
+    def _lead_delete(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
+        """Delete a lead; the result is true."""
+        lead_id, _ = self._find_lead(params)
+        del self.leads[lead_id]
+        return MethodResult(True)
+
+    def _lead_list(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
+        """List leads in pages of 50 with filter, select, order and `start`."""
+        conditions = params.get("filter")
+        views = [self._lead_view(lead) for lead in self.leads.values()]
+        if isinstance(conditions, Mapping):
+            views = [v for v in views if _matches(v, conditions)]
+        order = params.get("order")
+        if isinstance(order, Mapping) and order:
+            # Stable sorts applied from the last key to the first give a multi-key order.
+            for name, direction in reversed(list(order.items())):
+                views.sort(key=_field_key(str(name)), reverse=str(direction).upper() == "DESC")
+        names = _names(params.get("select")) or ["*"]
+        wanted = {n.upper() for n in names} | {"ID"}
+        everything = "*" in wanted
+
+        def pick(view: dict[str, Any]) -> dict[str, Any]:
+            """Keep the selected fields; `*` means every field except multi-fields."""
+            return {
+                k: v
+                for k, v in view.items()
+                if k.upper() in wanted or (everything and k not in _MULTI_FIELDS)
+            }
+
+        start = int(_number(params.get("start")) or 0)
+        if start == -1:
+            # start=-1 asks Bitrix to skip counting: one page, no next, no total.
+            return MethodResult([pick(v) for v in views[:PAGE_SIZE]])
+        start = max(0, start)
+        page = [pick(v) for v in views[start : start + PAGE_SIZE]]
+        more = start + PAGE_SIZE < len(views)
+        return MethodResult(page, next=start + PAGE_SIZE if more else None, total=len(views))
