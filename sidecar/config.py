@@ -47,53 +47,25 @@ class Listen:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything the sidecar needs to know, validated."""
-
-    portal: str
-    client_id: str
-    client_secret: str = field(repr=False)
-    oauth_url: str
-    scope: tuple[str, ...] = ()
-    auth_code: str = field(default="", repr=False)
-    listen: Listen = Listen("127.0.0.1", 8080)
-    admin_listen: Listen = Listen("127.0.0.1", 9090)
-    oauth_listen: Listen | None = None
-    alert_webhook: str = field(default="", repr=False)
-    shutdown_grace: float = 20.0
-    allowed_hosts: tuple[str, ...] = ()
-    rate: float = 2.0
-    burst: int = 50
-    queue_timeout: float = 30.0
-    coalesce: bool = True
-    db_path: Path = Path("bitrix-sidecar.db")
-    refresh_interval: float = 25 * 60.0
-    upstream_timeout: float = 60.0
-    max_body: int = 16 * 1024**2
-    log_format: str = "json"
-    log_level: str = "info"
-
-    @property
-    def rest_base(self) -> str:
-        """Return the portal's REST base used until a token names its own ``client_endpoint``."""
-        return f"{self.portal}/rest/"
-
-    @property
-    def token_url(self) -> str:
-        """Return the OAuth server's token endpoint."""
-        return f"{self.oauth_url}/oauth/token/"
-
-
-@dataclass(frozen=True)
 class Option:
-    """One setting: its environment variable, its flag and how to parse it."""
+    """One setting: its environment variable, its flag, how to parse it and its default.
+
+    ``default`` is the one place a setting's default is written, as a person would write it;
+    the help text and ``Settings``' field defaults are derived from it.
+    """
 
     env: str
     flag: str
     dest: str
-    help: str
+    about: str
     parse: Callable[[str], Any] | None = None
     default: str = ""
+    required: bool = False
+
+    @property
+    def help(self) -> str:
+        """What the setting does, with its default."""
+        return f"{self.about} (default {self.default})" if self.default else self.about
 
 
 def parse_duration(text: str) -> float:
@@ -281,8 +253,10 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
 
 OPTIONS: tuple[Option, ...] = (
     Option("BITRIX_PORTAL", "--portal", "portal",
-           "portal: bare name (= NAME.bitrix24.ru), host, or full URL", parse_portal),
-    Option("BITRIX_CLIENT_ID", "--client-id", "client_id", "application code (client_id)"),
+           "portal: bare name (= NAME.bitrix24.ru), host, or full URL", parse_portal,
+           required=True),
+    Option("BITRIX_CLIENT_ID", "--client-id", "client_id", "application code (client_id)",
+           required=True),
     Option("BITRIX_CLIENT_SECRET", "--client-secret", "client_secret",
            "application key (prefer the _FILE form)"),
     Option("BITRIX_CLIENT_SECRET_FILE", "--client-secret-file", "client_secret_file",
@@ -333,6 +307,54 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def _default(dest: str) -> Any:
+    """The parsed default of the option ``dest`` (for ``Settings``' field defaults)."""
+    [option] = [option for option in OPTIONS if option.dest == dest]
+    assert option.default, f"{dest} has no default"
+    return option.default if option.parse is None else option.parse(option.default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sidecar needs to know, validated.
+
+    A default is written once, in ``OPTIONS``; the fields below take it parsed.
+    """
+
+    portal: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    oauth_url: str
+    scope: tuple[str, ...] = ()
+    auth_code: str = field(default="", repr=False)
+    listen: Listen = _default("listen")  # noqa: RUF009 - immutable
+    admin_listen: Listen = _default("admin_listen")  # noqa: RUF009 - immutable
+    oauth_listen: Listen | None = None
+    alert_webhook: str = field(default="", repr=False)
+    shutdown_grace: float = _default("shutdown_grace")
+    allowed_hosts: tuple[str, ...] = ()
+    rate: float = _default("rate")
+    burst: int = _default("burst")
+    queue_timeout: float = _default("queue_timeout")
+    coalesce: bool = _default("coalesce")
+    db_path: Path = _default("db_path")  # noqa: RUF009 - immutable
+    refresh_interval: float = _default("refresh_interval")
+    upstream_timeout: float = _default("upstream_timeout")
+    max_body: int = _default("max_body")
+    log_format: str = _default("log_format")
+    log_level: str = _default("log_level")
+
+    @property
+    def rest_base(self) -> str:
+        """Return the portal's REST base used until a token names its own ``client_endpoint``."""
+        return f"{self.portal}/rest/"
+
+    @property
+    def token_url(self) -> str:
+        """Return the OAuth server's token endpoint."""
+        return f"{self.oauth_url}/oauth/token/"
+
+
 def load_settings(
     env: Mapping[str, str],
     flags: Mapping[str, str | None] | None = None,
@@ -351,8 +373,7 @@ def load_settings(
             raw[option.dest] = (option.flag, given)
         elif env.get(option.env, "").strip():
             raw[option.dest] = (option.env, env[option.env])
-        elif option.default:
-            raw[option.dest] = (option.env, option.default)
+        # Otherwise the Settings field's default applies (parsed from option.default).
     # A secret given by flag overrides both environment forms, not just its twin.
     secret_flags = [d for d in ("client_secret", "client_secret_file") if flags.get(d) is not None]
     if secret_flags:
@@ -374,8 +395,8 @@ def load_settings(
         except ValueError as exc:
             problems.append(f"{source}: {exc}")
 
-    for option in OPTIONS[:2]:
-        if option.dest not in raw:
+    for option in OPTIONS:
+        if option.required and option.dest not in raw:
             problems.append(f"{option.env}: required ({option.help})")
 
     secret = values.pop("client_secret", "")

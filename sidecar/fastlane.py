@@ -46,8 +46,8 @@ MAX_LINE = 8190
 MAX_HEADERS = 100
 _PREFIXES = (b"GET /rest/", b"POST /rest/")
 _METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-# An idle kept-alive client connection is closed after this long (aiohttp's default too).
-KEEPALIVE = 75.0
+# A kept-alive client connection idle this long is closed (aiohttp's default too).
+CLIENT_IDLE_TIMEOUT = 75.0
 # A request must arrive whole (head and body) within this long of its first byte, or it gets
 # a 408 (slow-drip clients). Every connection starts in the lane, so every first request
 # is held to it.
@@ -471,7 +471,7 @@ class FastLane(asyncio.Protocol):
         if self._started is not None:
             if now - self._started >= REQUEST_TIMEOUT:
                 self._too_slow(now - self._started)
-        elif now - self._last_active >= KEEPALIVE:
+        elif now - self._last_active >= CLIENT_IDLE_TIMEOUT:
             self.close_now()
 
     def _too_slow(self, seconds: float) -> None:
@@ -551,7 +551,7 @@ class FastServer(web.Server):
 
 
 def _sweep_every() -> float:
-    return min(1.0, KEEPALIVE / 4, REQUEST_TIMEOUT / 4)
+    return min(1.0, CLIENT_IDLE_TIMEOUT / 4, REQUEST_TIMEOUT / 4)
 
 
 class ProxyRunner(web.AppRunner):

@@ -32,9 +32,9 @@ from yarl import URL
 
 # A streamed body stops being read from the portal while this much waits for the client.
 HIGH_WATER = 256 * 1024
-# An idle kept-alive connection older than this is closed rather than reused: the portal's
+# A pooled connection to the portal idle this long is closed rather than reused: the portal's
 # server may be about to drop it (nginx's default is 75 s).
-KEEPALIVE = 15.0
+POOL_IDLE_TIMEOUT = 15.0
 # How often calls in flight are checked against their deadlines.
 SWEEP = 0.05
 
@@ -311,7 +311,7 @@ class _Connection(asyncio.Protocol):
 class Pool:
     """Kept-alive connections to the portal, at most ``limit`` open at once."""
 
-    def __init__(self, *, limit: int = 256, keepalive: float = KEEPALIVE,
+    def __init__(self, *, limit: int = 256, keepalive: float = POOL_IDLE_TIMEOUT,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self._limit = limit
         self._keepalive = keepalive

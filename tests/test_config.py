@@ -9,7 +9,9 @@ import pytest
 from sidecar.config import (
     OAUTH_RU,
     OAUTH_WEST,
+    OPTIONS,
     Listen,
+    Settings,
     load_settings,
     parse_duration,
     parse_size,
@@ -58,6 +60,27 @@ class TestDefaults:
         assert settings.max_body == 16 * 1024 * 1024
         assert (settings.log_format, settings.log_level) == ("json", "info")
         assert settings.scope == ()
+
+    def test_each_default_is_written_once(self) -> None:
+        """Settings' field defaults are the options' default texts, parsed; help shows them."""
+        bare = Settings(portal="p", client_id="c", client_secret="s", oauth_url="o")
+        defaults = [option for option in OPTIONS if option.default]
+        assert len(defaults) >= 10
+        for option in defaults:
+            assert option.parse is not None, option.env
+            assert getattr(bare, option.dest) == option.parse(option.default), option.env
+            assert option.help.endswith(f"(default {option.default})"), option.env
+        assert bare.log_level == load_settings(BASE).log_level == "info"
+
+    def test_required_options_are_marked_so(self) -> None:
+        """The options that must be set say so themselves, and only they are reported missing."""
+        assert [o.env for o in OPTIONS if o.required] == ["BITRIX_PORTAL", "BITRIX_CLIENT_ID"]
+        with pytest.raises(ConfigError) as caught:
+            load_settings({"BITRIX_CLIENT_SECRET": "s"})
+        assert caught.value.problems == [
+            "BITRIX_PORTAL: required (portal: bare name (= NAME.bitrix24.ru), host, or full URL)",
+            "BITRIX_CLIENT_ID: required (application code (client_id))",
+        ]
 
     def test_secret_is_not_in_repr(self) -> None:
         """The secret and the auth code never show in a repr (and so in a traceback's locals)."""

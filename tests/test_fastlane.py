@@ -279,7 +279,7 @@ class TestOddHeads:
 class TestConnections:
     async def test_an_idle_connection_is_closed(self, sidecar: Client,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(fastlane, "KEEPALIVE", 0.2)
+        monkeypatch.setattr(fastlane, "CLIENT_IDLE_TIMEOUT", 0.2)
         reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
         writer.write(get(b"/rest/profile"))
         await writer.drain()

@@ -1,0 +1,156 @@
+"""Benchmark: the sidecar's CPU time for a 24 KiB request head that arrives a byte at a time.
+
+A client may send its head in as many packets as it likes; the proxy listener must not do work
+proportional to the head's length for every packet (quadratic in all). This runs the emulator
+and an authorized `bitrix-sidecar run` in their own processes on loopback, sends one ~24 KiB
+head (three 7,900-byte headers: within every limit, so the fast lane serves it) whole and then
+one byte per TCP segment (TCP_NODELAY, paced so the sidecar reads each byte on its own: its
+read() count, from /proc/PID/io, is printed), and prints the CPU time the sidecar's process
+spent (utime + stime, from /proc/PID/stat) while each was sent and answered. "idle" is the same
+process doing nothing for as long as the byte-at-a-time send took: the floor of the figure.
+
+    python -m bench.slowhead [--runs 3] [--lane on,off] [--pace-us 150]
+
+Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import CLIENT_ID, CLIENT_SECRET, approve, emulator, free_port, process, wait_port
+
+PAD = 7900
+HEAD = (b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + b"".join(b"X-Pad-%d: %b\r\n" % (n, b"a" * PAD) for n in range(3))
+        + b"Connection: close\r\n\r\n")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the CPU time (user + system, all threads) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime: fields 14 and 15
+
+
+def read_calls(pid: int) -> int:
+    """Return how many read system calls a process has made."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    return 0
+
+
+def send(port: int, pieces: list[bytes], pace: float) -> bytes:
+    """Send ``pieces`` one segment each, ``pace`` seconds apart; return the whole answer."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            sock.sendall(piece)
+            if pace:
+                until = time.perf_counter() + pace
+                while time.perf_counter() < until:  # sleep() overshoots by 50+ us
+                    pass
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@dataclass
+class Sample:
+    """What one send cost the sidecar."""
+
+    cpu: float
+    reads: int
+    seconds: float
+
+
+async def measure(pid: int, port: int, pieces: list[bytes], pace: float) -> Sample:
+    """Send, wait for the answer, and return the sidecar's CPU time and read calls meanwhile."""
+    cpu, reads, started = cpu_seconds(pid), read_calls(pid), time.perf_counter()
+    answer = await asyncio.to_thread(send, port, pieces, pace)
+    await asyncio.sleep(0.05)  # let the sidecar finish with the connection
+    sample = Sample(cpu_seconds(pid) - cpu, read_calls(pid) - reads,
+                    time.perf_counter() - started)
+    if not answer.startswith(b"HTTP/1.1 200 "):
+        sys.exit(f"unexpected answer: {answer[:200]!r}")
+    return sample
+
+
+async def idle(pid: int, seconds: float) -> Sample:
+    """Return the sidecar's CPU time over ``seconds`` of doing nothing."""
+    cpu, reads = cpu_seconds(pid), read_calls(pid)
+    await asyncio.sleep(seconds)
+    return Sample(cpu_seconds(pid) - cpu, read_calls(pid) - reads, seconds)
+
+
+@asynccontextmanager
+async def sidecar(portal: str, lane: str) -> AsyncIterator[tuple[int, int]]:
+    """Run an authorized `bitrix-sidecar run`; yield its pid and port."""
+    port, admin = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))},
+            "BITRIX_PORTAL": portal, "BITRIX_CLIENT_ID": CLIENT_ID,
+            "BITRIX_CLIENT_SECRET": CLIENT_SECRET, "SIDECAR_DB": str(Path(tmp) / "t.db"),
+            "SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "SIDECAR_LOG_LEVEL": "warning", "BITRIX_AUTH_CODE": await approve(portal),
+            "SIDECAR_RATE": "0", "SIDECAR_FAST_LANE": lane,
+        }
+        async with process(sys.executable, "-m", "sidecar", "run", env=env) as proc:
+            await wait_port(port)
+            yield proc.pid, port
+
+
+def median(samples: list[Sample], what: str) -> float:
+    """Return the median of one field."""
+    return float(statistics.median(getattr(sample, what) for sample in samples))
+
+
+async def main() -> None:
+    """Measure and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--lane", default="on", help="SIDECAR_FAST_LANE values, comma separated")
+    parser.add_argument("--pace-us", type=float, default=150.0,
+                        help="microseconds between the bytes of the slow send")
+    args = parser.parse_args()
+    pace = args.pace_us / 1e6
+    drip = [HEAD[i:i + 1] for i in range(len(HEAD))]
+    print(f"head: {len(HEAD)} bytes; median of {args.runs} runs; CPU = the sidecar's "
+          "utime + stime")
+    print()
+    print("| SIDECAR_FAST_LANE | sent as | sidecar CPU s | sidecar read() calls | wall s |")
+    print("|---|---|---|---|---|")
+    async with emulator() as portal:
+        for lane in args.lane.split(","):
+            async with sidecar(portal, lane) as (pid, port):
+                await measure(pid, port, [HEAD], 0)  # warm up: imports, first token use
+                rows: dict[str, list[Sample]] = {"one write": [], "a byte per segment": [],
+                                                 "idle, as long": []}
+                for _ in range(args.runs):
+                    rows["one write"].append(await measure(pid, port, [HEAD], 0))
+                    slow = await measure(pid, port, drip, pace)
+                    rows["a byte per segment"].append(slow)
+                    rows["idle, as long"].append(await idle(pid, slow.seconds))
+                for name, samples in rows.items():
+                    print(f"| {lane} | {name} | {median(samples, 'cpu'):.3f} | "
+                          f"{median(samples, 'reads'):.0f} | {median(samples, 'seconds'):.2f} |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
