@@ -21,7 +21,7 @@ from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
 from sidecar.fastlane import ProxyRunner
 from sidecar.limits import Gate
-from sidecar.logging import Redactor, flush_access_log
+from sidecar.logging import AccessLog, Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.proxy import Proxy, error_response, expect_continue
@@ -133,11 +133,13 @@ def create_app(
     settings: Settings,
     *,
     redactor: Redactor | None = None,
+    access_log: AccessLog | None = None,
     clock: Callable[[], float] = time.time,
     watch_interval: float = 1.0,
 ) -> web.Application:
     """Build the proxy application for ``settings``; resources open on startup, close on cleanup."""
     redactor = redactor or Redactor()
+    access_log = access_log or AccessLog()
     redactor.add(settings.client_secret, permanent=True)
     redactor.add(settings.alert_webhook, permanent=True)
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
@@ -165,7 +167,8 @@ def create_app(
             gate = Gate(rate=settings.rate, burst=settings.burst,
                         queue_timeout=settings.queue_timeout, coalesce=settings.coalesce,
                         metrics=metrics)
-            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, gate)
+            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, gate,
+                                           access_log=access_log)
             authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, oauth_http)
             authflow.add_routes(app, lifecycle.tracked)
             # After the exact routes.
@@ -191,6 +194,7 @@ def create_app(
                 await pool.close()
                 await tokens.aclose()
                 await alerts.drain()
+                access_log.flush()
 
     app.cleanup_ctx.append(resources)
     return app
@@ -342,7 +346,6 @@ async def serve(
         await runner.cleanup()
         if admin_runner is not None:
             await admin_runner.cleanup()
-        flush_access_log()
         log.info("stopped")
 def _bound_port(runner: web.AppRunner, fallback: int) -> int:
     for address in runner.addresses:

@@ -53,7 +53,7 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.limits import Gate, Waiter
-from sidecar.logging import log_request
+from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
 from sidecar.store import TokenPair
 from sidecar.tokens import TokenManager
@@ -385,7 +385,10 @@ class Proxy:
         pool: Pool,
         metrics: Metrics,
         gate: Gate,
+        *,
+        access_log: AccessLog,
     ) -> None:
+        self._access_log = access_log
         self._metrics = metrics
         self._gate = gate
         gate.run_batch = self.run_batch
@@ -442,7 +445,7 @@ class Proxy:
                 outcome.method, known=outcome.reached and response.status != 404
             )
             self._metrics.observe_request(label, response.status, duration)
-        log_request(
+        self._access_log.request(
             request_id, outcome.method, call.method, response.status,
             round(duration * 1000, 2), round(outcome.upstream * 1000, 2), outcome.retried,
             outcome.coalesced, outcome.error,
