@@ -24,7 +24,7 @@ from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound
 from sidecar.fastlane import ProxyRunner
 from sidecar.limits import Gate
-from sidecar.logging import Redactor, flush_access_log
+from sidecar.logging import AccessLog, Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.portal import Addresses
@@ -136,11 +136,13 @@ def create_app(
     settings: Settings,
     *,
     redactor: Redactor | None = None,
+    access_log: AccessLog | None = None,
     clock: Callable[[], float] = time.time,
     watch_interval: float = 1.0,
 ) -> web.Application:
     """Build the proxy application for ``settings``; resources open on startup, close on cleanup."""
     redactor = redactor or Redactor()
+    access_log = access_log or AccessLog()
     redactor.add(settings.client_secret, permanent=True)
     redactor.add(settings.alert_webhook, permanent=True)
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
@@ -173,7 +175,8 @@ def create_app(
             gate = tokens.gate = Gate(
                 rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
                 coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send)
-            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses)
+            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses,
+                                       access_log=access_log)
             authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, oauth_http)
             authflow.add_routes(app, lifecycle.tracked)
             # After the exact routes.
@@ -199,6 +202,7 @@ def create_app(
                 await pool.close()
                 await tokens.aclose()
                 await alerts.drain()
+                access_log.flush()
 
     app.cleanup_ctx.append(resources)
     return app
@@ -350,7 +354,6 @@ async def serve(
         await runner.cleanup()
         if admin_runner is not None:
             await admin_runner.cleanup()
-        flush_access_log()
         log.info("stopped")
 def _bound_port(runner: web.AppRunner, fallback: int) -> int:
     for address in runner.addresses:

@@ -23,7 +23,7 @@ from sidecar.authinfo import authorize_url, code_hint, describe
 from sidecar.authorization import Authorization
 from sidecar.config import OPTIONS, Settings, load_settings, parse_listen
 from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
-from sidecar.logging import Redactor, configure_logging
+from sidecar.logging import AccessLog, Redactor, configure_logging
 from sidecar.storage import StoredState
 from sidecar.store import TokenStore
 
@@ -112,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         redactor = configure_logging(fmt=settings.log_format, level=settings.log_level)
-        return _run(_serve(settings, redactor))
+        access_log = AccessLog()
+        try:
+            return _run(_serve(settings, redactor, access_log))
+        finally:
+            access_log.flush()  # lines of a loop that ended before its flush ran
     # One-shot commands keep stdout for their answer and log only what matters.
     configure_logging(fmt=settings.log_format, level="warning")
     if args.command == "authorize-url":
@@ -140,9 +144,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
             return 130
 
 
-async def _serve(settings: Settings, redactor: Redactor) -> int:
+async def _serve(settings: Settings, redactor: Redactor, access_log: AccessLog) -> int:
     try:
-        await serve(create_app(settings, redactor=redactor), settings.listen,
+        await serve(create_app(settings, redactor=redactor, access_log=access_log),
+                    settings.listen,
                     admin_listen=settings.admin_listen, oauth_listen=settings.oauth_listen,
                     shutdown_grace=settings.shutdown_grace)
     except SidecarError as exc:

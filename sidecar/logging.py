@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import re
 import sys
@@ -88,27 +87,85 @@ class Redactor:
         return event_dict
 
 
-class _AccessLog:
-    """Where the per-call ``request`` event goes when it may skip structlog's pipeline.
+class _JSONOutput(structlog.processors.JSONRenderer):
+    """The JSON renderer of a pipeline configure_logging built, and what the access log needs.
 
-    That event is the one line written per proxied call, so it is rendered by hand: the same
-    JSON structlog would write (same keys, order and separators), at a fraction of the cost.
-    Only when the JSON format is configured and structlog still runs our pipeline (not, say,
-    a test's capture); otherwise the event takes the ordinary path.
+    The access log renders its line by hand only while structlog runs such a pipeline (not, say,
+    a test's capture), writing where that pipeline writes.
+    """
+
+    def __init__(self, stream: TextIO, redactor: Redactor, *, enabled: bool) -> None:
+        super().__init__()
+        self.stream = stream
+        self.redactor = redactor
+        self.enabled = enabled  # the level lets info events through
+
+
+class AccessLog:
+    """The access log: the ``request`` event of every proxied call, one line each.
+
+    Whoever builds the application owns it and calls :meth:`flush` at shutdown. That event is
+    the one line written per proxied call, so it is rendered by hand: the same JSON structlog
+    would write (same keys, order and separators), at a fraction of the cost; the lines of one
+    turn of the event loop go out in one write. When structlog does not run configure_logging's
+    JSON pipeline (the console format, a test's capture), the event takes the ordinary path.
     """
 
     def __init__(self) -> None:
-        self.stream: TextIO | None = None
-        self.enabled = True
-        self.processors: list[Processor] = []
-        self.renderer: object = None
-        self.redactor: Redactor | None = None
-        self.pending: list[str] = []  # lines of this turn of the event loop
+        self._pending: list[str] = []  # lines of this turn of the event loop
+        self._stream: TextIO | None = None  # where they go
         self._flushing_on: asyncio.AbstractEventLoop | None = None  # the loop due to flush
+        self._second: tuple[int, str] = (0, "")  # the date part of timestamps, per second
 
-    def write(self, line: str) -> None:
+    def request(  # noqa: PLR0917 - the event's fields, positional for speed
+        self, request_id: str, method: str, http_method: str, status: int, duration_ms: float,
+        upstream_ms: float, retried: bool, coalesced: bool, error: str | None,
+    ) -> None:
+        """Log the access-log event of one proxied call."""
+        processors = structlog.get_config()["processors"]
+        output = processors[-1] if processors else None
+        if not isinstance(output, _JSONOutput):
+            # A fresh logger: one cached under an earlier configuration would write there.
+            structlog.get_logger("sidecar.proxy").info(
+                "request", request_id=request_id, method=method, http_method=http_method,
+                status=status, duration_ms=duration_ms, upstream_ms=upstream_ms,
+                retried=retried, coalesced=coalesced, error=error,
+            )
+            return
+        if not output.enabled:
+            return
+        redactor = output.redactor
+        # Redacted as structlog's pipeline would: a client may send a token as its X-Request-ID
+        # or as a method name. Under 6 characters nothing can hide (GET, POST).
+        stamp = self._stamp()
+        rid = redactor.redact(request_id) if len(request_id) >= 6 else request_id
+        name = redactor.redact(method) if len(method) >= 6 else method
+        verb = http_method if len(http_method) < 6 else redactor.redact(http_method)
+        self._write(output.stream,
+            f'{{"request_id": {_json_str(rid)}, "method": {_json_str(name)}, '
+            f'"http_method": {_json_str(verb)}, "status": {status}, '
+            f'"duration_ms": {duration_ms!r}, "upstream_ms": {upstream_ms!r}, '
+            f'"retried": {"true" if retried else "false"}, '
+            f'"coalesced": {"true" if coalesced else "false"}, '
+            f'"error": {"null" if error is None else _json_str(redactor.redact(error))}, '
+            f'"event": "request", "level": "info", "timestamp": "{stamp}"}}\n'
+        )
+
+    def flush(self) -> None:
+        """Write the queued lines (the event loop does after each turn; the owner at exit)."""
+        self._flushing_on = None
+        stream = self._stream
+        lines, self._pending = self._pending, []
+        if stream is not None and lines:
+            stream.write("".join(lines))
+            stream.flush()
+
+    def _write(self, stream: TextIO, line: str) -> None:
         """Queue a line; the lines of one turn of the event loop go out in one write."""
-        self.pending.append(line)
+        if stream is not self._stream:  # reconfigured: what was queued goes where it was due
+            self.flush()
+            self._stream = stream
+        self._pending.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: write it now
@@ -118,77 +175,16 @@ class _AccessLog:
             self._flushing_on = loop
             loop.call_soon(self.flush)
 
-    def flush(self) -> None:
-        """Write the queued lines."""
-        self._flushing_on = None
-        stream = self.stream
-        lines, self.pending = self.pending, []
-        if stream is not None and lines:
-            stream.write("".join(lines))
-            stream.flush()
-
-    def bypass(self) -> bool:
-        """Say whether structlog still runs our pipeline (a test's capture edits it in place)."""
-        processors = self.processors
-        return (bool(processors) and processors[-1] is self.renderer
-                and structlog.get_config()["processors"] is processors)
-
-
-_ACCESS = _AccessLog()
-atexit.register(_ACCESS.flush)  # lines of a loop that ended before its flush ran
-_second: tuple[int, str] = (0, "")
-
-
-def _stamp() -> str:
-    """Now as structlog's TimeStamper(fmt="iso", utc=True) writes it; the date part cached."""
-    global _second  # noqa: PLW0603 - a per-second cache
-    now = time.time()
-    whole = int(now)
-    if _second[0] != whole:
-        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    micro = int((now - whole) * 1_000_000)
-    # isoformat() leaves out a zero fraction; so does this.
-    return f"{_second[1]}.{micro:06d}Z" if micro else f"{_second[1]}Z"
-
-
-def flush_access_log() -> None:
-    """Write access-log lines still queued (at shutdown, before the last words)."""
-    _ACCESS.flush()
-
-
-def log_request(  # noqa: PLR0917 - the event's fields, positional for speed
-    request_id: str, method: str, http_method: str, status: int, duration_ms: float,
-    upstream_ms: float, retried: bool, coalesced: bool, error: str | None,
-) -> None:
-    """Write the access-log event of one proxied call."""
-    stream = _ACCESS.stream
-    if stream is None or not _ACCESS.bypass():
-        # A fresh logger: one cached under an earlier configuration would write there.
-        structlog.get_logger("sidecar.proxy").info(
-            "request", request_id=request_id, method=method, http_method=http_method,
-            status=status, duration_ms=duration_ms, upstream_ms=upstream_ms, retried=retried,
-            coalesced=coalesced, error=error,
-        )
-        return
-    if not _ACCESS.enabled:
-        return
-    redactor = _ACCESS.redactor
-    assert redactor is not None
-    # Redacted as structlog's pipeline would: a client may send a token as its X-Request-ID
-    # or as a method name. Under 6 characters nothing can hide (GET, POST).
-    stamp = _stamp()
-    rid = redactor.redact(request_id) if len(request_id) >= 6 else request_id
-    name = redactor.redact(method) if len(method) >= 6 else method
-    verb = http_method if len(http_method) < 6 else redactor.redact(http_method)
-    _ACCESS.write(
-        f'{{"request_id": {_json_str(rid)}, "method": {_json_str(name)}, '
-        f'"http_method": {_json_str(verb)}, "status": {status}, '
-        f'"duration_ms": {duration_ms!r}, "upstream_ms": {upstream_ms!r}, '
-        f'"retried": {"true" if retried else "false"}, '
-        f'"coalesced": {"true" if coalesced else "false"}, '
-        f'"error": {"null" if error is None else _json_str(redactor.redact(error))}, '
-        f'"event": "request", "level": "info", "timestamp": "{stamp}"}}\n'
-    )
+    def _stamp(self) -> str:
+        """Now as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+        now = time.time()
+        whole = int(now)
+        if self._second[0] != whole:
+            self._second = (
+                whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        micro = int((now - whole) * 1_000_000)
+        # isoformat() leaves out a zero fraction; so does this.
+        return f"{self._second[1]}.{micro:06d}Z" if micro else f"{self._second[1]}Z"
 
 
 def configure_logging(
@@ -206,12 +202,12 @@ def configure_logging(
         structlog.processors.format_exc_info,
         redactor,
     ]
+    numeric = logging.getLevelNamesMapping()[level.upper()]
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
+        _JSONOutput(stream, redactor, enabled=numeric <= logging.INFO)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
-    numeric = logging.getLevelNamesMapping()[level.upper()]
     processors = [*shared, renderer]
     structlog.configure(
         processors=processors,
@@ -232,12 +228,4 @@ def configure_logging(
     root.setLevel(max(numeric, logging.INFO))  # aiohttp's debug chatter is not ours to show
     # Our own access-log event replaces aiohttp's.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    _ACCESS.flush()
-    _ACCESS.stream = stream if fmt == "json" else None
-    _ACCESS.enabled = numeric <= logging.INFO
-    _ACCESS.processors = processors
-    _ACCESS.renderer = renderer
-    _ACCESS.redactor = redactor
     return redactor
-
-

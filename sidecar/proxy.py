@@ -32,7 +32,7 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.limits import Gate
-from sidecar.logging import log_request
+from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
 from sidecar.portal import Addresses, Refusal, reset_in
 from sidecar.replies import JSON_TYPE, Call, Reply, Sink, error_reply
@@ -102,7 +102,10 @@ class Proxy:
         pool: Pool,
         metrics: Metrics,
         addresses: Addresses,
+        *,
+        access_log: AccessLog,
     ) -> None:
+        self._access_log = access_log
         self._metrics = metrics
         self._gate: Gate = tokens.gate
         self._settings = settings
@@ -150,7 +153,7 @@ class Proxy:
                 outcome.method, known=outcome.reached and response.status != 404
             )
             self._metrics.observe_request(label, response.status, duration)
-        log_request(
+        self._access_log.request(
             request_id, outcome.method, call.method, response.status,
             round(duration * 1000, 2), round(outcome.upstream * 1000, 2), outcome.retried,
             outcome.coalesced, outcome.error,

@@ -8,12 +8,17 @@ import json
 import logging
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
+import aiohttp
 import structlog
 import structlog.testing
 
-from sidecar.logging import REDACTED, Redactor, configure_logging, log_request
+from sidecar.emulator import Emulator
+from sidecar.logging import REDACTED, AccessLog, Redactor, configure_logging
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.processes import Env, get, running
 
 
 class TestRedactor:
@@ -81,7 +86,7 @@ class TestAccessLog:
         redactor = configure_logging(fmt="json", level=level, stream=out)
         try:
             redactor.add("tok-0123456789abcdef")
-            log_request(*fields.values())
+            AccessLog().request(*fields.values())
             fast = out.getvalue()
             out.seek(0)
             out.truncate()
@@ -141,7 +146,7 @@ class TestAccessLog:
         configure_logging(fmt="json", level="info", stream=out)
         try:
             with structlog.testing.capture_logs() as logs:
-                log_request(*self.FIELDS.values())
+                AccessLog().request(*self.FIELDS.values())
         finally:
             structlog.reset_defaults()
             logging.getLogger().handlers[:] = root_handlers
@@ -159,8 +164,9 @@ class TestAccessLog:
         root_handlers = logging.getLogger().handlers[:]
         configure_logging(fmt="json", level="info", stream=Recorder())
         try:
-            log_request(*self.FIELDS.values())
-            log_request(*(self.FIELDS | {"request_id": "abc-2"}).values())
+            access_log = AccessLog()
+            access_log.request(*self.FIELDS.values())
+            access_log.request(*(self.FIELDS | {"request_id": "abc-2"}).values())
             assert writes == []  # queued until the loop turns
             await asyncio.sleep(0)
         finally:
@@ -169,3 +175,95 @@ class TestAccessLog:
         assert len(writes) == 1
         assert [json.loads(line)["request_id"] for line in writes[0].splitlines()] == [
             "abc-1", "abc-2"]
+
+    def test_lines_queued_when_a_loop_stops_are_not_lost(self, tmp_path: Path) -> None:
+        """A loop that stops before its flush ran: the next loop, or the owner at exit, writes."""
+        path = tmp_path / "log"
+        root_handlers = logging.getLogger().handlers[:]
+        with path.open("w") as out:
+            configure_logging(fmt="json", level="info", stream=out)
+            try:
+                access_log = AccessLog()
+
+                def stopped_loop_logs(request_id: str) -> None:
+                    loop = asyncio.new_event_loop()
+
+                    def stop_then_log() -> None:
+                        loop.stop()  # this turn is its last: the flush it schedules never runs
+                        access_log.request(*(self.FIELDS | {"request_id": request_id}).values())
+
+                    loop.call_soon(stop_then_log)
+                    loop.run_forever()
+                    loop.close()
+
+                async def log_one_turn(request_id: str) -> None:
+                    access_log.request(*(self.FIELDS | {"request_id": request_id}).values())
+                    await asyncio.sleep(0)
+
+                stopped_loop_logs("abc-1")
+                assert path.read_text() == ""
+                asyncio.run(log_one_turn("abc-2"))  # the next loop writes both
+                assert ids_in(path) == ["abc-1", "abc-2"]
+                stopped_loop_logs("abc-3")
+                assert ids_in(path) == ["abc-1", "abc-2"]
+                access_log.flush()  # the owner, at exit
+                assert ids_in(path) == ["abc-1", "abc-2", "abc-3"]
+            finally:
+                structlog.reset_defaults()
+                logging.getLogger().handlers[:] = root_handlers
+
+
+async def inflight(http: aiohttp.ClientSession, admin: str) -> float:
+    """The sidecar's count of calls in flight, from its metrics."""
+    async with http.get(f"{admin}/metrics") as response:
+        text = await response.text()
+    return float(re.search(r"^bitrix_sidecar_inflight_requests (\S+)$", text, re.M)[1])  # type: ignore[index]
+
+
+def ids_in(path: Path) -> list[str]:
+    """The request IDs of the access-log lines written to ``path``."""
+    return [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+
+
+class TestSidecarProcess:
+    """``bitrix-sidecar run`` as a real process: what it writes to its standard error."""
+
+    async def test_every_call_is_logged_by_exit_and_no_secret_is(
+        self, env: Env, emulator: Emulator
+    ) -> None:
+        """Calls in flight at SIGTERM are in the log; a token sent back in a call is hidden."""
+        run_env = {**env, "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}
+        async with running(run_env) as sidecar:
+            status, body = await get(f"{sidecar.base}/token")
+            assert status == 200
+            token = body["access_token"]
+            ids = [f"call-{n:03d}" for n in range(50)]
+            async with aiohttp.ClientSession() as http:
+
+                async def call(request_id: str, path: str = "/rest/profile") -> None:
+                    async with http.get(f"{sidecar.base}{path}",
+                                        headers={"X-Request-ID": request_id}) as response:
+                        await response.read()
+
+                # A client that sends the token where it does not belong: as its request ID,
+                # and as a parameter.
+                await call(token, f"/rest/profile?auth={token}")
+                emulator.call_delay = 0.5
+                calls = asyncio.gather(*(call(request_id) for request_id in ids))
+                for _ in range(500):
+                    if await inflight(http, sidecar.admin) == len(ids):
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("the calls never were all in flight at once")
+                # Stopped with all 50 in flight: they finish in the drain, and are logged.
+                assert await sidecar.stop() == 0
+                await calls
+        logged = "".join(sidecar.lines)
+        requests = [event for event in sidecar.events()
+                    if event["event"] == "request" and event["method"] != "/token"]
+        assert sorted(event["request_id"] for event in requests) == sorted([REDACTED, *ids])
+        assert all(event["status"] == 200 and event["method"] == "profile"
+                   for event in requests if event["request_id"] in ids)
+        for secret in (token, CLIENT_SECRET, *emulator.issued_secrets()):
+            assert secret not in logged
