@@ -246,6 +246,16 @@ class _Sink:
         self._lane.close_now()
 
 
+def _bare_line_feed(buffer: bytearray, start: int) -> bool:
+    """Whether a line feed at or after ``start`` has no carriage return before it."""
+    at = buffer.find(b"\n", start)
+    while at >= 0:
+        if at == 0 or buffer[at - 1] != 0x0D:
+            return True
+        at = buffer.find(b"\n", at + 1)
+    return False
+
+
 def _connection_line(keep: bool, version11: bool) -> str:
     if not keep:
         return "Connection: close\r\n"
@@ -271,6 +281,11 @@ class FastLane(asyncio.Protocol):
         self._started: float | None = None  # when the request being read began to arrive
         self._discarding = False  # answered and closing: what still arrives is dropped
         self._head: _Head | None = None  # the parser, kept between requests without a body
+        # How far the head being read has been examined (its request line's end, once found):
+        # each packet's search resumes there, so a head sent a byte at a time is read in
+        # linear time, not scanned whole for every byte.
+        self._scanned = 0
+        self._line_end = -1
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -353,19 +368,32 @@ class FastLane(asyncio.Protocol):
             if buffer[0] not in _METHOD_START:
                 self._hand_off()
                 return
-            line_end = buffer.find(b"\r\n", 0, MAX_LINE)
+            # What was examined before held no line feed but in CRLFs, and no head's end; a
+            # delimiter may straddle the old and new bytes, hence the steps back.
+            scanned = self._scanned
+            line_end = self._line_end
             if line_end < 0:
-                if len(buffer) >= MAX_LINE or b"\n" in buffer:  # a bare LF: not ours to judge
+                line_end = buffer.find(b"\r\n", max(scanned - 1, 0), MAX_LINE)
+                if line_end < 0:
+                    # a bare LF: not ours to judge
+                    if len(buffer) >= MAX_LINE or buffer.find(b"\n", scanned) >= 0:
+                        self._hand_off()
+                        return
+                    self._scanned = len(buffer)
+                    return
+                if not buffer[:line_end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
                     self._hand_off()
-                return
-            if not buffer[:line_end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
-                self._hand_off()
-                return
-            end = buffer.find(b"\r\n\r\n", line_end, MAX_HEAD)
+                    return
+                self._line_end = line_end
+            end = buffer.find(b"\r\n\r\n", max(scanned - 3, line_end), MAX_HEAD)
             if end < 0:
-                if len(buffer) >= MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
+                if len(buffer) >= MAX_HEAD or _bare_line_feed(buffer, scanned):
                     self._hand_off()  # too long, or a bare LF that may end the head for aiohttp
+                    return
+                self._scanned = len(buffer)
                 return
+            self._scanned = 0  # the next head starts afresh at the start of the buffer
+            self._line_end = -1
             if not buffer.startswith(_PREFIXES):
                 self._hand_off()
                 return
