@@ -168,19 +168,24 @@ def _parse(collected: _Head, head: bytes, max_body: int,
     return _Parsed(call, len(head), max(length, 0), collected.keep_alive, version == "1.1")
 
 
-_date_cache: tuple[int, str] = (0, "")
+class HttpDate:
+    """The ``Date`` header's value, formatted once a second (each server owns one)."""
 
+    __slots__ = ("_second", "_text")
 
-def _date() -> str:
-    global _date_cache  # noqa: PLW0603 - a per-second cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._text = now, formatdate(now, usegmt=True)
+        return self._text
 
 
 def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]], framing: str,
-                version11: bool = True) -> bytes:
+                version11: bool, *, date: HttpDate) -> bytes:
     """The status line and headers; ``framing`` is the length or connection lines."""
     lines = [f"HTTP/1.{1 if version11 else 0} {status} "
              f"{reason or _REASONS.get(status, 'Unknown')}\r\n"]
@@ -193,7 +198,7 @@ def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]], framin
             has_type = True
         lines.append(f"{name}: {value}\r\n")
     if not has_date:
-        lines.append(f"Date: {_date()}\r\n")
+        lines.append(f"Date: {date()}\r\n")
     if not has_type:
         lines.append("Content-Type: application/octet-stream\r\n")  # what aiohttp would say
     lines.append(framing)
@@ -228,7 +233,7 @@ class _Sink:
         framing += _connection_line(keep, self._parsed.version11)
         self.reusable = keep
         await self._lane.send(_head_bytes(status, reason, headers, framing,
-                                          self._parsed.version11))
+                                          self._parsed.version11, date=self._lane.date))
 
     async def write(self, chunk: bytes) -> None:
         if self._bodiless:
@@ -268,6 +273,7 @@ class FastLane(asyncio.Protocol):
     def __init__(self, server: FastServer) -> None:
         self._server = server
         self._loop = server.loop
+        self.date = server.date
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._parsed: _Parsed | None = None
@@ -435,7 +441,8 @@ class FastLane(asyncio.Protocol):
                     # Through send(): a client that pipelines and never reads is not
                     # answered faster than it reads.
                     await self.send(_head_bytes(reply.status, reply.reason, reply.headers,
-                                                framing, parsed.version11) + body)
+                                                framing, parsed.version11, date=server.date)
+                                    + body)
         except BaseException:
             self.close_now()
             raise
@@ -512,7 +519,8 @@ class FastLane(asyncio.Protocol):
             return
         transport.write(_head_bytes(reply.status, reply.reason, reply.headers,
                                     f"Content-Length: {len(reply.body)}\r\n"
-                                    "Connection: close\r\n") + reply.body)
+                                    "Connection: close\r\n", True, date=self._server.date)
+                        + reply.body)
         # A lingering close: the client may still be sending, and closing with its bytes
         # unread would reset the connection and lose the answer. Stop writing, read and
         # drop what still comes for a moment, then close.
@@ -544,6 +552,7 @@ class FastServer(web.Server):
         self.tracker = tracker
         self.max_body = max_body
         self.loop = base._loop
+        self.date = HttpDate()
         self.served = 0  # calls the fast lane served itself
         self.handed_off = 0  # connections it gave to aiohttp
         self._sweeper: asyncio.TimerHandle | None = None

@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import struct
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -200,6 +201,18 @@ class TestServedInTheLane:
         assert headers["content-type"] == "application/json; charset=utf-8"
         assert "date" in headers
         assert set(json.loads(body)) == {"error", "error_description"}
+
+
+class TestDate:
+    async def test_the_date_is_the_servers_own(self, sidecar: Client) -> None:
+        """Each FastServer keeps its own once-a-second Date (no module-level cache)."""
+        server = server_of(sidecar)
+        before = server.date()
+        raw = await exchange(sidecar, get(b"/rest/../x", b"Connection: close\r\n"))
+        after = server.date()
+        [(_, headers, _)] = answers(raw)
+        assert headers["date"] in (before, after)
+        assert parsedate_to_datetime(headers["date"]).tzinfo is not None
 
 
 class TestHeadsInPieces:
