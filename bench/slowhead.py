@@ -1,15 +1,15 @@
-"""Benchmark: the sidecar's CPU time for a 24 KiB request head that arrives a byte at a time.
+"""Benchmark: the sidecar's CPU time for a request head that arrives a byte at a time.
 
-A client may send its head in as many packets as it likes; the proxy listener must not do work
-proportional to the head's length for every packet (quadratic in all). This runs the emulator
-and an authorized `bitrix-sidecar run` in their own processes on loopback, sends one ~24 KiB
-head (three 7,900-byte headers: within every limit, so the fast lane serves it) whole and then
-one byte per TCP segment (TCP_NODELAY, paced so the sidecar reads each byte on its own: its
-read() count, from /proc/PID/io, is printed), and prints the CPU time the sidecar's process
-spent (utime + stime, from /proc/PID/stat) while each was sent and answered. "idle" is the same
-process doing nothing for as long as the byte-at-a-time send took: the floor of the figure.
+A client may send its head in as many packets as it likes; the proxy listener must not examine
+the whole head again for every packet (quadratic in all). This runs the emulator and an
+authorized `bitrix-sidecar run` in their own processes on loopback and sends heads of about
+8 and 24 KiB (7,900-byte headers: within every limit, so the fast lane serves them), each once
+in one write and once a byte per TCP segment (TCP_NODELAY, paced so that the sidecar reads the
+bytes one by one: its read() count, from /proc/PID/io, is printed). It prints the CPU time the
+sidecar's process spent (utime + stime, from /proc/PID/stat) while each was sent and answered;
+"(idle, as long)" is the same process doing nothing for as long as the byte-at-a-time send took.
 
-    python -m bench.slowhead [--runs 3] [--lane on,off] [--pace-us 150]
+    python -m bench.slowhead [--runs 3] [--kib 8,24] [--lane on,off] [--pace-us 150]
 
 Linux only (/proc).
 """
@@ -31,11 +31,21 @@ from pathlib import Path
 
 from bench.common import CLIENT_ID, CLIENT_SECRET, approve, emulator, free_port, process, wait_port
 
-PAD = 7900
-HEAD = (b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        + b"".join(b"X-Pad-%d: %b\r\n" % (n, b"a" * PAD) for n in range(3))
-        + b"Connection: close\r\n\r\n")
+PAD = 7900  # one header line stays under the 8190-byte limit on a line
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def head(kib: int) -> bytes:
+    """A request head of about ``kib`` KiB (at most 24 KiB less 200 bytes: the lane's limit)."""
+    start = b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    end = b"Connection: close\r\n\r\n"
+    room = min(kib * 1024, 24 * 1024 - 200) - len(start) - len(end)
+    lines: list[bytes] = []
+    while room > 20:
+        name = b"X-Pad-%d: " % len(lines)
+        lines.append(name + b"a" * min(PAD, room - len(name) - 2) + b"\r\n")
+        room -= len(lines[-1])
+    return start + b"".join(lines) + end
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,29 +137,32 @@ async def main() -> None:
     parser.add_argument("--lane", default="on", help="SIDECAR_FAST_LANE values, comma separated")
     parser.add_argument("--pace-us", type=float, default=150.0,
                         help="microseconds between the bytes of the slow send")
+    parser.add_argument("--kib", default="8,24", help="head sizes in KiB, comma separated")
     args = parser.parse_args()
     pace = args.pace_us / 1e6
-    drip = [HEAD[i:i + 1] for i in range(len(HEAD))]
-    print(f"head: {len(HEAD)} bytes; median of {args.runs} runs; CPU = the sidecar's "
-          "utime + stime")
+    print(f"median of {args.runs} runs; CPU = the sidecar's utime + stime (10 ms ticks)")
     print()
-    print("| SIDECAR_FAST_LANE | sent as | sidecar CPU s | sidecar read() calls | wall s |")
-    print("|---|---|---|---|---|")
+    print("| SIDECAR_FAST_LANE | head bytes | sent as | sidecar CPU s | sidecar read() calls "
+          "| wall s |")
+    print("|---|---|---|---|---|---|")
     async with emulator() as portal:
         for lane in args.lane.split(","):
             async with sidecar(portal, lane) as (pid, port):
-                await measure(pid, port, [HEAD], 0)  # warm up: imports, first token use
-                rows: dict[str, list[Sample]] = {"one write": [], "a byte per segment": [],
-                                                 "idle, as long": []}
-                for _ in range(args.runs):
-                    rows["one write"].append(await measure(pid, port, [HEAD], 0))
-                    slow = await measure(pid, port, drip, pace)
-                    rows["a byte per segment"].append(slow)
-                    rows["idle, as long"].append(await idle(pid, slow.seconds))
-                for name, samples in rows.items():
-                    print(f"| {lane} | {name} | {median(samples, 'cpu'):.3f} | "
-                          f"{median(samples, 'reads'):.0f} | {median(samples, 'seconds'):.2f} |",
-                          flush=True)
+                await measure(pid, port, [head(1)], 0)  # warm up: imports, first token use
+                for kib in (int(k) for k in args.kib.split(",")):
+                    whole = head(kib)
+                    drip = [whole[i:i + 1] for i in range(len(whole))]
+                    rows: dict[str, list[Sample]] = {"one write": [], "a byte per segment": [],
+                                                     "(idle, as long)": []}
+                    for _ in range(args.runs):
+                        rows["one write"].append(await measure(pid, port, [whole], 0))
+                        slow = await measure(pid, port, drip, pace)
+                        rows["a byte per segment"].append(slow)
+                        rows["(idle, as long)"].append(await idle(pid, slow.seconds))
+                    for name, samples in rows.items():
+                        print(f"| {lane} | {len(whole)} | {name} | {median(samples, 'cpu'):.2f} "
+                              f"| {median(samples, 'reads'):.0f} "
+                              f"| {median(samples, 'seconds'):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -169,19 +169,24 @@ def _parse(collected: _Head, head: bytes, max_body: int,
     return _Parsed(call, len(head), max(length, 0), collected.keep_alive, version == "1.1")
 
 
-_date_cache: tuple[int, str] = (0, "")
+class HttpDate:
+    """The ``Date`` header's value, formatted once a second (each server owns one)."""
 
+    __slots__ = ("_second", "_text")
 
-def _date() -> str:
-    global _date_cache  # noqa: PLW0603 - a per-second cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._text = now, formatdate(now, usegmt=True)
+        return self._text
 
 
 def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]], framing: str,
-                version11: bool = True) -> bytes:
+                version11: bool, *, date: HttpDate) -> bytes:
     """The status line and headers; ``framing`` is the length or connection lines."""
     lines = [f"HTTP/1.{1 if version11 else 0} {status} "
              f"{reason or _REASONS.get(status, 'Unknown')}\r\n"]
@@ -194,7 +199,7 @@ def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]], framin
             has_type = True
         lines.append(f"{name}: {value}\r\n")
     if not has_date:
-        lines.append(f"Date: {_date()}\r\n")
+        lines.append(f"Date: {date()}\r\n")
     if not has_type:
         lines.append("Content-Type: application/octet-stream\r\n")  # what aiohttp would say
     lines.append(framing)
@@ -229,7 +234,7 @@ class _Sink:
         framing += _connection_line(keep, self._parsed.version11)
         self.reusable = keep
         await self._lane.send(_head_bytes(status, reason, headers, framing,
-                                          self._parsed.version11))
+                                          self._parsed.version11, date=self._lane.date))
 
     async def write(self, chunk: bytes) -> None:
         if self._bodiless:
@@ -247,6 +252,16 @@ class _Sink:
         self._lane.close_now()
 
 
+def _bare_line_feed(buffer: bytearray, start: int) -> bool:
+    """Whether a line feed at or after ``start`` has no carriage return before it."""
+    at = buffer.find(b"\n", start)
+    while at >= 0:
+        if at == 0 or buffer[at - 1] != 0x0D:
+            return True
+        at = buffer.find(b"\n", at + 1)
+    return False
+
+
 def _connection_line(keep: bool, version11: bool) -> str:
     if not keep:
         return "Connection: close\r\n"
@@ -259,6 +274,7 @@ class FastLane(asyncio.Protocol):
     def __init__(self, server: FastServer) -> None:
         self._server = server
         self._loop = server.loop
+        self.date = server.date
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._parsed: _Parsed | None = None
@@ -272,6 +288,11 @@ class FastLane(asyncio.Protocol):
         self._started: float | None = None  # when the request being read began to arrive
         self._discarding = False  # answered and closing: what still arrives is dropped
         self._head: _Head | None = None  # the parser, kept between requests without a body
+        # How far the head being read has been examined (its request line's end, once found):
+        # each packet's search resumes there, so a head sent a byte at a time is read in
+        # linear time, not scanned whole for every byte.
+        self._scanned = 0
+        self._line_end = -1
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -354,19 +375,32 @@ class FastLane(asyncio.Protocol):
             if buffer[0] not in _METHOD_START:
                 self._hand_off()
                 return
-            line_end = buffer.find(b"\r\n", 0, MAX_LINE)
+            # What was examined before held no line feed but in CRLFs, and no head's end; a
+            # delimiter may straddle the old and new bytes, hence the steps back.
+            scanned = self._scanned
+            line_end = self._line_end
             if line_end < 0:
-                if len(buffer) >= MAX_LINE or b"\n" in buffer:  # a bare LF: not ours to judge
+                line_end = buffer.find(b"\r\n", max(scanned - 1, 0), MAX_LINE)
+                if line_end < 0:
+                    # a bare LF: not ours to judge
+                    if len(buffer) >= MAX_LINE or buffer.find(b"\n", scanned) >= 0:
+                        self._hand_off()
+                        return
+                    self._scanned = len(buffer)
+                    return
+                if not buffer[:line_end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
                     self._hand_off()
-                return
-            if not buffer[:line_end].endswith((b" HTTP/1.1", b" HTTP/1.0")):
-                self._hand_off()
-                return
-            end = buffer.find(b"\r\n\r\n", line_end, MAX_HEAD)
+                    return
+                self._line_end = line_end
+            end = buffer.find(b"\r\n\r\n", max(scanned - 3, line_end), MAX_HEAD)
             if end < 0:
-                if len(buffer) >= MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
+                if len(buffer) >= MAX_HEAD or _bare_line_feed(buffer, scanned):
                     self._hand_off()  # too long, or a bare LF that may end the head for aiohttp
+                    return
+                self._scanned = len(buffer)
                 return
+            self._scanned = 0  # the next head starts afresh at the start of the buffer
+            self._line_end = -1
             if not buffer.startswith(_PREFIXES):
                 self._hand_off()
                 return
@@ -408,7 +442,8 @@ class FastLane(asyncio.Protocol):
                     # Through send(): a client that pipelines and never reads is not
                     # answered faster than it reads.
                     await self.send(_head_bytes(reply.status, reply.reason, reply.headers,
-                                                framing, parsed.version11) + body)
+                                                framing, parsed.version11, date=server.date)
+                                    + body)
         except BaseException:
             self.close_now()
             raise
@@ -485,7 +520,8 @@ class FastLane(asyncio.Protocol):
             return
         transport.write(_head_bytes(reply.status, reply.reason, reply.headers,
                                     f"Content-Length: {len(reply.body)}\r\n"
-                                    "Connection: close\r\n") + reply.body)
+                                    "Connection: close\r\n", True, date=self._server.date)
+                        + reply.body)
         # A lingering close: the client may still be sending, and closing with its bytes
         # unread would reset the connection and lose the answer. Stop writing, read and
         # drop what still comes for a moment, then close.
@@ -517,6 +553,7 @@ class FastServer(web.Server):
         self.tracker = tracker
         self.max_body = max_body
         self.loop = base._loop
+        self.date = HttpDate()
         self.served = 0  # calls the fast lane served itself
         self.handed_off = 0  # connections it gave to aiohttp
         self._sweeper: asyncio.TimerHandle | None = None

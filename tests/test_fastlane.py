@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import struct
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -200,6 +201,71 @@ class TestServedInTheLane:
         assert headers["content-type"] == "application/json; charset=utf-8"
         assert "date" in headers
         assert set(json.loads(body)) == {"error", "error_description"}
+
+
+class TestDate:
+    async def test_the_date_is_the_servers_own(self, sidecar: Client) -> None:
+        """Each FastServer keeps its own once-a-second Date (no module-level cache)."""
+        server = server_of(sidecar)
+        before = server.date()
+        raw = await exchange(sidecar, get(b"/rest/../x", b"Connection: close\r\n"))
+        after = server.date()
+        [(_, headers, _)] = answers(raw)
+        assert headers["date"] in (before, after)
+        assert parsedate_to_datetime(headers["date"]).tzinfo is not None
+
+
+class TestHeadsInPieces:
+    """The lane resumes its search for a head's end where the last packet left it."""
+
+    POST = (b"POST /rest/crm.lead.add HTTP/1.1\r\n" + HOST
+            + b"Content-Type: application/x-www-form-urlencoded\r\nX-Request-ID: piecemeal\r\n"
+            + b"Content-Length: 21\r\nConnection: close\r\n\r\nfields[TITLE]=in+bits")
+
+    def check(self, raw: bytes, emulator: Emulator) -> None:
+        [(status, headers, answer)] = answers(raw)
+        assert status == 200, answer
+        assert headers["x-request-id"] == "piecemeal"
+        assert emulator.leads[int(json.loads(answer)["result"])]["TITLE"] == "in bits"
+
+    async def test_a_head_sent_a_byte_at_a_time(self, sidecar: Client,
+                                                emulator: Emulator) -> None:
+        raw = await exchange(sidecar, [bytes([byte]) for byte in self.POST], pause=0.001)
+        self.check(raw, emulator)
+        assert (server_of(sidecar).served, server_of(sidecar).handed_off) == (1, 0)
+
+    async def test_a_head_cut_in_two_anywhere(self, sidecar: Client,
+                                              emulator: Emulator) -> None:
+        """Wherever the cut falls (inside a CRLF, inside the blank line), all is read right."""
+        head_length = self.POST.index(b"\r\n\r\n") + 4
+        for cut in range(1, head_length + 1):
+            emulator.leads.clear()
+            raw = await exchange(sidecar, [self.POST[:cut], self.POST[cut:]], pause=0.005)
+            self.check(raw, emulator)
+        assert (server_of(sidecar).served, server_of(sidecar).handed_off) == (head_length, 0)
+
+    @pytest.mark.parametrize("request_bytes", [
+        b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: b\nConnection: close\n\n",
+        b"GET /rest/pro\nfile HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        b"GET /rest/profile HTTP/1.1\nHost: 127.0.0.1\nConnection: close\n\n",
+    ], ids=["in-a-header", "in-the-request-line", "everywhere"])
+    async def test_a_bare_line_feed_in_a_drip_goes_to_aiohttp_as_it_arrives(
+        self, sidecar: Client, request_bytes: bytes
+    ) -> None:
+        """Not when the head ends: a bare LF may end it for aiohttp, but never for the lane."""
+        server = server_of(sidecar)
+        bare = request_bytes.replace(b"\r\n", b"  ").index(b"\n")
+        _, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        for byte in request_bytes[:bare]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        assert server.handed_off == 0
+        writer.write(b"\n")
+        await until(lambda: server.handed_off == 1)
+        assert server.served == 0
+        writer.close()
 
 
 class TestHandedToAiohttp:
