@@ -9,6 +9,7 @@ called directly at c=1 gives the latency the sidecar adds. Prints each round, th
 and each version's ratio to the first.
 
     python -m bench.ab hand=/work/wt-a structlog=/work/wt-b [--rounds 7] [--seconds 4]
+        [--keep-logs]
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
                         help="a name and the source tree whose sidecar/ package to run")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=4)
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the sidecars' logs (some 20 MB a measurement)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -117,7 +120,10 @@ def main() -> None:
         faster = sum(b > a for a, b in zip(rows[("calls/s c=64", first)],
                                           rows[("calls/s c=64", name)], strict=True))
         print(f"{name} served more calls/s than {first} in {faster} of {args.rounds} rounds")
-    print(f"\nlogs in {tmp}")
+    if args.keep_logs:
+        print(f"\nlogs in {tmp}")
+    else:
+        shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
