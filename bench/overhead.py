@@ -78,10 +78,10 @@ def wait_port(port: int, seconds: float = 15.0) -> None:
 
 @contextmanager
 def child(args: list[str], env: dict[str, str] | None = None,
-          log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+          log: Path | None = None, cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """Run a process for the duration of the block."""
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(args, env=env, stdout=out, stderr=out)
+    proc = subprocess.Popen(args, env=env, stdout=out, stderr=out, cwd=cwd)
     try:
         yield proc
     finally:

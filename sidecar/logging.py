@@ -109,6 +109,10 @@ class AccessLog:
     would write (same keys, order and separators), at a fraction of the cost; the lines of one
     turn of the event loop go out in one write. When structlog does not run configure_logging's
     JSON pipeline (the console format, a test's capture), the event takes the ordinary path.
+
+    (structlog's own performance recipe, orjson and a cached bound logger writing bytes, was
+    measured against this with bench/ab.py: 10-26 % fewer calls/s at c=64, 20-25 % more CPU
+    per call; it is on branch accesslog-structlog-trial.)
     """
 
     def __init__(self) -> None:
