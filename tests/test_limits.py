@@ -185,6 +185,23 @@ class TestCoalescing:
         assert emulator.leads[ids[1]]["TITLE"] == "Юникод"
         assert emulator.rest_log[-1].method == "batch"
 
+    async def test_a_batch_refused_by_the_rate_limit_is_sent_again(
+        self, limited: Callable[..., Any], emulator: Emulator
+    ) -> None:
+        """A coalesced batch the portal refuses with QUERY_LIMIT_EXCEEDED (it ran nothing) is
+        queued again whole, and every call in it still gets its own answer."""
+        sidecar = await limited(rate=2, burst=1)
+        await add_leads(emulator, 5)
+        await sidecar.get("/rest/profile")  # the bucket's one slot: the rest must queue
+        emulator.fail_next_rest(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+        responses = await asyncio.gather(
+            *(sidecar.get(f"/rest/crm.lead.get?id={n + 1}") for n in range(5))
+        )
+        assert [r.status for r in responses] == [200] * 5
+        assert [(await r.json())["result"]["ID"] for r in responses] == ["1", "2", "3", "4", "5"]
+        batches = [c for c in emulator.rest_log if c.method == "batch"]
+        assert 2 <= len(batches) <= 2 + emulator.stats.limited
+
     async def test_expired_token_during_a_coalesced_batch(
         self, limited: Callable[..., Any], emulator: Emulator
     ) -> None:
