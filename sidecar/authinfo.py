@@ -8,7 +8,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 from sidecar.config import Settings
-from sidecar.errors import OAuthError
+from sidecar.errors import (
+    NotAuthorized,
+    OAuthError,
+    ReauthorizationRequired,
+    SidecarError,
+    TokenUnavailable,
+)
+from sidecar.oauth import CLIENT_ERRORS
 from sidecar.states import State
 from sidecar.storage import StoredState
 
@@ -100,3 +107,43 @@ def how_to_authorize(settings: Settings) -> str:
         f"open {authorize_url(settings)} in a browser, approve the app, then run "
         "'bitrix-sidecar authorize <code or the whole redirect address>' within 30 seconds"
     )
+
+
+def client_error(error: OAuthError) -> bool:
+    """Say whether the OAuth server refused the application itself (its id or secret)."""
+    return error.permanent and error.error.lower() in CLIENT_ERRORS
+
+
+def unusable(state: State, has_pair: bool, last_error: str,
+             settings: Settings) -> SidecarError | None:
+    """The error a call gets from an authorization in ``state``; None if it can be served."""
+    if state is State.CLIENT_REJECTED:
+        return ReauthorizationRequired(
+            "the OAuth server rejected the application "
+            f"({last_error or 'no detail'}): check BITRIX_CLIENT_ID and the "
+            "client secret, and that the app is still installed on the portal, then restart"
+        )
+    if state is State.REAUTHORIZATION_REQUIRED:
+        return ReauthorizationRequired(
+            "the OAuth server refused to renew the token "
+            f"({last_error or 'no detail'}); a person must authorize the app "
+            f"again: {how_to_authorize(settings)}"
+        )
+    if not has_pair:
+        return NotAuthorized(f"bitrix-sidecar holds no token yet: {how_to_authorize(settings)}")
+    return None
+
+
+def renewal_error(error: OAuthError, settings: Settings) -> SidecarError:
+    """The error a caller of a failed renewal gets."""
+    if client_error(error):
+        return ReauthorizationRequired(
+            f"{error.description}; check BITRIX_CLIENT_ID and the client secret, and "
+            "that the app is still installed on the portal, then restart"
+        )
+    if error.permanent:
+        return ReauthorizationRequired(
+            f"{error.description}; a person must authorize the app again: "
+            f"{how_to_authorize(settings)}"
+        )
+    return TokenUnavailable(f"renewing the token failed: {error.description}")

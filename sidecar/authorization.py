@@ -17,19 +17,24 @@ from urllib.parse import urlsplit
 import structlog
 
 from sidecar.alerts import Alerter
-from sidecar.authinfo import describe, how_to_authorize, iso
+from sidecar.authinfo import (
+    client_error,
+    describe,
+    how_to_authorize,
+    iso,
+    renewal_error,
+    unusable,
+)
 from sidecar.config import Settings
 from sidecar.errors import (
-    NotAuthorized,
     OAuthError,
-    ReauthorizationRequired,
     Refused,
     SidecarError,
     StoreError,
     TokenUnavailable,
 )
 from sidecar.metrics import Metrics
-from sidecar.oauth import CLIENT_ERRORS, OAuthClient
+from sidecar.oauth import OAuthClient
 from sidecar.renewal import Renewal, run_schedule
 from sidecar.states import Life, State
 from sidecar.storage import PairStore, StoredState, TokenPair
@@ -159,23 +164,10 @@ class Authorization:
         return True, "ok"
 
     def _raise_if_unusable(self) -> None:
-        state, last_error = self.life.state, self.life.stored.last_error
-        if state is State.CLIENT_REJECTED:
-            raise ReauthorizationRequired(
-                "the OAuth server rejected the application "
-                f"({last_error or 'no detail'}): check BITRIX_CLIENT_ID and the "
-                "client secret, and that the app is still installed on the portal, then restart"
-            )
-        if state is State.REAUTHORIZATION_REQUIRED:
-            raise ReauthorizationRequired(
-                "the OAuth server refused to renew the token "
-                f"({last_error or 'no detail'}); a person must authorize the app "
-                f"again: {how_to_authorize(self._settings)}"
-            )
-        if self.life.pair is None:
-            raise NotAuthorized(
-                f"bitrix-sidecar holds no token yet: {how_to_authorize(self._settings)}"
-            )
+        error = unusable(self.life.state, self.life.pair is not None,
+                         self.life.stored.last_error, self._settings)
+        if error is not None:
+            raise error
 
     # -- changing from outside a renewal ---------------------------------------------------
 
@@ -341,7 +333,7 @@ class Authorization:
                     # written down as final, so a restart with fixed settings tries again.
                     await self._store.record_error(
                         outcome.description,
-                        reauth_required=outcome.permanent and not _client_error(outcome),
+                        reauth_required=outcome.permanent and not client_error(outcome),
                     )
                 elif not adopted:
                     generation = await self._store.save_pair(outcome)
@@ -370,7 +362,7 @@ class Authorization:
             self._metrics.refreshes.labels(
                 trigger=trigger, result="rejected" if outcome.permanent else "failed").inc()
             self.renewal.failed(outcome, trigger)
-            raise _unusable(outcome, self._settings) from None
+            raise renewal_error(outcome, self._settings) from None
         if adopted:
             self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
             return outcome  # another process renewed it; adopted under the lock
@@ -449,22 +441,3 @@ class Authorization:
         if missing:
             log.warning("scope_not_granted", requested=",".join(self._settings.scope),
                         granted=pair.scope, missing=missing)
-
-
-def _client_error(error: OAuthError) -> bool:
-    return error.permanent and error.error.lower() in CLIENT_ERRORS
-
-
-def _unusable(error: OAuthError, settings: Settings) -> SidecarError:
-    """The error a caller of a failed renewal gets."""
-    if _client_error(error):
-        return ReauthorizationRequired(
-            f"{error.description}; check BITRIX_CLIENT_ID and the client secret, and "
-            "that the app is still installed on the portal, then restart"
-        )
-    if error.permanent:
-        return ReauthorizationRequired(
-            f"{error.description}; a person must authorize the app again: "
-            f"{how_to_authorize(settings)}"
-        )
-    return TokenUnavailable(f"renewing the token failed: {error.description}")

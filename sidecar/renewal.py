@@ -16,11 +16,10 @@ from typing import Any
 import structlog
 
 from sidecar.alerts import Alerter
-from sidecar.authinfo import authorize_url, how_to_authorize, iso
+from sidecar.authinfo import authorize_url, client_error, how_to_authorize, iso
 from sidecar.config import Settings
 from sidecar.errors import OAuthError, SidecarError
 from sidecar.metrics import Metrics
-from sidecar.oauth import CLIENT_ERRORS
 from sidecar.states import Life, State
 
 # With SIDECAR_REFRESH_INTERVAL=0 the pair is still renewed this often, so an idle sidecar's
@@ -81,7 +80,7 @@ class Renewal:
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** life.failures)
         delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
         now = self._clock()
-        client_rejected = error.permanent and error.error.lower() in CLIENT_ERRORS
+        client_rejected = client_error(error)
         if not life.refresh_failed(error.description, now=now, permanent=error.permanent,
                                    client_rejected=client_rejected, retry_at=now + delay):
             log.info("token_refresh_outcome_ignored", trigger=trigger, error=error.error,
