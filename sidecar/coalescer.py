@@ -14,8 +14,9 @@ from sidecar.errors import SidecarError, UpstreamError, UpstreamTimeout
 from sidecar.limits import Feedback, Waiter
 from sidecar.metrics import Metrics
 from sidecar.portal import Addresses, Refusal, error_code, plain
+from sidecar.portalwire import PortalConnectionError
 from sidecar.storage import TokenPair
-from sidecar.upstream import Pool, PortalConnectionError
+from sidecar.upstream import Pool
 
 # A call the portal refused unrun (503 QUERY_LIMIT_EXCEEDED) is sent again at most this often.
 LIMIT_RETRIES = 5

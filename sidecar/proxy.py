@@ -35,6 +35,7 @@ from sidecar.limits import Gate
 from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
 from sidecar.portal import Addresses, Refusal, reset_in
+from sidecar.portalwire import PortalConnectionError, Response
 from sidecar.replies import JSON_TYPE, Call, Reply, Sink, error_reply
 from sidecar.rules import (
     DROP_REQUEST,
@@ -50,7 +51,7 @@ from sidecar.rules import (
     strip_query_auth,
 )
 from sidecar.storage import TokenPair
-from sidecar.upstream import BadHeader, Origin, Pool, PortalConnectionError, Response
+from sidecar.upstream import BadHeader, Origin, Pool
 
 log = structlog.get_logger("sidecar.proxy")
 

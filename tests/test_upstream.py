@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sidecar.upstream import HIGH_WATER, BadHeader, Origin, Pool, PortalConnectionError
+from sidecar.portalwire import HIGH_WATER, PortalConnectionError
+from sidecar.upstream import BadHeader, Origin, Pool
 from tests.conftest import Certificate
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
