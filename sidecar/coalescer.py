@@ -10,10 +10,10 @@ import time
 
 from sidecar.authorization import Authorization
 from sidecar.batching import BATCH_ONLY_ERRORS, Answer, batch_body, split_answers
-from sidecar.errors import SidecarError, UpstreamError, UpstreamTimeout
+from sidecar.errors import SidecarError, UpstreamError
 from sidecar.limits import Feedback, Waiter
 from sidecar.metrics import Metrics
-from sidecar.portal import Addresses, Refusal, error_code, plain
+from sidecar.portal import Addresses, Refusal, error_code, network_failure, plain
 from sidecar.portalwire import PortalConnectionError
 from sidecar.storage import TokenPair
 from sidecar.upstream import Pool
@@ -98,14 +98,10 @@ class Coalescer:
                 encoding = upstream.headers.get("Content-Encoding", "")
             finally:
                 upstream.release()
-        except TimeoutError:
-            self._metrics.upstream_errors.labels(kind="timeout").inc()
-            raise UpstreamTimeout(
-                f"the portal did not answer a coalesced batch within {self._time_limit:g} s"
-            ) from None
-        except PortalConnectionError as exc:
-            self._metrics.upstream_errors.labels(kind="unreachable").inc()
-            raise UpstreamError(f"the portal is unreachable: {exc}") from None
+        except (TimeoutError, PortalConnectionError) as exc:
+            kind, error = network_failure(exc, self._time_limit, "a coalesced batch ")
+            self._metrics.upstream_errors.labels(kind=kind).inc()
+            raise error from None
         finally:
             self._metrics.upstream_duration.observe(time.perf_counter() - started)
         return Refusal(status, payload, encoding,

@@ -9,7 +9,8 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from sidecar.errors import UpstreamError
+from sidecar.errors import SidecarError, UpstreamError, UpstreamTimeout
+from sidecar.portalwire import PortalConnectionError
 from sidecar.storage import TokenPair
 from sidecar.upstream import Origin
 
@@ -107,3 +108,12 @@ def reset_in(payload: bytes, encoding: str) -> float:
         return DEFAULT_PAUSE
     # The reset time is whole seconds: a second more makes sure the block has lifted.
     return min(max(reset - time.time() + 1.0, 1.0), 600.0)
+
+
+def network_failure(exc: TimeoutError | PortalConnectionError, time_limit: float,
+                    what: str = "") -> tuple[str, SidecarError]:
+    """Turn the portal client's failure into its metric label and the sidecar's error."""
+    if isinstance(exc, TimeoutError):
+        return "timeout", UpstreamTimeout(
+            f"the portal did not answer {what}within {time_limit:g} s")
+    return "unreachable", UpstreamError(f"the portal is unreachable: {exc}")

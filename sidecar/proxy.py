@@ -29,12 +29,11 @@ from sidecar.errors import (
     MethodNotAllowed,
     SidecarError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from sidecar.limits import Gate
 from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
-from sidecar.portal import Addresses, Refusal, reset_in
+from sidecar.portal import Addresses, Refusal, network_failure, reset_in
 from sidecar.portalwire import PortalConnectionError, Response
 from sidecar.replies import JSON_TYPE, Call, Reply, Sink, error_reply
 from sidecar.rules import (
@@ -51,7 +50,7 @@ from sidecar.rules import (
     strip_query_auth,
 )
 from sidecar.storage import TokenPair
-from sidecar.upstream import BadHeader, Origin, Pool
+from sidecar.upstream import BadHeader, Pool
 
 log = structlog.get_logger("sidecar.proxy")
 
@@ -243,7 +242,16 @@ class Proxy:
             # servers that read only parameters.
             headers[-1] = ("Authorization", f"Bearer {pair.access_token}")
             sent = time.perf_counter()
-            upstream = await self._send(call.method, origin, path, headers, body, outcome, sent)
+            try:
+                upstream = await self._pool.request(
+                    call.method, origin, path, headers,
+                    body=body if body or call.method == "POST" else None,
+                    time_limit=self._settings.upstream_timeout,
+                )
+            except BadHeader:
+                raise BadRequest("a header name or value holds a line break") from None
+            except (TimeoutError, PortalConnectionError) as exc:
+                raise self._lost(exc, outcome, sent) from None
             try:
                 if upstream.status not in (401, 429, 503):
                     self._gate.passed()
@@ -267,30 +275,17 @@ class Proxy:
                     reply.headers = [h for h in reply.headers if h[0].lower() != "retry-after"]
                     reply.headers.append(("Retry-After", str(math.ceil(outcome.retry_after))))
                 return reply
+            except (TimeoutError, PortalConnectionError) as exc:  # the body broke off
+                raise self._lost(exc, outcome, sent) from None
             finally:
                 upstream.release()
 
-    async def _send(  # noqa: PLR0917 - one attempt's parts
-        self, http_method: str, origin: Origin, path: str, headers: list[tuple[str, str]],
-        body: bytes, outcome: Outcome, sent: float,
-    ) -> Response:
-        """Send one attempt; turn the portal client's failures into the sidecar's errors."""
-        try:
-            return await self._pool.request(
-                http_method, origin, path, headers,
-                body=body if body or http_method == "POST" else None,
-                time_limit=self._settings.upstream_timeout,
-            )
-        except TimeoutError:
-            self._upstream_done(outcome, sent, error="timeout")
-            raise UpstreamTimeout(
-                f"the portal did not answer within {self._settings.upstream_timeout:g} s"
-            ) from None
-        except PortalConnectionError as exc:
-            self._upstream_done(outcome, sent, error="unreachable")
-            raise UpstreamError(f"the portal is unreachable: {exc}") from None
-        except BadHeader:
-            raise BadRequest("a header name or value holds a line break") from None
+    def _lost(self, exc: TimeoutError | PortalConnectionError, outcome: Outcome,
+              sent: float) -> SidecarError:
+        """Count a portal that failed this attempt; return the error the client gets."""
+        kind, error = network_failure(exc, self._settings.upstream_timeout)
+        self._upstream_done(outcome, sent, error=kind)
+        return error
 
     async def _after_auth_error(self, refusal: Refusal, pair: TokenPair,
                                 outcome: Outcome) -> TokenPair | None:

@@ -363,6 +363,53 @@ class TestUpstreamFailures:
         assert (await response.json())["error"] == "SIDECAR_UPSTREAM_TIMEOUT"
 
 
+    @pytest.mark.parametrize(("status", "behaviour", "expected"), [
+        (200, "close", (502, "SIDECAR_UPSTREAM_ERROR")),
+        (200, "stall", (504, "SIDECAR_UPSTREAM_TIMEOUT")),
+        (401, "close", (502, "SIDECAR_UPSTREAM_ERROR")),
+        (401, "stall", (504, "SIDECAR_UPSTREAM_TIMEOUT")),
+    ])
+    async def test_a_body_that_breaks_off_is_the_portals_fault(
+        self, make_settings: Callable[..., Settings], emulator: Emulator,
+        aiohttp_client: Callable[..., Any], status: int, behaviour: str,
+        expected: tuple[int, str],
+    ) -> None:
+        """A portal that sends its head, then closes or stalls inside the body, gets the 502 or
+        504 of a failed portal (not a 500 of ours), whether the answer is relayed or read first."""
+        release = asyncio.Event()
+
+        async def portal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 100\r\n\r\n{".encode())
+            await writer.drain()
+            if behaviour == "stall":
+                await release.wait()
+            writer.close()
+
+        server = await asyncio.start_server(portal, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID),
+                                     upstream_timeout="500ms")
+            client: Client = await aiohttp_client(create_app(settings))
+            manager = tokens_of(client)
+            held = manager.pair
+            assert held is not None
+            from dataclasses import replace
+
+            manager.life.stored = replace(
+                manager.life.stored,
+                pair=replace(held, client_endpoint=f"http://127.0.0.1:{port}/rest/"),
+            )
+            response = await client.get("/rest/profile")
+            assert (response.status, (await response.json())["error"]) == expected
+        finally:
+            release.set()
+            server.close()
+            await server.wait_closed()
+
+
 class TestReviewedEncodings:
     async def test_multipart_auth_in_odd_spellings_is_removed(
         self, sidecar: Client, emulator: Emulator
