@@ -369,7 +369,7 @@ class TestUpstreamFailures:
         (401, "close", (502, "SIDECAR_UPSTREAM_ERROR")),
         (401, "stall", (504, "SIDECAR_UPSTREAM_TIMEOUT")),
     ])
-    async def test_a_body_that_breaks_off_is_the_portals_fault(
+    async def test_a_body_that_breaks_off_is_the_portals_fault(  # noqa: PLR0917 - fixtures
         self, make_settings: Callable[..., Settings], emulator: Emulator,
         aiohttp_client: Callable[..., Any], status: int, behaviour: str,
         expected: tuple[int, str],
