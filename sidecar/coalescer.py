@@ -36,24 +36,25 @@ class Coalescer:
     async def send(self, group: list[Waiter]) -> Feedback:
         """Send the group's command lines as one batch; settle every waiter or hand it back."""
         try:
-            refusal = await self._post(batch_body([waiter.line or "" for waiter in group]))
+            refusal, again = await self._post(group)
         except SidecarError as exc:
             for waiter in group:
-                if not waiter.future.done():
-                    waiter.future.set_exception(exc)
+                waiter.fail(exc)
             return Feedback()
+        if again:
+            return Feedback(requeue=again)
         if refusal.rate_limited:
             again = [w for w in group if w.attempts < LIMIT_RETRIES]
             self._metrics.upstream_retries.labels(reason="rate_limit").inc(len(again))
             for waiter in group:
-                if waiter not in again and not waiter.future.done():
-                    waiter.future.set_result(Answer(refusal.status, refusal.payload))
+                if waiter not in again:
+                    waiter.answer(Answer(refusal.status, refusal.payload))
             return Feedback(limited=True, requeue=again)
         if refusal.status != 200:
             # The batch itself was refused: each call would have been refused alike.
             body = plain(refusal.payload, refusal.encoding)
             for waiter in group:
-                waiter.future.set_result(Answer(refusal.status, body))
+                waiter.answer(Answer(refusal.status, body))
             return Feedback()
         try:
             answers = split_answers(plain(refusal.payload, refusal.encoding), len(group))
@@ -61,7 +62,7 @@ class Coalescer:
             self._metrics.upstream_errors.labels(kind="not_rest").inc()
             error = UpstreamError("the portal answered the batch with garbage")
             for waiter in group:
-                waiter.future.set_exception(error)
+                waiter.fail(error)
             return Feedback(passed=True)
         alone: list[Waiter] = []
         for waiter, answer in zip(group, answers, strict=True):
@@ -70,20 +71,36 @@ class Coalescer:
                 # sent again, alone.
                 waiter.line = None
                 alone.append(waiter)
-            elif not waiter.future.done():
-                waiter.future.set_result(answer)
+            else:
+                waiter.answer(answer)
         return Feedback(passed=True, requeue=alone)
 
-    async def _post(self, body: bytes) -> Refusal:
-        """POST the batch, refreshing the token once after an auth error; return the answer."""
+    async def _post(self, group: list[Waiter]) -> tuple[Refusal, list[Waiter]]:
+        """POST the batch; after an auth error renew the token (once for everyone) and send it
+        again. Return the answer, or the calls to queue again.
+
+        A call gets one retry after an auth error, as it would alone: a call already sent again
+        after one gets the portal's refusal, and the others go back to the queue.
+        """
+        body = batch_body([waiter.line or "" for waiter in group])
         started = time.perf_counter()
         pair = await self._tokens.get()
         refusal = await self._post_once(pair, body, started)
-        if refusal.auth_error:
+        if not refusal.auth_error:
+            return refusal, []
+        spent = [w for w in group if w.refreshed]
+        again = [w for w in group if not w.refreshed]
+        if again:
             self._metrics.upstream_retries.labels(reason="auth_error").inc()
             pair = await self._tokens.refresh(pair.access_token, trigger="auth_error")
-            refusal = await self._post_once(pair, body, started)
-        return refusal
+        if not spent:
+            return await self._post_once(pair, body, started), []
+        refused = Answer(refusal.status, plain(refusal.payload, refusal.encoding))
+        for waiter in spent:
+            waiter.answer(refused)
+        for waiter in again:
+            waiter.refreshed = True
+        return refusal, again
 
     async def _post_once(self, pair: TokenPair, body: bytes, started: float) -> Refusal:
         origin, path = self._addresses.target(pair, "batch", "", "")

@@ -77,6 +77,17 @@ class Waiter:
     future: asyncio.Future[Answer | None] = field(default_factory=lambda: (
         asyncio.get_running_loop().create_future()))
     attempts: int = 0
+    refreshed: bool = False  # already sent again after an auth error: its one retry is spent
+
+    def answer(self, answer: Answer) -> None:
+        """Give the call its answer, unless it has stopped waiting."""
+        if not self.future.done():
+            self.future.set_result(answer)
+
+    def fail(self, error: BaseException) -> None:
+        """Give the call an error, unless it has stopped waiting."""
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Gate:
         line: Callable[[], str | None] = lambda: None,
         alive: Callable[[], bool] = lambda: True,
         retry: bool = False,
+        refreshed: bool = False,
     ) -> Answer | None:
         """Wait for this call's turn. ``None``: go now (a slot is taken); else the call's answer,
         already fetched as part of a batch.
@@ -161,7 +173,7 @@ class Gate:
                 f"than SIDECAR_QUEUE_TIMEOUT ({self._queue_timeout:g} s)",
                 retry_after=estimate,
             )
-        waiter = Waiter(method, command, alive, now)
+        waiter = Waiter(method, command, alive, now, refreshed=refreshed)
         if retry:
             self._queue.appendleft(waiter)
         else:

@@ -230,7 +230,8 @@ class Proxy:
         pair = await self._tokens.get()
         again = False  # a call the portal refused unrun goes first when it is sent again
         while True:
-            answer = await self._gate.enter(method, line=line, alive=call.alive, retry=again)
+            answer = await self._gate.enter(method, line=line, alive=call.alive, retry=again,
+                                            refreshed=outcome.retried)
             if answer is not None:
                 outcome.reached = True
                 outcome.coalesced = True

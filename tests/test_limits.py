@@ -202,6 +202,26 @@ class TestCoalescing:
         batches = [c for c in emulator.rest_log if c.method == "batch"]
         assert 2 <= len(batches) <= 2 + emulator.stats.limited
 
+    async def test_a_call_retried_into_a_batch_is_not_refreshed_twice(
+        self, limited: Callable[..., Any], emulator: Emulator
+    ) -> None:
+        """Calls sent again after an auth error may travel in a batch; if the portal refuses
+        that batch too, they get its answer, as alone, and no second refresh is made."""
+        sidecar = await limited(rate=2, burst=3)
+        emulator.expire_access_tokens()
+        emulator.call_delay = 0.3  # both are in flight before the first refusal is back
+        calls = asyncio.gather(*(sidecar.get("/rest/profile") for _ in range(2)))
+        for _ in range(400):
+            if emulator.stats.token_requests["refresh_token"]:
+                break
+            await asyncio.sleep(0.005)
+        emulator.expire_access_tokens()  # the retries' batch meets a refused token again
+        responses = await calls
+        assert [r.status for r in responses] == [401] * 2
+        assert {(await r.json())["error"] for r in responses} == {"expired_token"}
+        assert emulator.stats.token_requests["refresh_token"] == 1
+        assert [c.method for c in emulator.rest_log].count("batch") == 1
+
     async def test_expired_token_during_a_coalesced_batch(
         self, limited: Callable[..., Any], emulator: Emulator
     ) -> None:
