@@ -15,7 +15,7 @@ from sidecar.errors import (
     SidecarError,
     TokenUnavailable,
 )
-from sidecar.oauth import CLIENT_ERRORS
+from sidecar.oauth import client_error
 from sidecar.states import State
 from sidecar.storage import StoredState
 
@@ -107,11 +107,6 @@ def how_to_authorize(settings: Settings) -> str:
         f"open {authorize_url(settings)} in a browser, approve the app, then run "
         "'bitrix-sidecar authorize <code or the whole redirect address>' within 30 seconds"
     )
-
-
-def client_error(error: OAuthError) -> bool:
-    """Say whether the OAuth server refused the application itself (its id or secret)."""
-    return error.permanent and error.error.lower() in CLIENT_ERRORS
 
 
 def unusable(state: State, has_pair: bool, last_error: str,

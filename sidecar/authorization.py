@@ -18,7 +18,6 @@ import structlog
 
 from sidecar.alerts import Alerter
 from sidecar.authinfo import (
-    client_error,
     describe,
     how_to_authorize,
     iso,
@@ -34,7 +33,7 @@ from sidecar.errors import (
     TokenUnavailable,
 )
 from sidecar.metrics import Metrics
-from sidecar.oauth import OAuthClient
+from sidecar.oauth import OAuthClient, client_error
 from sidecar.renewal import Renewal, run_schedule
 from sidecar.states import Life, State
 from sidecar.storage import PairStore, StoredState, TokenPair
@@ -105,11 +104,6 @@ class Authorization:
         """Say whether the held pair is newer than what the store holds."""
         return self.sync_state.unsaved
 
-    @property
-    def refreshes(self) -> int:
-        """Return how many renewals this process made."""
-        return self.renewal.refreshes
-
     def current(self) -> TokenPair | None:
         """Return the pair if it can be used right now; the hot path, no I/O."""
         pair = self.life.stored.pair
@@ -137,7 +131,10 @@ class Authorization:
 
     def status(self) -> dict[str, Any]:
         """Describe the state for ``status``; never a token."""
-        return describe(self._settings, self.life.stored, state=self.life.state,
+        state = self.life.state
+        if state is State.REFRESHING and self.life.failures:
+            state = State.FAILING  # a retry after failures: still failing until it succeeds
+        return describe(self._settings, self.life.stored, state=state,
                         now=self._clock(), unsaved=self.unsaved) | {
             "refresh": self.renewal.status(),
             "store_writable": self.sync_state.writable,
@@ -180,10 +177,6 @@ class Authorization:
             except SidecarError as exc:
                 log.error("auth_code_exchange_failed", error=exc.description,
                           hint=how_to_authorize(self._settings))
-
-    async def sync(self) -> None:
-        """Adopt whatever another process stored since we last looked."""
-        await self.sync_state.sync()
 
     async def save_unsaved(self) -> bool:
         """Write a pair the store refused earlier; return whether nothing is left unsaved."""
@@ -242,11 +235,16 @@ class Authorization:
 
     async def revoke(self, reason: str) -> None:
         """Mark the held pair dead (the app was uninstalled): a person must authorize again."""
+        if self.life.pair is None:
+            log.warning("uninstall_ignored", detail="no pair is held")
+            return
         try:
             async with self._store.locked():
                 await self._store.record_error(reason, reauth_required=True)
         except StoreError as exc:
             self.sync_state.failed(exc, kept=False)
+        if self.life.pair is None:  # the store's entry, taken in meanwhile, holds none
+            return
         self.life.revoked(reason, now=self._clock())
         self.renewal.note_failure(OAuthError(reason, error="uninstalled", permanent=True),
                                   "install_event")
@@ -318,7 +316,7 @@ class Authorization:
 
     async def _renew(self, stale_access: str, trigger: str) -> TokenPair:
         started = self._clock()
-        self.renewal.last_attempt_at = started
+        self.renewal.attempted(started)
         sync = self.sync_state
         outcome: TokenPair | OAuthError | None = None
         adopted = False
@@ -354,9 +352,10 @@ class Authorization:
             else:
                 sync.failed(exc, kept=False)
         else:
-            sync.store_ok = True
             if not adopted and isinstance(outcome, TokenPair):
-                sync.unsaved = False
+                sync.saved()
+            else:
+                sync.reachable()
         assert outcome is not None
         if isinstance(outcome, OAuthError):
             self._metrics.refreshes.labels(
@@ -366,7 +365,7 @@ class Authorization:
         if adopted:
             self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
             return outcome  # another process renewed it; adopted under the lock
-        self.renewal.refreshes += 1
+        self.renewal.succeeded()
         self._metrics.refreshes.labels(trigger=trigger, result="ok").inc()
         self.renewal.recovered()
         previous = self.life.stored

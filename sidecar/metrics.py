@@ -66,7 +66,9 @@ class Metrics:
         self.authorized = Gauge(
             "bitrix_sidecar_authorized", "1 while a token pair is held.", registry=r)
         self.inflight = Gauge(
-            "bitrix_sidecar_inflight_requests", "Proxied calls in progress.", registry=r)
+            "bitrix_sidecar_inflight_requests",
+            "Requests in progress on the proxy listener (REST calls, /token and /oauth/).",
+            registry=r)
         self.queue_depth = Gauge(
             "bitrix_sidecar_queue_depth", "Calls waiting for the portal's rate limit.",
             registry=r)

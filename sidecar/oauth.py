@@ -19,6 +19,12 @@ PERMANENT_ERRORS = frozenset(
 )
 # A rejected application: a configuration problem rather than a dead token.
 CLIENT_ERRORS = frozenset({"invalid_client", "wrong_client"})
+
+
+def client_error(error: OAuthError) -> bool:
+    """Say whether the OAuth server refused the application itself (its id or secret)."""
+    return error.permanent and error.error.lower() in CLIENT_ERRORS
+
 _MAX_DESCRIPTION = 300
 # Anything shaped like a token (long hex or base64-ish run) is cut from server-supplied text.
 _TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-]{32,}")

@@ -16,10 +16,11 @@ from typing import Any
 import structlog
 
 from sidecar.alerts import Alerter
-from sidecar.authinfo import authorize_url, client_error, how_to_authorize, iso
+from sidecar.authinfo import authorize_url, how_to_authorize, iso
 from sidecar.config import Settings
 from sidecar.errors import OAuthError, SidecarError
 from sidecar.metrics import Metrics
+from sidecar.oauth import client_error
 from sidecar.states import Life, State
 
 # With SIDECAR_REFRESH_INTERVAL=0 the pair is still renewed this often, so an idle sidecar's
@@ -56,6 +57,14 @@ class Renewal:
         self.last_attempt_at = 0.0
         self.refreshes = 0  # successful renewals by this process
         self.changed = asyncio.Event()  # set whenever the schedule may have moved
+
+    def attempted(self, at: float) -> None:
+        """A renewal starts at ``at`` (none starts within MIN_GAP of it)."""
+        self.last_attempt_at = at
+
+    def succeeded(self) -> None:
+        """A renewal of this process brought a new pair."""
+        self.refreshes += 1
 
     def next_due(self) -> float:
         """Return when the pair should next be renewed (``inf``: never)."""

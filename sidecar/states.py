@@ -118,8 +118,8 @@ class Life:
                        client_rejected: bool, retry_at: float) -> bool:
         """A renewal failed: back off, or give up until a person (or a restart) acts.
 
-        Return False, changing nothing, when the renewal no longer speaks for the held pair:
-        a new pair arrived, or the app was uninstalled, while it ran.
+        Return False, changing nothing, when the renewal's verdict no longer counts: the app
+        was uninstalled, or the store's pair was taken in as dead or absent, while it ran.
         """
         if self.state is not State.REFRESHING:
             return False

@@ -74,7 +74,8 @@ class PairStore(Protocol):
         ...
 
     async def heal(self) -> bool:
-        """Reconnect if the storage vanished under us; say whether it was found anew (empty).
+        """Reconnect if the storage vanished under us; say whether it was opened anew since
+        the last call (the caller then checks whether it came back empty).
 
         A backend that cannot lose its data this way returns False.
         """

@@ -47,6 +47,10 @@ class StoreSync:
         self.unsaved = False
         self.store_ok = True
 
+    def reachable(self) -> None:
+        """The store answered (a lock was taken)."""
+        self.store_ok = True
+
     def failed(self, exc: StoreError, *, kept: bool) -> None:
         """A store operation failed; ``kept``: a new pair waits in memory."""
         self.store_ok = False

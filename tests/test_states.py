@@ -59,6 +59,43 @@ class TestTable:
             life.move(target)
         assert life.state is source
 
+    def test_the_table_is_the_one_designed(self) -> None:
+        """The table, written out: a change to it is a change to this test too."""
+        n, v, r, f = (State.NOT_AUTHORIZED, State.VALID, State.REFRESHING, State.FAILING)
+        dead, rejected = State.REAUTHORIZATION_REQUIRED, State.CLIENT_REJECTED
+        assert {
+            n: {v, dead},
+            v: {v, r, n, dead, rejected},
+            r: {v, f, n, dead, rejected},
+            f: {v, r, n, dead, rejected},
+            dead: {v, dead, n},
+            rejected: {v, n, dead, rejected},
+        } == TRANSITIONS
+
+    @pytest.mark.parametrize("state", list(State))
+    @pytest.mark.parametrize("entry", ["empty", "pair", "new_pair", "dead"])
+    def test_adopt_works_from_every_state(self, state: State, entry: str) -> None:
+        """Whatever the store holds, taking it in never breaks the table."""
+        stored = {
+            "empty": StoredState(pair=None, generation=5),
+            "pair": StoredState(pair=pair(1), generation=1),
+            "new_pair": StoredState(pair=pair(2), generation=2),
+            "dead": StoredState(pair=pair(1), generation=1, reauth_required=True),
+        }[entry]
+        life = life_in(state)
+        life.adopt(stored)
+        if entry == "empty":
+            assert life.state is State.NOT_AUTHORIZED
+        elif entry == "dead":
+            assert life.state is State.REAUTHORIZATION_REQUIRED
+        elif state is State.REFRESHING:
+            assert life.state is State.REFRESHING
+        elif entry == "new_pair" or state in (State.NOT_AUTHORIZED,
+                                              State.REAUTHORIZATION_REQUIRED):
+            assert life.state is State.VALID
+        else:
+            assert life.state is state
+
     def test_the_forbidden_moves_include_the_dangerous_ones(self) -> None:
         """No renewal starts without a pair or after the app was refused, and nothing fails
         that is not renewing."""
