@@ -108,12 +108,12 @@ def require_no_resend(session_class: type[object] = aiohttp.ClientSession) -> No
             f"aiohttp {aiohttp.__version__} cannot be told not to send a request again when a "
             f"kept-alive connection drops (missing: {', '.join(missing)}), and a token request "
             "sent twice spends a refresh token twice; install the aiohttp bitrix-sidecar "
-            f"declares ({declared('aiohttp')})",
+            f"declares ({_declared('aiohttp')})",
             code="SIDECAR_UNSUPPORTED_AIOHTTP",
         )
 
 
-def declared(package: str) -> str:
+def _declared(package: str) -> str:
     """The version range of ``package`` that bitrix-sidecar's metadata declares."""
     try:
         requirements = importlib.metadata.requires("bitrix-sidecar") or []
