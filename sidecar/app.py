@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
 import os
 import signal
 import time
@@ -21,8 +22,8 @@ from sidecar.authflow import AuthFlow, Handler
 from sidecar.authorization import Authorization
 from sidecar.coalescer import Coalescer
 from sidecar.config import Listen, Settings
-from sidecar.errors import NotFound
-from sidecar.fastlane import ProxyRunner
+from sidecar.errors import NotFound, SidecarError
+from sidecar.fastlane import RESEND_SWITCH, ProxyRunner, missing_client_internals
 from sidecar.limits import Gate
 from sidecar.logging import AccessLog, Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
@@ -94,23 +95,54 @@ def _lane(app: web.Application) -> tuple[Proxy, Lifecycle, int]:
     return app[PROXY], app[LIFECYCLE], app[SETTINGS].max_body
 
 
-def proxy_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
-    """The runner of the proxy listener: connections start in the fast lane."""
-    return ProxyRunner(app, _lane, **kwargs)
+def proxy_runner(app: web.Application, *, fast_lane: bool | None = None,
+                 **kwargs: Any) -> ProxyRunner:
+    """The runner of the proxy listener: connections start in the fast lane, unless
+    ``fast_lane`` (by default the settings' ``SIDECAR_FAST_LANE``) is off."""
+    enabled = app[SETTINGS].fast_lane if fast_lane is None else fast_lane
+    return ProxyRunner(app, _lane, fast_lane=enabled, **kwargs)
+
+
+def require_no_resend(session_class: type[object] = aiohttp.ClientSession) -> None:
+    """Raise, naming what is missing, unless ``no_resend`` can do its job on this aiohttp."""
+    missing = missing_client_internals(session_class)
+    if missing:
+        raise SidecarError(
+            f"aiohttp {aiohttp.__version__} cannot be told not to send a request again when a "
+            f"kept-alive connection drops (missing: {', '.join(missing)}), and a token request "
+            "sent twice spends a refresh token twice; install the aiohttp bitrix-sidecar "
+            f"declares ({_declared('aiohttp')})",
+            code="SIDECAR_UNSUPPORTED_AIOHTTP",
+        )
+
+
+def _declared(package: str) -> str:
+    """The version range of ``package`` that bitrix-sidecar's metadata declares."""
+    try:
+        requirements = importlib.metadata.requires("bitrix-sidecar") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = []
+    for requirement in requirements:
+        if requirement.startswith(package) and "extra ==" not in requirement:
+            return requirement
+    return f"see pyproject.toml for {package}"
 
 
 def no_resend(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
     """Stop aiohttp from silently sending a GET again when a kept-alive connection drops.
 
     A dropped call may have run: a REST GET like ``crm.lead.add?...`` would run twice, and a
-    token request would spend a refresh token twice. aiohttp 3.14 has no public switch.
+    token request would spend a refresh token twice. aiohttp 3.14 has no public switch, so this
+    sets a private one; where it is missing, it raises (see ``require_no_resend``).
     """
-    session._retry_connection = False
+    require_no_resend(type(session))
+    setattr(session, RESEND_SWITCH, False)
     return session
 
 
 def oauth_session() -> aiohttp.ClientSession:
-    """Open the HTTP session used for the OAuth server."""
+    """Open the HTTP session used for the OAuth server (or raise if no_resend cannot work)."""
+    require_no_resend()  # before there is a session to close
     return no_resend(aiohttp.ClientSession(trust_env=False))
 
 
@@ -304,7 +336,8 @@ async def serve(
         site = web.TCPSite(runner, listen.host, listen.port)
         await site.start()
         bound = _bound_port(runner, listen.port)
-        log.info("listening", address=f"http://{listen.host}:{bound}", pid=os.getpid())
+        log.info("listening", address=f"http://{listen.host}:{bound}", pid=os.getpid(),
+                 fast_lane=runner.fast_lane)
         if admin_listen is not None:
             admin_runner = web.AppRunner(create_admin_app(app), handle_signals=False,
                                          access_log=None)

@@ -184,6 +184,14 @@ def parse_switch(text: str) -> bool:
     raise ValueError(f"{text!r} is not on or off")
 
 
+def parse_on_off(text: str) -> bool:
+    """Parse exactly ``on`` or ``off``."""
+    value = text.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{text!r} is not on or off")
+    return value == "on"
+
+
 def parse_hosts(text: str) -> tuple[str, ...]:
     """Split a comma-separated list of host names (no ports), or ``*``."""
     names = tuple(name.strip().lower().strip("[]") for name in text.split(",") if name.strip())
@@ -293,6 +301,9 @@ OPTIONS: tuple[Option, ...] = (
            _positive(parse_duration), "30s"),
     Option("SIDECAR_COALESCE", "--coalesce", "coalesce",
            "pack queued single calls into batch requests: on or off", parse_switch, "on"),
+    Option("SIDECAR_FAST_LANE", "--fast-lane", "fast_lane",
+           "serve ordinary REST calls in the fast lane: on, or off to serve every request "
+           "through aiohttp", parse_on_off, "on"),
     Option("SIDECAR_DB", "--db", "db_path", "SQLite token store", Path, "./bitrix-sidecar.db"),
     Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
            "background refresh period; 0 = only when needed", _interval, "25m"),
@@ -343,6 +354,7 @@ class Settings:
     max_body: int = _default("max_body")
     log_format: str = _default("log_format")
     log_level: str = _default("log_level")
+    fast_lane: bool = _default("fast_lane")
 
     @property
     def rest_base(self) -> str:

@@ -38,19 +38,49 @@ class OffsetClock:
 
 
 class ProxyTestServer(TestServer):
-    """A test server that serves a proxy app as ``bitrix-sidecar run`` does: fast lane first."""
+    """A test server that serves a proxy app as ``bitrix-sidecar run`` does: fast lane first
+    (or, with ``fast_lane=False``, as with ``SIDECAR_FAST_LANE=off``: all through aiohttp)."""
+
+    def __init__(self, app: web.Application, *, fast_lane: bool = True, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.fast_lane = fast_lane
 
     async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        return proxy_runner(self.app, **kwargs)
+        return proxy_runner(self.app, fast_lane=self.fast_lane, **kwargs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers this conftest reads."""
+    config.addinivalue_line(
+        "markers", "lane_only: a test of the fast lane itself, run with the lane only")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that can build a proxy app (from ``make_settings``) twice: served with the
+    fast lane, as ``bitrix-sidecar run`` serves, and without it, as with
+    ``SIDECAR_FAST_LANE=off`` or an aiohttp lacking what the lane needs; so the two paths cannot
+    drift apart. Tests of the lane itself (``lane_only``) run once, with it."""
+    if "fast_lane" not in metafunc.fixturenames or "make_settings" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("lane_only"):
+        metafunc.parametrize("fast_lane", [True], ids=["lane"], indirect=True)
+    else:
+        metafunc.parametrize("fast_lane", [True, False], ids=["lane", "plain"], indirect=True)
 
 
 @pytest.fixture
-def aiohttp_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
-    """pytest-aiohttp's client fixture, serving the proxy app through the fast lane."""
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    """Whether proxy apps are served with the fast lane (see pytest_generate_tests)."""
+    return bool(getattr(request, "param", True))
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Callable[..., Any], fast_lane: bool) -> Callable[..., Any]:
+    """pytest-aiohttp's client fixture, serving a proxy app with the fast lane or without."""
 
     async def client(app: web.Application | BaseTestServer, **kwargs: Any) -> Any:
         if isinstance(app, web.Application) and LIFECYCLE in app:
-            return await aiohttp_client(ProxyTestServer(app), **kwargs)
+            return await aiohttp_client(ProxyTestServer(app, fast_lane=fast_lane), **kwargs)
         return await aiohttp_client(app, **kwargs)
 
     return client

@@ -60,6 +60,7 @@ class TestDefaults:
         assert settings.max_body == 16 * 1024 * 1024
         assert (settings.log_format, settings.log_level) == ("json", "info")
         assert settings.scope == ()
+        assert settings.fast_lane is True
 
     def test_each_default_is_written_once(self) -> None:
         """Settings' field defaults are the options' default texts, parsed; help shows them."""
@@ -125,6 +126,7 @@ class TestErrors:
             "SIDECAR_MAX_BODY": "big",
             "SIDECAR_LOG_FORMAT": "xml",
             "SIDECAR_LOG_LEVEL": "loud",
+            "SIDECAR_FAST_LANE": "sometimes",
         }
         with pytest.raises(ConfigError) as caught:
             load_settings(env)
@@ -158,6 +160,18 @@ class TestErrors:
         """Commands that never talk to the OAuth server run without the secret."""
         env = {k: v for k, v in BASE.items() if k != "BITRIX_CLIENT_SECRET"}
         assert load_settings(env, need_secret=False).client_secret == ""
+
+
+class TestFastLane:
+    @pytest.mark.parametrize(("text", "on"), [("on", True), ("off", False), (" OFF ", False)])
+    def test_on_or_off(self, text: str, on: bool) -> None:
+        assert load_settings({**BASE, "SIDECAR_FAST_LANE": text}).fast_lane is on
+        assert load_settings(BASE, {"fast_lane": text}).fast_lane is on
+
+    @pytest.mark.parametrize("text", ["true", "1", "no", "fast"])
+    def test_nothing_else(self, text: str) -> None:
+        with pytest.raises(ConfigError, match=f"SIDECAR_FAST_LANE: {text!r} is not on or off"):
+            load_settings({**BASE, "SIDECAR_FAST_LANE": text})
 
 
 class TestFlags:

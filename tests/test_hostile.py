@@ -1070,7 +1070,8 @@ fuzzed_requests = st.builds(
 class TestFuzz:
     @settings(max_examples=150, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                     HealthCheck.too_slow])
+                                     HealthCheck.too_slow,
+                                     HealthCheck.differing_executors])  # run with lane and without
     @given(fuzzed=fuzzed_requests)
     async def test_random_requests_answer_cleanly_and_reach_only_rest(
         self, sidecar: Client, emulator: RecordingEmulator, fuzzed: Fuzzed
