@@ -23,7 +23,8 @@ from sidecar.authorization import Authorization
 from sidecar.coalescer import Coalescer
 from sidecar.config import Listen, Settings
 from sidecar.errors import NotFound, SidecarError
-from sidecar.fastlane import RESEND_SWITCH, ProxyRunner, missing_client_internals
+from sidecar.fastlane import ProxyRunner
+from sidecar.lanecheck import RESEND_SWITCH, missing_client_internals
 from sidecar.limits import Gate
 from sidecar.logging import AccessLog, Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics

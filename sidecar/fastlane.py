@@ -25,35 +25,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
-import inspect
-import time
-import types
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import Any, Protocol, cast
 
 import aiohttp
-import httptools
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict
 
 from sidecar.errors import RequestTimeout
+from sidecar.lanecheck import missing_internals
+from sidecar.laneparse import (
+    FAST_BODY,
+    MAX_HEAD,
+    MAX_LINE,
+    METHOD_START,
+    NO_BODY,
+    PREFIXES,
+    HeadFields,
+    HttpDate,
+    Parsed,
+    bare_line_feed,
+    connection_line,
+    head_bytes,
+    parse_head,
+)
 from sidecar.proxy import Proxy
-from sidecar.replies import Call, Reply, error_reply
+from sidecar.replies import Reply, error_reply
 
-# Bodies up to this size are read by the fast lane; larger ones stream in through aiohttp.
-FAST_BODY = 1 << 20
-# A head longer than this goes to aiohttp, which answers it as it sees fit (431 or 400);
-# so does a long request line, many headers or a long one (aiohttp's limits decide).
-MAX_HEAD = 24 * 1024
-MAX_LINE = 8190
-MAX_HEADERS = 100
-_PREFIXES = (b"GET /rest/", b"POST /rest/")
-_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # A kept-alive client connection idle this long is closed (aiohttp's default too).
 CLIENT_IDLE_TIMEOUT = 75.0
 # A request must arrive whole (head and body) within this long of its first byte, or it gets
@@ -61,11 +60,6 @@ CLIENT_IDLE_TIMEOUT = 75.0
 # is held to it.
 REQUEST_TIMEOUT = 60.0
 LINGER = 2.0
-_HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"content-encoding",
-                                 b"upgrade"})
-_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
-_NO_BODY = frozenset({204, 304})
-
 log = structlog.get_logger("sidecar.fastlane")
 
 
@@ -79,146 +73,10 @@ class Tracker(Protocol):
         """A call ends."""
 
 
-class _Head:
-    """httptools callbacks for one request head."""
-
-    __slots__ = ("complete", "headers", "keep_alive", "method", "parser", "url", "version")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.parser = httptools.HttpRequestParser(self)
-        self.complete = False
-        self.keep_alive = False
-        self.method = b""
-        self.version = ""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        # Read now: llhttp resets these once the message is complete.
-        parser = self.parser
-        self.complete = True
-        self.keep_alive = parser.should_keep_alive()
-        self.method = parser.get_method()
-        self.version = parser.get_http_version()
-
-
-class _Parsed:
-    """An ordinary request head, ready to serve once its body is in."""
-
-    __slots__ = ("call", "head_length", "keep_alive", "length", "version11")
-
-    def __init__(self, call: FastCall, head_length: int, length: int, keep_alive: bool,
-                 version11: bool) -> None:
-        self.call = call
-        self.head_length = head_length
-        self.length = length
-        self.keep_alive = keep_alive
-        self.version11 = version11
-
-
-class FastCall(Call):
-    """A call read by the fast lane: its body is already in hand."""
-
-    __slots__ = ("payload",)
-
-    payload: bytes
-
-    async def body(self, limit: int) -> bytes:
-        return self.payload  # no larger than FAST_BODY, itself within the limit
-
-
-def _parse(collected: _Head, head: bytes, max_body: int,
-           transport: asyncio.BaseTransport) -> _Parsed | None:
-    """Parse an ordinary request head; None when aiohttp should have it."""
-    collected.url = b""
-    collected.headers = []
-    collected.complete = False
-    try:
-        collected.parser.feed_data(head)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        return None  # aiohttp answers what it makes of it
-    version = collected.version
-    if not collected.complete or version not in ("1.1", "1.0"):
-        return None
-    length = -1
-    host: str | None = None
-    headers: CIMultiDict[str] = CIMultiDict()
-    if len(collected.headers) > MAX_HEADERS:
-        return None
-    for name, value in collected.headers:
-        if len(name) + len(value) > MAX_LINE:
-            return None
-        lowered = name.lower()
-        if lowered in _HANDED_OFF_HEADERS:
-            return None
-        text = value.decode("utf-8", "surrogateescape")
-        if lowered == b"content-length":
-            if length >= 0 or not value.isdigit():
-                return None
-            length = int(value)
-        elif lowered == b"host":
-            if host is not None:
-                return None
-            host = text
-        headers.add(name.decode("utf-8", "surrogateescape"), text)
-    if host is None or length > min(FAST_BODY, max_body):
-        return None
-    ctype = headers.get("Content-Type", "").partition(";")[0].strip().lower()
-    call = FastCall(collected.method.decode("ascii"),
-                    collected.url.decode("utf-8", "surrogateescape"),
-                    HttpVersion11 if version == "1.1" else HttpVersion10, headers, host,
-                    ctype or "application/octet-stream", transport)
-    return _Parsed(call, len(head), max(length, 0), collected.keep_alive, version == "1.1")
-
-
-class HttpDate:
-    """The ``Date`` header's value, formatted once a second (each server owns one)."""
-
-    __slots__ = ("_second", "_text")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def __call__(self) -> str:
-        now = int(time.time())
-        if now != self._second:
-            self._second, self._text = now, formatdate(now, usegmt=True)
-        return self._text
-
-
-def _head_bytes(status: int, reason: str, headers: list[tuple[str, str]], framing: str,
-                version11: bool, *, date: HttpDate) -> bytes:
-    """The status line and headers; ``framing`` is the length or connection lines."""
-    lines = [f"HTTP/1.{1 if version11 else 0} {status} "
-             f"{reason or _REASONS.get(status, 'Unknown')}\r\n"]
-    has_date = has_type = False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == "date":
-            has_date = True
-        elif lowered == "content-type":
-            has_type = True
-        lines.append(f"{name}: {value}\r\n")
-    if not has_date:
-        lines.append(f"Date: {date()}\r\n")
-    if not has_type:
-        lines.append("Content-Type: application/octet-stream\r\n")  # what aiohttp would say
-    lines.append(framing)
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
-
-
 class _Sink:
     """Streams an answer onto a fast-lane connection, chunked when its length is unknown."""
 
-    def __init__(self, lane: FastLane, parsed: _Parsed) -> None:
+    def __init__(self, lane: FastLane, parsed: Parsed) -> None:
         self._lane = lane
         self._parsed = parsed
         self._chunked = False
@@ -228,7 +86,7 @@ class _Sink:
     async def start(self, status: int, reason: str, headers: list[tuple[str, str]],
                     length: int | None) -> None:
         keep = self._parsed.keep_alive
-        if status in _NO_BODY:
+        if status in NO_BODY:
             framing = ""  # no body and no framing, whatever the portal sent
             self._bodiless = True
         elif length is not None:
@@ -239,9 +97,9 @@ class _Sink:
         else:
             keep = False  # HTTP/1.0 without a length: the body ends when the connection does
             framing = ""
-        framing += _connection_line(keep, self._parsed.version11)
+        framing += connection_line(keep, self._parsed.version11)
         self.reusable = keep
-        await self._lane.send(_head_bytes(status, reason, headers, framing,
+        await self._lane.send(head_bytes(status, reason, headers, framing,
                                           self._parsed.version11, date=self._lane.date))
 
     async def write(self, chunk: bytes) -> None:
@@ -260,22 +118,6 @@ class _Sink:
         self._lane.close_now()
 
 
-def _bare_line_feed(buffer: bytearray, start: int) -> bool:
-    """Whether a line feed at or after ``start`` has no carriage return before it."""
-    at = buffer.find(b"\n", start)
-    while at >= 0:
-        if at == 0 or buffer[at - 1] != 0x0D:
-            return True
-        at = buffer.find(b"\n", at + 1)
-    return False
-
-
-def _connection_line(keep: bool, version11: bool) -> str:
-    if not keep:
-        return "Connection: close\r\n"
-    return "" if version11 else "Connection: keep-alive\r\n"
-
-
 class FastLane(asyncio.Protocol):
     """One client connection to the proxy listener."""
 
@@ -285,7 +127,7 @@ class FastLane(asyncio.Protocol):
         self.date = server.date
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._parsed: _Parsed | None = None
+        self._parsed: Parsed | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # no request after the one in flight
         self._eof = False
@@ -295,7 +137,7 @@ class FastLane(asyncio.Protocol):
         self._last_active = 0.0
         self._started: float | None = None  # when the request being read began to arrive
         self._discarding = False  # answered and closing: what still arrives is dropped
-        self._head: _Head | None = None  # the parser, kept between requests without a body
+        self._head: HeadFields | None = None  # the parser, kept between requests without a body
         # How far the head being read has been examined (its request line's end, once found):
         # each packet's search resumes there, so a head sent a byte at a time is read in
         # linear time, not scanned whole for every byte.
@@ -380,7 +222,7 @@ class FastLane(asyncio.Protocol):
             # What cannot be an HTTP/1 request (a TLS hello, an HTTP/0.9 line) goes to aiohttp
             # at once: it may never send a blank line. Anything else is read whole (within
             # REQUEST_TIMEOUT) before it is served here or handed over.
-            if buffer[0] not in _METHOD_START:
+            if buffer[0] not in METHOD_START:
                 self._hand_off()
                 return
             # What was examined before held no line feed but in CRLFs, and no head's end; a
@@ -402,18 +244,18 @@ class FastLane(asyncio.Protocol):
                 self._line_end = line_end
             end = buffer.find(b"\r\n\r\n", max(scanned - 3, line_end), MAX_HEAD)
             if end < 0:
-                if len(buffer) >= MAX_HEAD or _bare_line_feed(buffer, scanned):
+                if len(buffer) >= MAX_HEAD or bare_line_feed(buffer, scanned):
                     self._hand_off()  # too long, or a bare LF that may end the head for aiohttp
                     return
                 self._scanned = len(buffer)
                 return
             self._scanned = 0  # the next head starts afresh at the start of the buffer
             self._line_end = -1
-            if not buffer.startswith(_PREFIXES):
+            if not buffer.startswith(PREFIXES):
                 self._hand_off()
                 return
-            collected = self._head or _Head()
-            parsed = _parse(collected, bytes(buffer[:end + 4]), self._server.max_body,
+            collected = self._head or HeadFields()
+            parsed = parse_head(collected, bytes(buffer[:end + 4]), self._server.max_body,
                             self._transport)
             if parsed is None:
                 self._hand_off()
@@ -431,7 +273,7 @@ class FastLane(asyncio.Protocol):
         self._started = None
         self._task = self._loop.create_task(self._serve(parsed))
 
-    async def _serve(self, parsed: _Parsed) -> None:
+    async def _serve(self, parsed: Parsed) -> None:
         server = self._server
         server.served += 1
         sink = _Sink(self, parsed)
@@ -442,14 +284,14 @@ class FastLane(asyncio.Protocol):
             if reply.body is None:
                 keep = keep and sink.reusable
             else:
-                body = b"" if reply.status in _NO_BODY else reply.body
-                framing = ("" if reply.status in _NO_BODY
+                body = b"" if reply.status in NO_BODY else reply.body
+                framing = ("" if reply.status in NO_BODY
                            else f"Content-Length: {len(body)}\r\n")
-                framing += _connection_line(keep, parsed.version11)
+                framing += connection_line(keep, parsed.version11)
                 with contextlib.suppress(ConnectionResetError):  # the client left: fine
                     # Through send(): a client that pipelines and never reads is not
                     # answered faster than it reads.
-                    await self.send(_head_bytes(reply.status, reply.reason, reply.headers,
+                    await self.send(head_bytes(reply.status, reply.reason, reply.headers,
                                                 framing, parsed.version11, date=server.date)
                                     + body)
         except BaseException:
@@ -526,7 +368,7 @@ class FastLane(asyncio.Protocol):
         self._closing = True
         if transport is None or transport.is_closing():
             return
-        transport.write(_head_bytes(reply.status, reply.reason, reply.headers,
+        transport.write(head_bytes(reply.status, reply.reason, reply.headers,
                                     f"Content-Length: {len(reply.body)}\r\n"
                                     "Connection: close\r\n", True, date=self._server.date)
                         + reply.body)
@@ -597,93 +439,6 @@ class FastServer(web.Server):
 
 def _sweep_every() -> float:
     return min(1.0, CLIENT_IDLE_TIMEOUT / 4, REQUEST_TIMEOUT / 4)
-
-
-def _names_used(function: object) -> set[str]:
-    """The attribute and global names a function's code (and code nested in it) refers to."""
-    code = getattr(function, "__code__", None)
-    stack = [code] if isinstance(code, types.CodeType) else []
-    names: set[str] = set()
-    while stack:
-        code = stack.pop()
-        names.update(code.co_names)
-        stack.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-    return names
-
-
-def _set_by_init(cls: type[object], name: str) -> bool:
-    """Whether some ``__init__`` in the class's MRO assigns (or at least names) ``name``."""
-    return any(name in _names_used(vars(base).get("__init__")) for base in cls.__mro__)
-
-
-async def _never_called(request: web.BaseRequest) -> web.StreamResponse:
-    raise AssertionError("a probe server serves nothing")  # pragma: no cover
-
-
-# The switch ``no_resend`` turns off: aiohttp's client sends an idempotent request again when a
-# kept-alive connection turns out dead, unless a session's ``_retry_connection`` is false.
-RESEND_SWITCH = "_retry_connection"
-
-
-def missing_client_internals(session: type[object] = aiohttp.ClientSession) -> list[str]:
-    """Name what ``no_resend`` needs of aiohttp's client and this aiohttp lacks."""
-    reads = _names_used(getattr(session, "_request", None))
-    if RESEND_SWITCH in reads and _set_by_init(session, RESEND_SWITCH):
-        return []
-    return [f"{session.__name__}.{RESEND_SWITCH}"]
-
-
-def missing_internals(
-    server: type[web.Server] = web.Server,
-    runner: type[web.AppRunner] = web.AppRunner,
-    handler: type[asyncio.BaseProtocol] = RequestHandler,
-    session: type[object] = aiohttp.ClientSession,
-) -> list[str]:
-    """Name each part of aiohttp outside its public API that the fast lane or ``no_resend``
-    relies on and that this aiohttp lacks (or uses differently); empty when all are there.
-
-    Call it with the event loop running: a ``server`` is built (never served) to see what its
-    ``__init__`` sets. The classes are parameters so that a test can pass one lacking a part.
-    """
-    missing: list[str] = []
-    name = server.__name__
-    # ProxyRunner builds its FastServer by overriding the runner's _make_server, which
-    # setup() must call.
-    if not (inspect.iscoroutinefunction(getattr(runner, "_make_server", None))
-            and "_make_server" in _names_used(getattr(runner, "setup", None))):
-        missing.append(f"{runner.__name__}._make_server (called by setup)")
-    # A FastServer is built from the Server aiohttp made (its loop and handler arguments) and
-    # counts its lanes among the Server's connections.
-    try:
-        probe: Any = server(_never_called)
-    except Exception:  # whatever breaks, the lane cannot copy this server
-        missing.append(f"{name}(handler)")
-    else:
-        for attribute, fits in (
-            ("_loop", lambda value: value is asyncio.get_running_loop()),
-            ("_kwargs", lambda value: isinstance(value, dict)),
-            ("_connections", lambda value: isinstance(value, dict)),
-            ("request_handler", lambda value: value is _never_called),
-            ("request_factory", callable),
-            ("handler_cancellation", lambda value: isinstance(value, bool)),
-        ):
-            if not hasattr(probe, attribute) or not fits(getattr(probe, attribute)):
-                missing.append(f"{name}.{attribute}")
-    # At shutdown the Server calls close() and shutdown(timeout) on each of its _connections,
-    # which a FastLane answers as aiohttp's RequestHandler does.
-    for method, call in (("pre_shutdown", "close"), ("shutdown", "shutdown")):
-        used = _names_used(getattr(server, method, None))
-        if "_connections" not in used or call not in used:
-            missing.append(f"{name}.{method} (calling {call}() on each of _connections)")
-    # A connection handed over is given to a RequestHandler with connection_made(), then the
-    # bytes already read with data_received() and an EOF with eof_received().
-    for method in ("connection_made", "data_received", "eof_received"):
-        asyncio_defaults = [getattr(protocol, method, None) for protocol in
-                            (asyncio.BaseProtocol, asyncio.Protocol, asyncio.BufferedProtocol)]
-        if getattr(handler, method, None) in (None, *asyncio_defaults):
-            missing.append(f"{handler.__name__}.{method}")
-    missing.extend(missing_client_internals(session))
-    return missing
 
 
 class ProxyRunner(web.AppRunner):

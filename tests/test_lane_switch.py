@@ -17,12 +17,8 @@ from sidecar.app import create_app, no_resend, oauth_session, proxy_runner, requ
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.errors import SidecarError
-from sidecar.fastlane import (
-    RESEND_SWITCH,
-    FastServer,
-    missing_client_internals,
-    missing_internals,
-)
+from sidecar.fastlane import FastServer
+from sidecar.lanecheck import RESEND_SWITCH, missing_client_internals, missing_internals
 from tests.conftest import CLIENT_ID
 from tests.processes import Env, cli, running
 
