@@ -8,7 +8,7 @@ B A, ...), so the machine's drift falls on all of them alike: calls/s of small a
 called directly at c=1 gives the latency the sidecar adds. Prints each round, then the medians
 and each version's ratio to the first.
 
-    python -m bench.ab hand=/work/wt-a structlog=/work/wt-b [--rounds 7] [--seconds 4]
+    python -m bench.ab hand=../tree-a structlog=../tree-b [--rounds 7] [--seconds 4]
         [--keep-logs]
 """
 

@@ -112,7 +112,7 @@ class AccessLog:
 
     (structlog's own performance recipe, orjson and a cached bound logger writing bytes, was
     measured against this with bench/ab.py: 10-26 % fewer calls/s at c=64, 20-25 % more CPU
-    per call; it is on branch accesslog-structlog-trial.)
+    per call; the README's performance notes give the figures.)
     """
 
     def __init__(self) -> None:
