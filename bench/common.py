@@ -96,8 +96,11 @@ async def access_token(portal: str) -> str:
 
 
 @asynccontextmanager
-async def sidecar(portal: str, **settings: str) -> AsyncIterator[str]:
-    """Run an authorized `bitrix-sidecar run` in its own process; yield its base URL."""
+async def sidecar_process(portal: str, **settings: str) -> AsyncIterator[tuple[int, int]]:
+    """Run an authorized `bitrix-sidecar run` in its own process; yield its pid and port.
+
+    Keyword arguments are settings without their ``SIDECAR_`` prefix (``fast_lane="off"``).
+    """
     port, admin = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -110,8 +113,14 @@ async def sidecar(portal: str, **settings: str) -> AsyncIterator[str]:
         }
         async with process(sys.executable, "-m", "sidecar", "run", env=env) as proc:
             await wait_port(port)
-            yield f"http://127.0.0.1:{port}"
-            del proc
+            yield proc.pid, port
+
+
+@asynccontextmanager
+async def sidecar(portal: str, **settings: str) -> AsyncIterator[str]:
+    """Run an authorized `bitrix-sidecar run` in its own process; yield its base URL."""
+    async with sidecar_process(portal, **settings) as (_, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @dataclass

@@ -22,14 +22,13 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import CLIENT_ID, CLIENT_SECRET, approve, emulator, free_port, process, wait_port
+from bench.common import emulator, sidecar_process
 
 PAD = 7900  # one header line stays under the 8190-byte limit on a line
 TICK = os.sysconf("SC_CLK_TCK")
@@ -108,20 +107,9 @@ async def idle(pid: int, seconds: float) -> Sample:
 
 @asynccontextmanager
 async def sidecar(portal: str, lane: str) -> AsyncIterator[tuple[int, int]]:
-    """Run an authorized `bitrix-sidecar run`; yield its pid and port."""
-    port, admin = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))},
-            "BITRIX_PORTAL": portal, "BITRIX_CLIENT_ID": CLIENT_ID,
-            "BITRIX_CLIENT_SECRET": CLIENT_SECRET, "SIDECAR_DB": str(Path(tmp) / "t.db"),
-            "SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}",
-            "SIDECAR_LOG_LEVEL": "warning", "BITRIX_AUTH_CODE": await approve(portal),
-            "SIDECAR_RATE": "0", "SIDECAR_FAST_LANE": lane,
-        }
-        async with process(sys.executable, "-m", "sidecar", "run", env=env) as proc:
-            await wait_port(port)
-            yield proc.pid, port
+    """Run an authorized `bitrix-sidecar run`, limiter off; yield its pid and port."""
+    async with sidecar_process(portal, rate="0", fast_lane=lane) as running:
+        yield running
 
 
 def median(samples: list[Sample], what: str) -> float:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from sidecar.app import create_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
+from sidecar.storage import TokenPair
 from tests.conftest import CLIENT_ID, tokens_of
 
 Client = TestClient[web.Request, web.Application]
@@ -324,6 +326,16 @@ class TestRefused:
         assert [c.method for c in emulator.rest_log] == ["crm.lead.add"]
 
 
+def point_at(client: Client, rest_base: str) -> TokenPair:
+    """Send the sidecar's calls to another portal address; return the pair as it was."""
+    manager = tokens_of(client)
+    held = manager.pair
+    assert held is not None
+    manager.life.stored = replace(manager.life.stored,
+                                  pair=replace(held, client_endpoint=rest_base))
+    return held
+
+
 class TestUpstreamFailures:
     async def test_portal_down_is_502(
         self, make_settings: Callable[..., Settings], emulator: Emulator,
@@ -333,16 +345,7 @@ class TestUpstreamFailures:
         client: Client = await aiohttp_client(
             create_app(make_settings(auth_code=emulator.issue_code(CLIENT_ID)))
         )
-        manager = tokens_of(client)
-        held = manager.pair
-        assert held is not None
-        # Point the pair at a port nobody listens on.
-        from dataclasses import replace
-
-        manager.life.stored = replace(
-            manager.life.stored,
-            pair=replace(held, client_endpoint=f"http://127.0.0.1:{unused_tcp_port}/rest/"),
-        )
+        held = point_at(client, f"http://127.0.0.1:{unused_tcp_port}/rest/")  # nobody there
         response = await client.get("/rest/profile")
         assert response.status == 502
         text = await response.text()
@@ -393,15 +396,7 @@ class TestUpstreamFailures:
             settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID),
                                      upstream_timeout="500ms")
             client: Client = await aiohttp_client(create_app(settings))
-            manager = tokens_of(client)
-            held = manager.pair
-            assert held is not None
-            from dataclasses import replace
-
-            manager.life.stored = replace(
-                manager.life.stored,
-                pair=replace(held, client_endpoint=f"http://127.0.0.1:{port}/rest/"),
-            )
+            point_at(client, f"http://127.0.0.1:{port}/rest/")
             response = await client.get("/rest/profile")
             assert (response.status, (await response.json())["error"]) == expected
         finally:
