@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from sidecar.adapter import error_response, expect_continue
 from sidecar.alerts import Alerter
-from sidecar.authflow import AuthFlow, Handler
+from sidecar.authflow import AuthFlow, Handler, Where
 from sidecar.authorization import Authorization
 from sidecar.coalescer import Coalescer
 from sidecar.config import Listen, Settings
@@ -31,6 +32,7 @@ from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.portal import Addresses
 from sidecar.proxy import Proxy
+from sidecar.rules import HostPolicy
 from sidecar.store import TokenStore
 from sidecar.upstream import Pool
 
@@ -210,8 +212,8 @@ def create_app(
                 coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send)
             proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses,
                                        access_log=access_log)
-            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, oauth_http)
-            authflow.add_routes(app, lifecycle.tracked)
+            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, store, oauth_http)
+            authflow.add_routes(app, Where(proxy.policy, public=False), lifecycle.tracked)
             # After the exact routes.
             # Any path at all, newlines included, gets our own answers; so does any Expect.
             app.router.add_route("*", r"/{tail:[\s\S]*}", lifecycle.tracked(proxy.handle),
@@ -248,18 +250,23 @@ def create_oauth_app(proxy_app: web.Application) -> web.Application:
     """
     oauth = web.Application(client_max_size=1024**2)
     tracked = proxy_app[LIFECYCLE].tracked
+    settings = proxy_app[SETTINGS]
+    # Served: the published name (SIDECAR_PUBLIC_URL) and loopback, nothing else.
+    public_host = urlsplit(settings.public_url).hostname or ""
+    listen_host = settings.oauth_listen.host if settings.oauth_listen else "127.0.0.1"
+    where = Where(HostPolicy(listen_host, (public_host,) if public_host else ()), public=True)
 
     @tracked
     async def start(request: web.Request) -> web.StreamResponse:
-        return await proxy_app[AUTHFLOW].start(request)
+        return await proxy_app[AUTHFLOW].start(request, where)
 
     @tracked
     async def callback(request: web.Request) -> web.StreamResponse:
-        return await proxy_app[AUTHFLOW].callback(request)
+        return await proxy_app[AUTHFLOW].callback(request, where)
 
     @tracked
     async def install(request: web.Request) -> web.StreamResponse:
-        return await proxy_app[AUTHFLOW].install(request)
+        return await proxy_app[AUTHFLOW].install(request, where)
 
     async def not_found(request: web.Request) -> web.Response:
         return error_response(NotFound(

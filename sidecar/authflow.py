@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from sidecar import phpquery
 from sidecar.adapter import error_response, expect_continue
 from sidecar.authinfo import authorize_url, code_hint
-from sidecar.authorization import Authorization
+from sidecar.authorization import Authorization, Consent, replacement_refusal
 from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
@@ -30,96 +32,220 @@ from sidecar.errors import (
     Refused,
     SidecarError,
 )
+from sidecar.grants import InstallWindow, install_window, take_install_window, take_link
 from sidecar.oauth import valid_endpoint
-from sidecar.storage import TokenPair
+from sidecar.rules import HostPolicy, origin_of
+from sidecar.storage import PairStore, TokenPair
 
 STATE_TTL = 600.0
-MAX_STATES = 1000
+MAX_STATES = 1000  # browser flows started from the pod's loopback
+MAX_LINK_STATES = 100  # flows started from the operator's links, kept apart from the others
 VERIFY_TIMEOUT = 15.0
+COOKIE = "bitrix_sidecar_flow"
 log = structlog.get_logger("sidecar.authflow")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+@dataclass(frozen=True)
+class Where:
+    """The listener a request to /oauth/ arrived on."""
+
+    policy: HostPolicy
+    public: bool  # the OAuth listener, which may be published: nothing starts there unbidden
+
+
+@dataclass(frozen=True)
+class _Start:
+    issued: float
+    browser: str  # the digest of the cookie the starting browser got
+    via: str  # "link" or "loopback"
+
+
+class Starts:
+    """The browser flows under way: each state is bound to the browser that started it.
+
+    Flows started from the operator's links are kept apart, so a flood of starts from the
+    pod's loopback cannot push them out.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._books: dict[str, OrderedDict[str, _Start]] = {
+            "link": OrderedDict(), "loopback": OrderedDict()}
+        self._caps = {"link": MAX_LINK_STATES, "loopback": MAX_STATES}
+
+    def issue(self, via: str) -> tuple[str, str]:
+        """Remember a new flow; return its state and the cookie that binds it."""
+        self._prune()
+        state = secrets.token_urlsafe(24)
+        cookie = secrets.token_urlsafe(32)
+        book = self._books[via]
+        book[state] = _Start(self._clock(), _digest(cookie), via)
+        while len(book) > self._caps[via]:
+            book.popitem(last=False)
+        return state, cookie
+
+    def take(self, state: str, cookie: str) -> _Start:
+        """Accept a state once, from the browser it was issued to, within STATE_TTL."""
+        self._prune()
+        for book in self._books.values():
+            start = book.get(state) if state else None
+            if start is None:
+                continue
+            if not cookie or not secrets.compare_digest(_digest(cookie), start.browser):
+                # Left in place: a stranger holding the state cannot spend the operator's flow.
+                raise Refused(
+                    "this callback did not come from the browser that started the flow (its "
+                    "cookie is missing or differs): finish in the same browser, at the same "
+                    "address the flow started on"
+                )
+            del book[state]
+            return start
+        raise Refused(
+            "unknown, used or expired state: this callback was not started here (or was "
+            "already used); start again"
+        )
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for book in self._books.values():
+            while book and now - next(iter(book.values())).issued > STATE_TTL:
+                book.popitem(last=False)
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _loopback_peer(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False  # a Unix socket or no peer: not provably the pod
+
+
+def _local_host(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class AuthFlow:
-    """Serve ``/oauth/start``, ``/oauth/callback`` and ``/oauth/install`` on the proxy listener."""
+    """Serve ``/oauth/start``, ``/oauth/callback`` and ``/oauth/install``.
+
+    Only the operator changes whose authorization is held: a browser flow starts from the
+    pod's loopback or from a one-time link the CLI makes, its state is bound to that browser
+    by a cookie, and an install replaces a working pair only with the stored application
+    token (same member, same user) or inside an install window the operator opened.
+    """
 
     def __init__(
         self,
         settings: Settings,
         tokens: Authorization,
+        store: PairStore,
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._tokens = tokens
+        self._store = store
         self._session = session
-        self._clock = clock
-        self._states: OrderedDict[str, float] = OrderedDict()  # state -> issued at
+        self._starts = Starts(clock)
         self._portal_host = urlsplit(settings.portal).netloc.lower()
+        self._portal_origins = frozenset({origin_of(settings.portal)})
 
     def add_routes(
-        self, app: web.Application,
+        self, app: web.Application, where: Where,
         wrap: Callable[[Handler], Handler] = lambda handler: handler,
     ) -> None:
-        """Register the three endpoints (before the proxy's catch-all)."""
-        app.router.add_get("/oauth/start", wrap(self.start), allow_head=False,
+        """Register the three endpoints (before any catch-all) for the listener ``where``."""
+
+        async def start(request: web.Request) -> web.StreamResponse:
+            return await self.start(request, where)
+
+        async def callback(request: web.Request) -> web.StreamResponse:
+            return await self.callback(request, where)
+
+        async def install(request: web.Request) -> web.StreamResponse:
+            return await self.install(request, where)
+
+        app.router.add_get("/oauth/start", wrap(start), allow_head=False,
                            expect_handler=expect_continue)
-        app.router.add_get("/oauth/callback", wrap(self.callback), allow_head=False,
+        app.router.add_get("/oauth/callback", wrap(callback), allow_head=False,
                            expect_handler=expect_continue)
-        app.router.add_post("/oauth/install", wrap(self.install), expect_handler=expect_continue)
+        app.router.add_post("/oauth/install", wrap(install), expect_handler=expect_continue)
 
     # -- the browser callback ----------------------------------------------------------------
 
-    async def start(self, request: web.Request) -> web.Response:
-        """Redirect the browser to the portal's approval page with a fresh, remembered state."""
-        self._prune()
-        state = secrets.token_urlsafe(24)
-        self._states[state] = self._clock()
-        while len(self._states) > MAX_STATES:
-            self._states.popitem(last=False)
-        return web.Response(
+    async def start(self, request: web.Request, where: Where) -> web.Response:
+        """Redirect the operator's browser to the portal's approval page with a bound state."""
+        try:
+            link = request.query.get("link", "")
+            # Another site may send the operator's browser here only with the link in hand.
+            where.policy.check(request.headers, request.host, navigation=bool(link))
+            if link:
+                if not await take_link(self._store, link):
+                    raise Refused(
+                        "this start link is unknown, used or expired (a link works once, for "
+                        "10 minutes): make a new one with 'bitrix-sidecar authorize-link'"
+                    )
+                via = "link"
+            elif where.public or not _loopback_peer(request):
+                raise Refused(
+                    "a browser flow starts here only from the operator's one-time link: run "
+                    "'bitrix-sidecar authorize-link' beside the sidecar and open the address "
+                    "it prints"
+                )
+            else:
+                via = "loopback"
+        except SidecarError as exc:
+            log.warning("oauth_start_refused", error=exc.code, description=exc.description)
+            return error_response(exc)
+        state, cookie = self._starts.issue(via)
+        log.info("oauth_started", via=via)
+        response = web.Response(
             status=302,
             headers={"Location": authorize_url(self._settings, state),
                      "Cache-Control": "no-store"},
         )
+        # Lax: the portal's redirect back is a top-level navigation from its site.
+        response.set_cookie(COOKIE, cookie, max_age=int(STATE_TTL), path="/oauth/callback",
+                            httponly=True, samesite="Lax",
+                            secure=not _local_host(request.host))
+        return response
 
-    async def callback(self, request: web.Request) -> web.Response:
-        """Check the state, exchange the code at once, and say what is now authorized."""
+    async def callback(self, request: web.Request, where: Where) -> web.Response:
+        """Check the state and its browser, exchange the code at once, say what is authorized."""
         query = request.query
         try:
+            where.policy.check(request.headers, request.host, navigation=True)
             if query.get("error"):
                 raise BadRequest(
                     f"the portal answered {query['error']}: "
                     f"{query.get('error_description', 'the app was not approved')}"
                 )
-            self._take_state(query.get("state", ""))
+            self._starts.take(query.get("state", ""), request.cookies.get(COOKIE, ""))
             code = query.get("code", "")
             if not code:
                 raise BadRequest("the callback carries no code")
             self._check_domain(query.get("domain", ""))
+            previous = self._tokens.pair
             pair = await self._tokens.authorize(code, trigger="callback")
         except OAuthError as exc:
             return error_response(BadRequest(f"{exc.description}{code_hint(exc, self._settings)}"))
         except SidecarError as exc:
+            log.warning("oauth_callback_refused", error=exc.code, description=exc.description)
             return error_response(exc)
-        return web.Response(text=self._success_page(pair), content_type="text/html",
-                            headers={"Cache-Control": "no-store"})
-
-    def _prune(self) -> None:
-        now = self._clock()
-        while self._states and now - next(iter(self._states.values())) > STATE_TTL:
-            self._states.popitem(last=False)
-
-    def _take_state(self, state: str) -> None:
-        """Accept a state once, and only one this sidecar issued in the last 10 minutes."""
-        self._prune()
-        issued = self._states.pop(state, None) if state else None
-        if issued is None:
-            raise Refused(
-                "unknown, used or expired state: this callback was not started here (or was "
-                "already used); start again at /oauth/start"
-            )
+        response = web.Response(text=self._success_page(pair, previous), content_type="text/html",
+                                headers={"Cache-Control": "no-store"})
+        response.del_cookie(COOKIE, path="/oauth/callback")
+        return response
 
     def _check_domain(self, domain: str) -> None:
         if domain and domain.lower() != self._portal_host:
@@ -128,27 +254,35 @@ class AuthFlow:
                 f"{self._portal_host}"
             )
 
-    def _success_page(self, pair: TokenPair) -> str:
+    def _success_page(self, pair: TokenPair, previous: TokenPair | None) -> str:
         rows = {
             "Portal": self._settings.portal,
             "Member": pair.member_id,
+            "User": pair.user_id,
             "Scope": pair.scope,
             "Access token valid until": _utc(pair.expires_at),
         }
         table = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows.items()
         )
+        note = ""
+        if previous is not None and previous.user_id != pair.user_id:
+            note = (f"<p><strong>The app now acts as user {html.escape(pair.user_id)}; it "
+                    f"acted as user {html.escape(previous.user_id or '(unknown)')}.</strong></p>")
         return _page(
             "bitrix-sidecar is authorized",
-            f"<p>bitrix-sidecar now holds a token pair and renews it by itself.</p>"
+            f"<p>bitrix-sidecar now holds a token pair and renews it by itself.</p>{note}"
             f"<table>{table}</table><p>You can close this page.</p>",
         )
 
     # -- install events ----------------------------------------------------------------------
 
-    async def install(self, request: web.Request) -> web.Response:
+    async def install(self, request: web.Request, where: Where) -> web.Response:
         """Take a pair from ONAPPINSTALL or a UI app's install POST, after checking it."""
         try:
+            # The portal's own install page may post here from its site; no other page may.
+            where.policy.check(request.headers, request.host,
+                               trusted_origins=self._portal_origins)
             try:
                 form = await request.post()
             except web.HTTPRequestEntityTooLarge:
@@ -163,9 +297,8 @@ class AuthFlow:
                 + [(k, v) for k, v in request.query.items()]
             )
             if isinstance(data.get("auth"), dict) and data.get("event"):
-                if request.headers.get("Origin") or request.headers.get("Sec-Fetch-Site") in (
-                    "cross-site", "same-site"
-                ):
+                site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+                if request.headers.get("Origin") or site in ("cross-site", "same-site"):
                     # The portal posts events server to server; a browser never does.
                     raise Refused("an install event from a browser page is refused")
                 return await self._event(str(data["event"]).upper(), data["auth"])
@@ -179,20 +312,26 @@ class AuthFlow:
             log.warning("install_refused", error=exc.code, description=exc.description)
             return error_response(exc)
 
-    async def _event(self, event: str, auth: Mapping[str, Any]) -> web.Response:
+    def _proven(self, given: str) -> bool:
+        """Say whether ``given`` is the application token stored from a real install."""
         held = self._tokens.pair
-        live = held is not None and not self._tokens.state.dead
-        if event != "ONAPPINSTALL" and not (live and held and held.application_token):
-            # Only a token stored from a real install can vouch for other events (an uninstall
-            # would otherwise be anyone's to send).
-            raise Refused(f"{event} is accepted only with the application_token of an install")
-        if live:
-            self._check_application_token(str(auth.get("application_token") or ""))
-        if event == "ONAPPUNINSTALL":
-            await self._tokens.revoke("the app was uninstalled from the portal")
-            return web.json_response({"result": True})
+        expected = held.application_token if held is not None else ""
+        return bool(expected) and secrets.compare_digest(given.encode(), expected.encode())
+
+    async def _event(self, event: str, auth: Mapping[str, Any]) -> web.Response:
+        given = str(auth.get("application_token") or "")
         if event != "ONAPPINSTALL":
-            log.info("install_event_ignored", install_event=event)
+            # Only a token stored from a real install vouches for other events: an uninstall
+            # would otherwise be anyone's to send.
+            if not (self._tokens.working() and self._proven(given)):
+                raise Refused(
+                    f"{event} is accepted only with the application_token of the install "
+                    "that holds the working authorization"
+                )
+            if event == "ONAPPUNINSTALL":
+                await self._tokens.revoke("the app was uninstalled from the portal")
+            else:
+                log.info("install_event_ignored", install_event=event)
             return web.json_response({"result": True})
         pair = TokenPair(
             access_token=str(auth.get("access_token") or ""),
@@ -205,10 +344,10 @@ class AuthFlow:
             domain=str(auth.get("domain") or ""),
             user_id=str(auth.get("user_id") or ""),
             status=str(auth.get("status") or ""),
-            application_token=str(auth.get("application_token") or ""),
+            application_token=given,
             obtained_at=time.time(),
         )
-        await self._accept(pair, trigger="install_event")
+        await self._accept(pair, trigger="install_event", proof=given)
         return web.json_response({"result": True})
 
     async def _ui_install(self, data: Mapping[str, Any]) -> web.Response:
@@ -224,7 +363,10 @@ class AuthFlow:
             status=str(data.get("status") or ""),
             obtained_at=time.time(),
         )
-        await self._accept(pair, trigger="install_page")
+        # The portal's install page carries no application token; an app's own page that
+        # forwards one proves it like an event does.
+        given = str(data.get("application_token") or data.get("APPLICATION_TOKEN") or "")
+        await self._accept(pair, trigger="install_page", proof=given)
         # The portal's install page waits for this call before it calls the app installed.
         return web.Response(
             text=_page(
@@ -236,33 +378,65 @@ class AuthFlow:
             content_type="text/html",
         )
 
-    def _check_application_token(self, given: str) -> None:
-        held = self._tokens.pair
-        expected = held.application_token if held is not None else ""
-        if expected and not secrets.compare_digest(given.encode(), expected.encode()):
-            raise Refused("the event's application_token does not match the one stored")
+    async def _consent(self, proof: str) -> tuple[Consent, InstallWindow | None]:
+        """Who stands behind an install: nobody (no working pair held), the stored application
+        token, or the operator's open install window; refuse before the portal is asked."""
+        if not self._tokens.working():
+            return Consent.NONE, None
+        if self._proven(proof):
+            return Consent.APPLICATION_TOKEN, None
+        window = await install_window(self._store)
+        if window is None:
+            raise Refused(replacement_refusal(
+                self._tokens.pair, True, TokenPair("", "", 0.0), Consent.NONE))
+        return Consent.OPERATOR, window
 
-    async def _accept(self, pair: TokenPair, *, trigger: str) -> None:
+    async def _accept(self, pair: TokenPair, *, trigger: str, proof: str) -> None:
         """Refuse a pair for another portal or member, or one the portal does not accept."""
         if not pair.access_token or not pair.refresh_token:
             raise BadRequest("the install payload carries no token pair")
         if not pair.client_endpoint:
             raise BadRequest("the install payload names no usable client_endpoint")
-        held = self._tokens.pair
         self._tokens.check_portal(pair)
-        scope = await self._verify(pair)
-        if scope and not pair.scope:
-            pair = replace(pair, scope=scope)
+        consent, window = await self._consent(proof)
+        scope, user_id = await self._verify(pair)
+        # The portal says whose token it is; the payload's word is not taken for it.
+        pair = replace(pair, scope=pair.scope or scope, user_id=user_id or pair.user_id)
+        self._tokens.check_replacement(pair, consent, proof)
+        held = self._tokens.pair
         if held is not None and held.application_token and not pair.application_token:
             pair = replace(pair, application_token=held.application_token)
-        await self._tokens.install(pair, trigger=trigger)
+        if window is not None:
+            if not window.admits(pair.user_id):
+                raise Refused(
+                    f"the install window is for user {window.user_id}, this install is for "
+                    f"user {pair.user_id or '(unknown)'}"
+                )
+            if await take_install_window(self._store) is None:
+                raise Refused("the install window was closed or used meanwhile")
+            log.warning("install_window_used", user_id=pair.user_id)
+        await self._tokens.install(pair, trigger=trigger, consent=consent, proof=proof)
 
-    async def _verify(self, pair: TokenPair) -> str:
-        """Call ``app.info`` with the new token: only a token the portal accepts is stored.
+    async def _verify(self, pair: TokenPair) -> tuple[str, str]:
+        """Ask the portal with the new token: only a token the portal accepts is stored.
 
-        Returns the granted scope (comma separated) when the portal tells it.
+        ``app.info`` must name our client id; ``profile`` says which user the token acts as.
+        Returns the granted scope (comma separated) and the user id, where the portal tells.
         """
-        url = f"{pair.client_endpoint}app.info"
+        info = await self._ask(pair, "app.info")
+        if not isinstance(info, dict):
+            raise Refused("the portal does not accept the token in the payload")
+        code = info.get("CODE")
+        if isinstance(code, str) and code and code != self._settings.client_id:
+            raise Refused("the token belongs to another application")
+        scope = info.get("SCOPE")
+        profile = await self._ask(pair, "profile")
+        user = profile.get("ID") if isinstance(profile, dict) else None
+        return (",".join(str(s) for s in scope) if isinstance(scope, list) else "",
+                str(user) if isinstance(user, (str, int)) and str(user) else "")
+
+    async def _ask(self, pair: TokenPair, method: str) -> Any:
+        url = f"{pair.client_endpoint}{method}"
         try:
             async with self._session.post(
                 url, data={"auth": pair.access_token}, allow_redirects=False,
@@ -272,14 +446,7 @@ class AuthFlow:
                 ok = response.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError):
             raise Refused("the portal could not be asked to confirm the token") from None
-        result = body.get("result") if ok and isinstance(body, dict) else None
-        if not isinstance(result, dict):
-            raise Refused("the portal does not accept the token in the payload")
-        code = result.get("CODE")
-        if isinstance(code, str) and code and code != self._settings.client_id:
-            raise Refused("the token belongs to another application")
-        scope = result.get("SCOPE")
-        return ",".join(str(s) for s in scope) if isinstance(scope, list) else ""
+        return body.get("result") if ok and isinstance(body, dict) else None
 
 
 def _seconds(value: Any, default: float) -> float:

@@ -8,6 +8,8 @@ served, its rate ``gate``. Holding one per portal is a dictionary of these.
 from __future__ import annotations
 
 import asyncio
+import enum
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -46,6 +48,42 @@ if TYPE_CHECKING:
 EXPIRY_SKEW = 30.0
 
 log = structlog.get_logger("sidecar.authorization")
+
+
+class Consent(enum.Enum):
+    """Who stands behind a pair that arrives from outside a refresh."""
+
+    OPERATOR = "operator"  # the CLI, a browser flow the operator started, an install window
+    APPLICATION_TOKEN = "application_token"  # noqa: S105 - a name: an event proven by the stored token
+    NONE = "none"  # nobody in particular: taken only while no working pair is held
+
+
+def replacement_refusal(held: TokenPair | None, working: bool, pair: TokenPair,
+                        consent: Consent, proof: str = "") -> str:
+    """Say why ``pair`` may not replace ``held`` ('' when it may).
+
+    Only the operator replaces a working pair at will. An install event proven by the stored
+    application token may renew it, for the same portal member and the same user; anything
+    else is taken only while no working pair is held.
+    """
+    if consent is Consent.OPERATOR or held is None or not working:
+        return ""
+    if consent is Consent.NONE or not held.application_token:
+        return (
+            "a working authorization is held, and only the operator can replace it: run "
+            "'bitrix-sidecar expect-install' before installing again, or authorize with "
+            "'bitrix-sidecar authorize-link'"
+        )
+    if not secrets.compare_digest(proof.encode(), held.application_token.encode()):
+        return "the event's application_token does not match the one stored"
+    if held.member_id and pair.member_id != held.member_id:
+        return "the pair's member_id is not the authorized portal's"
+    if not pair.user_id or pair.user_id != held.user_id:
+        return (
+            f"the pair acts as user {pair.user_id or '(unknown)'}, the held authorization as "
+            f"user {held.user_id or '(unknown)'}: only the operator can change the user"
+        )
+    return ""
 
 
 def _retrieve(task: asyncio.Task[TokenPair]) -> None:
@@ -192,7 +230,7 @@ class Authorization:
                       description=exc.description)
             raise
         self.check_portal(pair)
-        await self.install(pair, trigger=trigger, started=started)
+        await self.install(pair, trigger=trigger, started=started, consent=Consent.OPERATOR)
         return pair
 
     def check_portal(self, pair: TokenPair) -> None:
@@ -214,13 +252,35 @@ class Authorization:
         if held is not None and held.member_id and pair.member_id != held.member_id:
             raise Refused("the token's member_id is not the authorized portal's")
 
-    async def install(self, pair: TokenPair, *, trigger: str, started: float | None = None) -> None:
-        """Store a pair that arrived from outside a refresh (a code exchange, an install event)."""
+    def working(self) -> bool:
+        """Say whether a pair is held that still serves (or can be renewed)."""
+        return self.life.pair is not None and not self.life.state.dead
+
+    def check_replacement(self, pair: TokenPair, consent: Consent, proof: str = "") -> None:
+        """Raise Refused unless ``consent`` may replace the held pair with ``pair``."""
+        reason = replacement_refusal(self.life.pair, self.working(), pair, consent, proof)
+        if reason:
+            raise Refused(reason)
+
+    async def install(self, pair: TokenPair, *, trigger: str, consent: Consent,
+                      proof: str = "", started: float | None = None) -> None:
+        """Store a pair that arrived from outside a refresh (a code exchange, an install event).
+
+        The replacement rule is checked against the held pair and again against the store's
+        under its lock (another process may have stored one meanwhile).
+        """
+        self.check_replacement(pair, consent, proof)
+        previous = self.life.pair
         self._on_secret(pair.access_token)
         self._on_secret(pair.refresh_token)
         sync = self.sync_state
         try:
-            async with self._store.locked():
+            async with self._store.locked() as stored:
+                reason = replacement_refusal(
+                    stored.pair, stored.pair is not None and not stored.reauth_required,
+                    pair, consent, proof)
+                if reason:
+                    raise Refused(reason)
                 generation = await self._store.save_pair(pair)
             sync.saved()
         except StoreError as exc:
@@ -229,8 +289,12 @@ class Authorization:
             generation = self.life.stored.generation + 1
         self.renewal.recovered()
         self._adopt(StoredState(pair=pair, generation=generation), trigger)
+        if previous is not None and previous.user_id != pair.user_id:
+            log.warning("authorization_user_changed", trigger=trigger, consent=consent.value,
+                        previous_user_id=previous.user_id, user_id=pair.user_id)
         log.info("token_authorized", trigger=trigger, member_id=pair.member_id,
-                 scope=pair.scope, expires_at=iso(pair.expires_at),
+                 user_id=pair.user_id, consent=consent.value, scope=pair.scope,
+                 expires_at=iso(pair.expires_at),
                  duration=round(self._clock() - (started or self._clock()), 3))
 
     async def revoke(self, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""The ``bitrix-sidecar`` command: run, authorize, status, token, emulator, demo."""
+"""The ``bitrix-sidecar`` command: run, authorize, authorize-link, expect-install, status, token,
+emulator, demo."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import structlog
 
 from sidecar import __version__
 from sidecar.app import create_app, make_oauth, oauth_session, serve
-from sidecar.authinfo import authorize_url, code_hint, describe
+from sidecar.authinfo import authorize_url, code_hint, describe, iso
 from sidecar.authorization import Authorization
 from sidecar.config import OPTIONS, Settings, load_settings, parse_listen
 from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
+from sidecar.grants import ANY_USER, LINK_TTL, issue_link, open_install_window
 from sidecar.logging import AccessLog, Redactor, configure_logging
 from sidecar.storage import StoredState
 from sidecar.store import TokenStore
@@ -62,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auth.add_argument("code", metavar="CODE_OR_URL",
                       help="the code, or the whole address the browser was redirected to")
+    sub.add_parser(
+        "authorize-link", parents=[settings],
+        help="print a one-time address (10 minutes) that starts the browser flow anywhere",
+    )
+    expect = sub.add_parser(
+        "expect-install", parents=[settings],
+        help="let the next install (within 10 minutes) replace the held authorization",
+    )
+    who = expect.add_mutually_exclusive_group()
+    who.add_argument("--user-id", default=None, metavar="ID",
+                     help="the portal user the install must be for (default: the held pair's)")
+    who.add_argument("--any-user", action="store_true",
+                     help="accept an install for any user of the portal")
     sub.add_parser("status", parents=[settings],
                    help="print the token's state as JSON (never a token); exit 1 unless usable")
     sub.add_parser("token", parents=[settings],
@@ -124,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "authorize":
         return _run(_authorize(settings, args.code))
+    if args.command == "authorize-link":
+        return _run(_authorize_link(settings))
+    if args.command == "expect-install":
+        return _run(_expect_install(settings, ANY_USER if args.any_user else args.user_id))
     if args.command == "status":
         return _run(_status(settings))
     return _run(_token(settings))
@@ -197,6 +216,48 @@ async def _authorize(settings: Settings, text: str) -> int:
             print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
             return EXIT_FAILED
         print(json.dumps(tokens.status(), indent=2))
+    return 0
+
+
+def link_base(settings: Settings) -> str:
+    """Where a browser reaches /oauth/start: the published OAuth listener, else the proxy's."""
+    if settings.public_url:
+        return settings.public_url
+    listen = settings.listen
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host  # noqa: S104
+    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    return f"http://{host}:{listen.port}"
+
+
+async def _authorize_link(settings: Settings) -> int:
+    try:
+        async with TokenStore(settings.db_path, portal=settings.portal,
+                              client_id=settings.client_id) as store:
+            secret = await issue_link(store)
+    except SidecarError as exc:
+        print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{link_base(settings)}/oauth/start?link={secret}")
+    print(f"Open it once, within {int(LINK_TTL // 60)} minutes, in a browser logged in to "
+          f"{settings.portal}; approve the app there.", file=sys.stderr)
+    return 0
+
+
+async def _expect_install(settings: Settings, user_id: str | None) -> int:
+    try:
+        async with TokenStore(settings.db_path, portal=settings.portal,
+                              client_id=settings.client_id) as store:
+            if user_id is None:
+                held = (await store.load()).pair
+                user_id = held.user_id if held is not None and held.user_id else ANY_USER
+            until = await open_install_window(store, user_id)
+    except SidecarError as exc:
+        print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        return EXIT_FAILED
+    who = "any user" if user_id == ANY_USER else f"user {user_id}"
+    print(json.dumps({"install_window_until": iso(until), "for": who}, indent=2))
+    print(f"Install (or reinstall) the app on {settings.portal} as {who} now: the first "
+          "install that the portal confirms replaces the held authorization.", file=sys.stderr)
     return 0
 
 

@@ -154,6 +154,17 @@ def parse_webhook_url(text: str) -> str:
     return value
 
 
+def parse_public_url(text: str) -> str:
+    """Accept the http(s) origin the OAuth listener is published at (no path, query or user)."""
+    value = text.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) address")
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{text!r} must be an origin only, like https://sidecar.example.com")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
 def parse_rate(text: str) -> float:
     """Parse ``2``, ``2/s`` or ``0.5``: requests per second, 0 meaning no limit."""
     value = text.strip().lower().removesuffix("/s")
@@ -282,6 +293,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_OAUTH_LISTEN", "--oauth-listen", "oauth_listen",
            "optional listener serving only /oauth/... (safe to publish for install events)",
            parse_listen),
+    Option("SIDECAR_PUBLIC_URL", "--public-url", "public_url",
+           "the https origin the OAuth listener is published at (its Host is served there, "
+           "and 'authorize-link' prints links on it)", parse_public_url),
     Option("SIDECAR_ALERT_WEBHOOK", "--alert-webhook", "alert_webhook",
            "URL that gets a JSON POST when token renewal starts or stops failing",
            parse_webhook_url),
@@ -341,6 +355,7 @@ class Settings:
     listen: Listen = _default("listen")  # noqa: RUF009 - immutable
     admin_listen: Listen = _default("admin_listen")  # noqa: RUF009 - immutable
     oauth_listen: Listen | None = None
+    public_url: str = ""
     alert_webhook: str = field(default="", repr=False)
     shutdown_grace: float = _default("shutdown_grace")
     allowed_hosts: tuple[str, ...] = ()
@@ -429,6 +444,15 @@ def load_settings(
     elif not secret and need_secret:
         problems.append(
             "BITRIX_CLIENT_SECRET or BITRIX_CLIENT_SECRET_FILE: one is required (application key)"
+        )
+
+    oauth_listen = values.get("oauth_listen")
+    if oauth_listen is not None and not _is_loopback(oauth_listen.host) and not values.get(
+        "public_url"
+    ):
+        problems.append(
+            "SIDECAR_PUBLIC_URL: required when SIDECAR_OAUTH_LISTEN is not on loopback (the "
+            "address the portal and browsers reach it at; only that Host is served there)"
         )
 
     if problems:

@@ -112,7 +112,7 @@ class Proxy:
         self._tokens = tokens
         self._pool = pool
         self._addresses = addresses
-        self._policy = HostPolicy(settings.listen.host, settings.allowed_hosts)
+        self.policy = HostPolicy(settings.listen.host, settings.allowed_hosts)
         self._ids = RequestIds()
 
     @property
@@ -163,7 +163,7 @@ class Proxy:
     async def _dispatch(self, call: Call, sink: Sink, request_id: str, outcome: Outcome) -> Reply:
         if call.version < HttpVersion10:
             raise BadRequest("HTTP/0.9 requests are not served")
-        self._policy.check(call.headers, call.host)
+        self.policy.check(call.headers, call.host)
         raw = call.raw_path
         if raw == "/token" or raw.startswith("/token?"):
             outcome.method = "/token"

@@ -139,29 +139,63 @@ def strip_multipart_auth(body: bytes, boundary: str) -> bytes:
     return delimiter.join(kept)
 
 
+# Headers a request may carry once: two Hosts or two Origins are a smuggling attempt, not a
+# request to guess about.
+_SINGLE_HEADERS = ("Host", "Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode")
+_FOREIGN_SITES = frozenset({"cross-site", "same-site"})
+
+
+def origin_of(url: str) -> str:
+    """The ``scheme://host[:port]`` of an address, lowercased ('' if it has none)."""
+    try:
+        parsed = URL(url.strip())
+        host = parsed.host
+    except ValueError:
+        return ""
+    if not parsed.scheme or not host:
+        return ""
+    return str(parsed.origin()).lower()
+
+
 class HostPolicy:
     """Refuse browsers on other sites (CSRF) and foreign Host names (DNS rebinding).
 
     Whoever reaches the port acts as the app, so a web page must not make a browser do it.
+    Header values compare case-insensitively, and a repeated Host, Origin or Sec-Fetch header
+    is refused.
     """
 
     def __init__(self, listen_host: str, allowed_hosts: tuple[str, ...]) -> None:
         self._hosts = frozenset({"localhost", "::1", listen_host.lower(),
                                  *allowed_hosts}) - {"0.0.0.0", "::", ""}  # noqa: S104
 
-    def check(self, headers: CIMultiDictProxy[str] | CIMultiDict[str], host_header: str) -> None:
-        """Raise Refused unless the request comes from a served Host and no foreign page."""
-        site = headers.get("Sec-Fetch-Site", "")
-        if site in ("cross-site", "same-site"):
-            raise Refused("a browser request from another site is refused")
+    def check(self, headers: CIMultiDictProxy[str] | CIMultiDict[str], host_header: str, *,
+              navigation: bool = False, trusted_origins: frozenset[str] = frozenset()) -> None:
+        """Raise unless the request comes from a served Host and no foreign page.
+
+        ``navigation``: a browser's top-level GET navigation from another site is accepted
+        (the portal's redirect to the OAuth callback is one). ``trusted_origins``: pages of
+        these origins may send the request (the portal's own install page).
+        """
+        for name in _SINGLE_HEADERS:
+            if len(headers.getall(name, ())) > 1:
+                raise BadRequest(f"the request carries more than one {name} header")
         origin = headers.get("Origin")
+        trusted = False
         if origin is not None:
-            try:
-                origin_host = URL(origin).host or ""
-            except ValueError:
-                origin_host = ""  # unparsable: as foreign as it gets
-            if not self.allowed(origin_host):
-                raise Refused("a request from a foreign Origin is refused")
+            trusted = bool(trusted_origins) and origin_of(origin) in trusted_origins
+            if not trusted:
+                try:
+                    origin_host = URL(origin.strip()).host or ""
+                except ValueError:
+                    origin_host = ""  # unparsable: as foreign as it gets
+                if not self.allowed(origin_host):
+                    raise Refused("a request from a foreign Origin is refused")
+        site = headers.get("Sec-Fetch-Site", "").strip().lower()
+        if site in _FOREIGN_SITES and not trusted and not (
+            navigation and headers.get("Sec-Fetch-Mode", "").strip().lower() == "navigate"
+        ):
+            raise Refused("a browser request from another site is refused")
         host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else (
             host_header[1:].split("]", 1)[0]
         )

@@ -73,6 +73,18 @@ class PairStore(Protocol):
         """Return a number that moves whenever another writer commits (the watch polls it)."""
         ...
 
+    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
+        """Record what the operator grants once (a start link, an install window)."""
+        ...
+
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Use up a grant atomically: return its detail, or None if there is no valid one."""
+        ...
+
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Return a valid grant's detail without using it up."""
+        ...
+
     async def heal(self) -> bool:
         """Reconnect if the storage vanished under us; say whether it was opened anew since
         the last call (the caller then checks whether it came back empty).

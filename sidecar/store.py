@@ -25,7 +25,7 @@ from sidecar.storage import StoredState, TokenPair
 
 log = structlog.get_logger("sidecar.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Long enough for another process to finish a refresh (an OAuth round trip) under the lock.
 BUSY_TIMEOUT_MS = 90_000
 
@@ -53,6 +53,18 @@ CREATE TABLE IF NOT EXISTS token (
     updated_at REAL NOT NULL
 )
 """
+# Version 2: what the operator grants through the CLI, for a browser or the portal to use once
+# (a one-time link that starts the browser flow, a window for the next install event).
+_GRANTS = """
+CREATE TABLE IF NOT EXISTS grants (
+    kind TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (kind, digest)
+)
+"""
+_MIGRATIONS = {1: (_SCHEMA,), 2: (_GRANTS,)}
 
 
 class TokenStore:
@@ -162,7 +174,12 @@ class TokenStore:
         if version < SCHEMA_VERSION:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                await self.db.execute(_SCHEMA)
+                # Read again under the lock: another process may have migrated meanwhile.
+                async with self.db.execute("PRAGMA user_version") as cursor:
+                    row = await cursor.fetchone()
+                for step in range(int(row[0]) if row else 0, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step + 1]:
+                        await self.db.execute(statement)
                 await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 await self.db.execute("COMMIT")
             except BaseException:
@@ -308,3 +325,51 @@ class TokenStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write token store: {exc}") from exc
         return int(row[0]) if row else 0
+
+    # -- the operator's grants ---------------------------------------------------------------
+
+    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
+        """Record a grant of ``kind`` (replacing one with the same digest); drop expired ones."""
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self.db.execute("DELETE FROM grants WHERE expires_at <= ?",
+                                          (time.time(),))
+                    await self.db.execute(
+                        "INSERT OR REPLACE INTO grants (kind, digest, detail, expires_at) "
+                        "VALUES (?, ?, ?, ?)", (kind, digest, detail, expires_at))
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write token store: {exc}") from exc
+
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Use up a grant: delete it and return its detail, or None if none is valid."""
+        async with self._lock:
+            try:
+                async with self.db.execute(
+                    "DELETE FROM grants WHERE kind = ? AND digest = ? "
+                    "RETURNING detail, expires_at", (kind, digest),
+                ) as cursor:
+                    row = await cursor.fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write token store: {exc}") from exc
+        if row is None or float(row[1]) <= now:
+            return None
+        return str(row[0])
+
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Return a valid grant's detail without using it up (None if there is none)."""
+        async with self._lock:
+            try:
+                async with self.db.execute(
+                    "SELECT detail FROM grants WHERE kind = ? AND digest = ? AND expires_at > ?",
+                    (kind, digest, now),
+                ) as cursor:
+                    row = await cursor.fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read token store: {exc}") from exc
+        return None if row is None else str(row[0])

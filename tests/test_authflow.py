@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -10,9 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import create_app, create_oauth_app
+from sidecar.app import SETTINGS, create_app, create_oauth_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
+from sidecar.grants import issue_link, open_install_window
+from sidecar.store import TokenStore
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, tokens_of
 
 Client = TestClient[web.Request, web.Application]
@@ -30,9 +34,31 @@ async def unauthorized(
     return client
 
 
+def browser_session() -> aiohttp.ClientSession:
+    """A session that keeps cookies as a browser does, for loopback addresses too."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def make_link(client: Client) -> str:
+    """Make a one-time start link in the sidecar's store, as 'authorize-link' does."""
+    settings = client.app[SETTINGS]
+    async with TokenStore(settings.db_path, portal=settings.portal,
+                          client_id=settings.client_id) as store:
+        return await issue_link(store)
+
+
 def url(client: Client, path: str) -> str:
     """Return the absolute address of ``path`` on a served app."""
     return str(client.make_url(path))
+
+
+async def callback_url(client: Client, browser: aiohttp.ClientSession,
+                       start: str = "/oauth/start") -> str:
+    """Walk /oauth/start and the portal in ``browser``, stopping before the callback."""
+    async with browser.get(url(client, start), allow_redirects=False) as started:
+        portal = started.headers["Location"]
+    async with browser.get(portal, allow_redirects=False) as approve:
+        return approve.headers["Location"]
 
 
 class TestCallback:
@@ -41,7 +67,7 @@ class TestCallback:
     ) -> None:
         """/oauth/start -> portal approval -> /oauth/callback stores the pair; calls then work."""
         assert (await unauthorized.get("/rest/profile")).status == 503
-        async with aiohttp.ClientSession() as browser, browser.get(
+        async with browser_session() as browser, browser.get(
             url(unauthorized, "/oauth/start")
         ) as page:
             assert page.status == 200
@@ -58,20 +84,13 @@ class TestCallback:
         assert pair.refresh_token not in text
         assert (await unauthorized.get("/rest/profile")).status == 200
 
-    async def _callback_url(self, client: Client) -> str:
-        """Walk /oauth/start and the portal, stopping before the callback is called."""
-        async with aiohttp.ClientSession() as browser:
-            async with browser.get(url(client, "/oauth/start"), allow_redirects=False) as start:
-                portal = start.headers["Location"]
-            async with browser.get(portal, allow_redirects=False) as approve:
-                return approve.headers["Location"]
 
     async def test_replayed_state_is_refused(
         self, unauthorized: Client, emulator: Emulator
     ) -> None:
         """A state is good once: a second callback with it is refused (no login CSRF)."""
-        callback = await self._callback_url(unauthorized)
-        async with aiohttp.ClientSession() as browser:
+        async with browser_session() as browser:
+            callback = await callback_url(unauthorized, browser)
             async with browser.get(callback) as first:
                 assert first.status == 200
             replay = callback.replace(callback.split("code=")[1].split("&")[0],
@@ -96,11 +115,12 @@ class TestCallback:
         self, unauthorized: Client, emulator: Emulator, emulator_clock: OffsetClock
     ) -> None:
         """A code older than 30 seconds fails clearly, saying what to do."""
-        callback = await self._callback_url(unauthorized)
-        emulator_clock.offset += 31
-        async with aiohttp.ClientSession() as browser, browser.get(callback) as response:
-            assert response.status == 400
-            body = await response.json()
+        async with browser_session() as browser:
+            callback = await callback_url(unauthorized, browser)
+            emulator_clock.offset += 31
+            async with browser.get(callback) as response:
+                assert response.status == 400
+                body = await response.json()
         assert "30 seconds" in body["error_description"]
         assert "/oauth/start" in body["error_description"]
         assert tokens_of(unauthorized).pair is None
@@ -109,10 +129,11 @@ class TestCallback:
         self, unauthorized: Client, emulator: Emulator
     ) -> None:
         """A callback whose domain is not the configured portal is refused."""
-        callback = await self._callback_url(unauthorized)
-        forged = callback.replace("domain=", "domain=evil.bitrix24.com&x=")
-        async with aiohttp.ClientSession() as browser, browser.get(forged) as response:
-            assert response.status == 403
+        async with browser_session() as browser:
+            callback = await callback_url(unauthorized, browser)
+            forged = callback.replace("domain=", "domain=evil.bitrix24.com&x=")
+            async with browser.get(forged) as response:
+                assert response.status == 403
         assert emulator.stats.token_requests["authorization_code"] == 0
 
 
@@ -224,6 +245,240 @@ class TestOAuthListener:
             response = await oauth.get(path)
             assert response.status == 404
             assert (await response.json())["error"] == "SIDECAR_NOT_FOUND"
+        # Nothing starts there unbidden, even from loopback: only the operator's link works.
         start = await oauth.get("/oauth/start", allow_redirects=False)
+        assert start.status == 403
+        assert (await start.json())["error"] == "SIDECAR_REFUSED"
+        link = await make_link(unauthorized)
+        start = await oauth.get(f"/oauth/start?link={link}", allow_redirects=False)
         assert start.status == 302
-        assert [c.method for c in emulator.rest_log] == ["app.info", "profile"]
+        assert [c.method for c in emulator.rest_log] == ["app.info", "profile", "profile"]
+
+
+async def authorize_as_operator(client: Client, emulator: Emulator, user_id: int = 1) -> None:
+    """Authorize through the browser flow from the pod's loopback, as user ``user_id``."""
+    emulator.signed_in_user = user_id
+    async with browser_session() as browser:
+        callback = await callback_url(client, browser)
+        async with browser.get(callback) as done:
+            assert done.status == 200, await done.text()
+    emulator.signed_in_user = 1
+
+
+async def open_window(client: Client, user_id: str) -> None:
+    """Open an install window in the sidecar's store, as 'expect-install' does."""
+    settings = client.app[SETTINGS]
+    async with TokenStore(settings.db_path, portal=settings.portal,
+                          client_id=settings.client_id) as store:
+        await open_install_window(store, user_id)
+
+
+class TestTakeover:
+    """Section 1 of the hardening: nobody but the operator replaces or kills a working pair."""
+
+    async def test_a_stranger_cannot_finish_the_operators_flow(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """A state used from another browser (no cookie, or another one) is refused and stays
+        good for the browser that started it."""
+        await authorize_as_operator(unauthorized, emulator)
+        held = tokens_of(unauthorized).pair
+        async with browser_session() as operator:
+            callback = await callback_url(unauthorized, operator)
+            state = callback.split("state=")[1].split("&")[0]
+            attacker_code = emulator.issue_code(CLIENT_ID, user_id=7)
+            forged = url(unauthorized, f"/oauth/callback?code={attacker_code}&state={state}")
+            async with browser_session() as attacker:
+                async with attacker.get(forged) as response:
+                    assert response.status == 403
+                    assert "browser that started" in (await response.json())[
+                        "error_description"]
+                attacker.cookie_jar.update_cookies({"bitrix_sidecar_flow": "guessed"})
+                async with attacker.get(forged) as response:
+                    assert response.status == 403
+            assert tokens_of(unauthorized).pair == held
+            assert emulator.stats.token_requests["authorization_code"] == 1
+            async with operator.get(callback) as response:
+                assert response.status == 200
+        assert tokens_of(unauthorized).pair != held
+
+    async def test_the_oauth_listener_starts_nothing_without_a_link(
+        self, unauthorized: Client, emulator: Emulator, aiohttp_client: Callable[..., Any]
+    ) -> None:
+        """On the publishable listener a start needs the operator's link, good once."""
+        oauth: Client = await aiohttp_client(create_oauth_app(unauthorized.app))
+        for target in ("/oauth/start", "/oauth/start?link=", "/oauth/start?link=made-up"):
+            response = await oauth.get(target, allow_redirects=False)
+            assert response.status == 403, target
+            assert (await response.json())["error"] == "SIDECAR_REFUSED"
+        link = await make_link(unauthorized)
+        async with browser_session() as browser:
+            callback = await callback_url(oauth, browser, f"/oauth/start?link={link}")
+            async with browser.get(callback.replace(
+                    str(unauthorized.make_url("/")), str(oauth.make_url("/")))) as done:
+                assert done.status == 200, await done.text()
+            # Used up: the same link starts nothing again.
+            async with browser.get(url(oauth, f"/oauth/start?link={link}"),
+                                   allow_redirects=False) as again:
+                assert again.status == 403
+
+    async def test_a_flood_of_starts_does_not_evict_the_operators_flow(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """Thousands of starts from loopback leave a flow begun from a link intact."""
+        link = await make_link(unauthorized)
+        async with browser_session() as operator:
+            callback = await callback_url(unauthorized, operator, f"/oauth/start?link={link}")
+            for _ in range(1200):
+                response = await unauthorized.get("/oauth/start", allow_redirects=False)
+                assert response.status == 302
+            async with operator.get(callback) as done:
+                assert done.status == 200, await done.text()
+
+    async def test_a_start_sent_by_another_site_is_refused(self, unauthorized: Client) -> None:
+        """A page elsewhere cannot make the operator's browser begin a flow from loopback."""
+        navigation = {"Sec-Fetch-Site": "Cross-Site", "Sec-Fetch-Mode": "navigate"}
+        response = await unauthorized.get("/oauth/start", headers=navigation,
+                                          allow_redirects=False)
+        assert response.status == 403
+        link = await make_link(unauthorized)
+        response = await unauthorized.get(f"/oauth/start?link={link}", headers=navigation,
+                                          allow_redirects=False)
+        assert response.status == 302  # the operator's link, clicked in a chat: fine
+
+    async def test_ui_install_cannot_replace_a_pair_proven_by_an_application_token(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """After an install event stored its token, a plain install-page POST is refused."""
+        hook = url(unauthorized, "/oauth/install")
+        assert (await emulator.send_install_event(hook, CLIENT_ID))[0] == 200
+        held = tokens_of(unauthorized).pair
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, ui=True)
+        assert status == 403, body
+        assert "expect-install" in body
+        assert tokens_of(unauthorized).pair == held
+
+    @pytest.mark.parametrize("headers", [
+        {"Origin": "https://attacker.example", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "HTTPS://ATTACKER.EXAMPLE"},
+        {"Sec-Fetch-Site": "CROSS-SITE"},
+        {"Sec-Fetch-Site": " same-site "},
+        {"Origin": "null"},
+    ])
+    async def test_cross_site_install_posts_are_refused(
+        self, unauthorized: Client, emulator: Emulator, headers: dict[str, str]
+    ) -> None:
+        """A web page posting an install page form to the loopback listener gets 403."""
+        status, body = await emulator.send_install_event(
+            url(unauthorized, "/oauth/install"), CLIENT_ID, ui=True, headers=headers)
+        assert status == 403, body
+        assert set(json.loads(body)) == {"error", "error_description"}
+        assert tokens_of(unauthorized).pair is None
+        assert emulator.rest_log == type(emulator.rest_log)()  # the portal was never asked
+
+    async def test_the_portals_own_install_page_may_post(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """The install page the portal itself serves posts from the portal's origin."""
+        status, body = await emulator.send_install_event(
+            url(unauthorized, "/oauth/install"), CLIENT_ID, ui=True,
+            headers={"Origin": emulator.base_url, "Sec-Fetch-Site": "cross-site"})
+        assert status == 200, body
+        pair = tokens_of(unauthorized).pair
+        assert pair is not None
+        assert pair.user_id == "1"  # asked of the portal: the install page does not say
+
+    @pytest.mark.parametrize("name", ["Origin", "Sec-Fetch-Site", "Host"])
+    async def test_a_repeated_header_is_refused(self, unauthorized: Client, name: str) -> None:
+        """Two values of a header the checks read make the request unreadable, not lucky."""
+        port = unauthorized.make_url("/").port
+        values = {"Origin": ["http://127.0.0.1", "https://attacker.example"],
+                  "Sec-Fetch-Site": ["same-origin", "cross-site"],
+                  "Host": [f"127.0.0.1:{port}", "attacker.example"]}[name]
+        head = "".join(f"{name}: {value}\r\n" for value in values)
+        if name != "Host":
+            head = f"Host: 127.0.0.1:{port}\r\n" + head
+        for target in ("/oauth/install", "/rest/profile"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"POST {target} HTTP/1.1\r\n{head}Content-Length: 0\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            status = int(answer.split(b" ", 2)[1])
+            assert status in (400, 403), (target, answer)
+
+    async def test_the_first_install_event_does_not_win_over_a_working_pair(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """Authorized by the operator (no application token): a forged install cannot set one
+        nor replace the pair, and a forged uninstall cannot kill it."""
+        await authorize_as_operator(unauthorized, emulator)
+        held = tokens_of(unauthorized).pair
+        assert held is not None
+        assert not held.application_token
+        hook = url(unauthorized, "/oauth/install")
+        status, body = await emulator.send_install_event(
+            hook, CLIENT_ID, user_id=7, application_token="chosen-by-attacker")
+        assert status == 403, body
+        status, body = await emulator.send_install_event(
+            hook, CLIENT_ID, event="ONAPPUNINSTALL", application_token="chosen-by-attacker")
+        assert status == 403, body
+        status, body = await emulator.send_install_event(
+            hook, CLIENT_ID, event="ONAPPUNINSTALL", application_token="")
+        assert status == 403, body
+        assert tokens_of(unauthorized).pair == held
+        assert tokens_of(unauthorized).status()["state"] == "valid"
+        assert (await unauthorized.get("/rest/profile")).status == 200
+        assert [c.method for c in emulator.rest_log] == ["profile"]  # no app.info was asked
+
+    async def test_a_reinstall_must_be_for_the_same_user(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """The stored application token renews the pair for its user, not for another."""
+        hook = url(unauthorized, "/oauth/install")
+        assert (await emulator.send_install_event(hook, CLIENT_ID))[0] == 200
+        held = tokens_of(unauthorized).pair
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, user_id=7)
+        assert status == 403, body
+        assert "only the operator can change the user" in body
+        assert tokens_of(unauthorized).pair == held
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, user_id=1)
+        assert status == 200, body
+        assert tokens_of(unauthorized).pair != held
+
+    async def test_an_install_window_lets_one_install_replace_the_pair(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """The operator's window admits one install, for the user it names, then closes."""
+        await authorize_as_operator(unauthorized, emulator)
+        hook = url(unauthorized, "/oauth/install")
+        await open_window(unauthorized, "1")
+        held = tokens_of(unauthorized).pair
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, user_id=7)
+        assert status == 403, body  # another user: the window stays open for user 1
+        assert tokens_of(unauthorized).pair == held
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, user_id=1)
+        assert status == 200, body
+        pair = tokens_of(unauthorized).pair
+        assert pair is not None
+        assert pair.application_token == emulator.application_token(CLIENT_ID)
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, ui=True)
+        assert status == 403, body  # used up
+        await open_window(unauthorized, "*")
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, ui=True)
+        assert status == 200, body
+
+    async def test_the_operators_flow_may_change_the_user(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """A browser flow the operator started may switch the acting user, and says so."""
+        await authorize_as_operator(unauthorized, emulator, user_id=1)
+        emulator.signed_in_user = 7
+        async with browser_session() as browser:
+            callback = await callback_url(unauthorized, browser)
+            async with browser.get(callback) as done:
+                assert done.status == 200
+                assert "now acts as user 7" in await done.text()
+        pair = tokens_of(unauthorized).pair
+        assert pair is not None
+        assert pair.user_id == "7"

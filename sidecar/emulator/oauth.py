@@ -48,6 +48,7 @@ class App:
 class _Code:
     client_id: str
     issued_at: float
+    user_id: int = 1
 
 
 @dataclass
@@ -55,12 +56,14 @@ class _Access:
     client_id: str
     expires_at: float
     expired: bool = False
+    user_id: int = 1
 
 
 @dataclass
 class _Refresh:
     client_id: str
     access_token: str
+    user_id: int = 1
 
 
 def _html_page(title: str, body: str) -> str:
@@ -89,6 +92,8 @@ class OAuthServer:
         self.code_ttl = code_ttl
         self.base_url = ""
         self.member_id = secrets.token_hex(16)
+        # The portal user whose browser approves the app on the authorize page.
+        self.signed_in_user = 1
         # An injected token-endpoint failure, and how long the "slow" one sleeps.
         self.failure: OAuthFailure | None = None
         self.slow_seconds: float = 5.0
@@ -110,21 +115,21 @@ class OAuthServer:
         """Return an installed application, or None."""
         return self._apps.get(client_id)
 
-    def issue_code(self, client_id: str) -> str:
-        """Issue an authorization code as if a person approved the app in a browser now."""
+    def issue_code(self, client_id: str, *, user_id: int = 1) -> str:
+        """Issue an authorization code as if a person (``user_id``) approved the app now."""
         if client_id not in self._apps:
             raise ValueError(f"unknown client_id {client_id!r}")
         code = secrets.token_hex(34)
-        self._codes[code] = _Code(client_id, self.clock())
+        self._codes[code] = _Code(client_id, self.clock(), user_id)
         self._issued.append(code)
         return code
 
-    def issue_tokens(self, client_id: str) -> dict[str, Any]:
+    def issue_tokens(self, client_id: str, *, user_id: int = 1) -> dict[str, Any]:
         """Mint a token pair without a code, as ONAPPINSTALL delivers one; return the token body."""
         app = self._apps.get(client_id)
         if app is None:
             raise ValueError(f"unknown client_id {client_id!r}")
-        return self._issue_pair(app, self.base_url)
+        return self._issue_pair(app, self.base_url, user_id)
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer 401 expired_token."""
@@ -163,7 +168,7 @@ class OAuthServer:
             raise RestError(401, "expired_token", "The access token provided has expired.")
         app = self._apps[access.client_id]
         scope = frozenset(s.strip() for s in app.scope.split(",") if s.strip())
-        return Caller(app.client_id, scope, 1)
+        return Caller(app.client_id, scope, access.user_id)
 
     # -- the endpoints -------------------------------------------------------------------------
 
@@ -171,13 +176,13 @@ class OAuthServer:
         """Return the bound base URL, or the one this request came in on."""
         return self.base_url or str(request.url.origin())
 
-    def _issue_pair(self, app: App, base: str) -> dict[str, Any]:
+    def _issue_pair(self, app: App, base: str, user_id: int) -> dict[str, Any]:
         """Create a new access/refresh pair and return the token endpoint's success body."""
         access_token = secrets.token_hex(34)
         refresh_token = secrets.token_hex(34)
         expires = self.clock() + self.access_ttl
-        self._access[access_token] = _Access(app.client_id, expires)
-        self._refresh[refresh_token] = _Refresh(app.client_id, access_token)
+        self._access[access_token] = _Access(app.client_id, expires, user_id=user_id)
+        self._refresh[refresh_token] = _Refresh(app.client_id, access_token, user_id)
         self._issued += [access_token, refresh_token]
         endpoint = f"{base}/rest/"
         return {
@@ -190,7 +195,7 @@ class OAuthServer:
             "status": "L",
             "client_endpoint": endpoint,
             "member_id": self.member_id,
-            "user_id": 1,
+            "user_id": user_id,
             "refresh_token": refresh_token,
         }
 
@@ -213,14 +218,14 @@ class OAuthServer:
             del self._codes[params["code"]]
             if self.clock() - code.issued_at >= self.code_ttl:
                 raise RestError(400, "expired_token", "The authorization code has expired")
-            return self._issue_pair(app, base)
+            return self._issue_pair(app, base, code.user_id)
         refresh = self._refresh.get(params["refresh_token"])
         if refresh is None or refresh.client_id != app.client_id:
             raise RestError(400, "invalid_grant", "Invalid refresh token")
         # Rotation: the used refresh token and the access token it came with both die now.
         del self._refresh[params["refresh_token"]]
         self._access.pop(refresh.access_token, None)
-        return self._issue_pair(app, base)
+        return self._issue_pair(app, base, refresh.user_id)
 
     def _failure_response(self, request: web.Request, failure: OAuthFailure) -> web.Response:
         """Answer the token endpoint with an injected failure."""
@@ -275,7 +280,7 @@ class OAuthServer:
         if app is None:
             page = _html_page("Error", "<p>Application not found.</p>")
             return web.Response(status=400, text=page, content_type="text/html")
-        code = self.issue_code(client_id)
+        code = self.issue_code(client_id, user_id=self.signed_in_user)
         state = query.get("state")
         base = self._base(request)
         authority = URL(base).raw_authority

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -205,13 +205,22 @@ class Emulator:
         """Create an inbound webhook served at /rest/{user_id}/{code}/{method}."""
         self._rest.register_webhook(user_id, code)
 
-    def issue_code(self, client_id: str) -> str:
-        """Issue an authorization code as if a person approved the app in a browser now."""
-        return self._oauth.issue_code(client_id)
+    def issue_code(self, client_id: str, *, user_id: int = 1) -> str:
+        """Issue an authorization code as if a person (``user_id``) approved the app now."""
+        return self._oauth.issue_code(client_id, user_id=user_id)
 
-    def issue_tokens(self, client_id: str) -> dict[str, Any]:
+    def issue_tokens(self, client_id: str, *, user_id: int = 1) -> dict[str, Any]:
         """Mint a token pair without a code, as ONAPPINSTALL delivers one; return the token body."""
-        return self._oauth.issue_tokens(client_id)
+        return self._oauth.issue_tokens(client_id, user_id=user_id)
+
+    @property
+    def signed_in_user(self) -> int:
+        """The portal user whose browser approves the app on the authorize page."""
+        return self._oauth.signed_in_user
+
+    @signed_in_user.setter
+    def signed_in_user(self, user_id: int) -> None:
+        self._oauth.signed_in_user = user_id
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer 401 expired_token."""
@@ -238,17 +247,19 @@ class Emulator:
     async def send_install_event(
         self, url: str, client_id: str, *, ui: bool = False, event: str = "ONAPPINSTALL",
         application_token: str | None = None, member_id: str | None = None,
-        client_endpoint: str | None = None,
+        client_endpoint: str | None = None, user_id: int = 1,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, str]:
         """POST an install event to an app's handler, as the portal does; return status and body.
 
         ``ui=False`` sends the server-side ``ONAPPINSTALL`` event (``auth[...]`` fields);
         ``ui=True`` sends what a UI app's install page receives (``AUTH_ID``, ``REFRESH_ID``, ...).
-        The keyword overrides forge a field, for tests of the receiver's checks.
+        The keyword overrides forge a field, for tests of the receiver's checks; ``user_id`` is
+        the portal user who installs, ``headers`` go with the POST (a browser's, say).
         """
         import aiohttp  # noqa: PLC0415 - only this test control needs a client
 
-        pair = self.issue_tokens(client_id)
+        pair = self.issue_tokens(client_id, user_id=user_id)
         authority = URL(self.base_url).raw_authority
         query: dict[str, str] = {}
         if ui:
@@ -274,7 +285,8 @@ class Emulator:
             form |= {f"auth[{key}]": str(value) for key, value in auth.items()}
         async with (
             aiohttp.ClientSession() as http,
-            http.post(url, params=query, data=form, allow_redirects=False) as response,
+            http.post(url, params=query, data=form, headers=headers,
+                      allow_redirects=False) as response,
         ):
             return response.status, await response.text()
 
