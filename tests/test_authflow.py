@@ -13,9 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from sidecar.app import SETTINGS, create_app, create_oauth_app
+from sidecar.authorization import Consent, replacement_refusal
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.grants import issue_link, open_install_window
+from sidecar.storage import TokenPair
 from sidecar.store import TokenStore
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, tokens_of
 
@@ -482,3 +484,38 @@ class TestTakeover:
         pair = tokens_of(unauthorized).pair
         assert pair is not None
         assert pair.user_id == "7"
+
+
+def held_pair(user_id: str = "1", application_token: str = "app-token") -> TokenPair:  # noqa: S107 - a test value
+    """A working pair as an install left it."""
+    return TokenPair("access", "refresh", 0.0, member_id="m1", user_id=user_id,
+                     application_token=application_token)
+
+
+class TestReplacementRule:
+    """Who may replace a held pair, as a table."""
+
+    @pytest.mark.parametrize(("held", "working", "new_user", "consent", "proof", "allowed"), [
+        (None, False, "7", Consent.NONE, "", True),  # nothing held: the first install is taken
+        (held_pair(), False, "7", Consent.NONE, "", True),  # a dead pair: anyone verified
+        (held_pair(), True, "1", Consent.NONE, "", False),  # a working pair: not unproven
+        (held_pair(), True, "7", Consent.OPERATOR, "", True),  # the operator may change all
+        (held_pair(), True, "1", Consent.APPLICATION_TOKEN, "app-token", True),
+        (held_pair(), True, "7", Consent.APPLICATION_TOKEN, "app-token", False),  # other user
+        (held_pair(), True, "", Consent.APPLICATION_TOKEN, "app-token", False),  # unknown user
+        (held_pair(), True, "1", Consent.APPLICATION_TOKEN, "forged", False),
+        (held_pair(application_token=""), True, "1", Consent.APPLICATION_TOKEN, "", False),
+    ])
+    def test_rule(  # noqa: PLR0917 - one table row
+        self, held: TokenPair | None, working: bool, new_user: str,
+        consent: Consent, proof: str, allowed: bool,
+    ) -> None:
+        """Each row: whether the replacement is allowed."""
+        new = TokenPair("a2", "r2", 0.0, member_id="m1", user_id=new_user)
+        assert (replacement_refusal(held, working, new, consent, proof) == "") is allowed
+
+    def test_another_member_is_refused_even_with_the_token(self) -> None:
+        """The stored application token does not carry a pair over to another portal member."""
+        new = TokenPair("a2", "r2", 0.0, member_id="m2", user_id="1")
+        assert replacement_refusal(held_pair(), True, new, Consent.APPLICATION_TOKEN,
+                                   "app-token")

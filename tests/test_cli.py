@@ -9,6 +9,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, free_port
 from tests.processes import Env, cli, get, running
@@ -187,3 +189,68 @@ def test_console_script_is_installed() -> None:
     """The package installs a bitrix-sidecar command beside the interpreter."""
     assert (Path(sys.executable).parent / "bitrix-sidecar").exists()
 
+
+
+class TestOperatorGrants:
+    """authorize-link and expect-install: what only someone with the store can hand out."""
+
+    async def test_a_link_from_the_cli_starts_the_flow_on_the_published_listener(
+        self, env: Env, emulator: Emulator
+    ) -> None:
+        """The printed one-time link opens the flow on the OAuth listener, once."""
+        port = free_port()
+        public = f"http://127.0.0.1:{port}"
+        run_env = {**env, "SIDECAR_OAUTH_LISTEN": f"127.0.0.1:{port}",
+                   "SIDECAR_PUBLIC_URL": public}
+        emulator.register_app(CLIENT_ID, CLIENT_SECRET, scope="crm,user",
+                              redirect_uri=f"{public}/oauth/callback")
+        async with running(run_env) as sidecar, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as browser:
+            for _ in range(100):  # the OAuth listener starts just after the other two
+                if any('"oauth_listening"' in line for line in sidecar.lines):
+                    break
+                await asyncio.sleep(0.05)
+            async with browser.get(f"{public}/oauth/start") as refused:
+                assert refused.status == 403
+            code, out, err = await cli("authorize-link", env=run_env)
+            assert code == 0, err
+            link = out.strip()
+            assert link.startswith(f"{public}/oauth/start?link=")
+            assert "10 minutes" in err
+            async with browser.get(link) as page:
+                assert page.status == 200, await page.text()
+                assert "bitrix-sidecar is authorized" in await page.text()
+            async with browser.get(link, allow_redirects=False) as again:
+                assert again.status == 403
+            _, info = await get(f"{sidecar.admin}/status")
+            assert info["state"] == "valid"
+        assert link.split("link=")[1] not in "".join(sidecar.lines)
+
+    async def test_expect_install_opens_one_window_for_the_held_user(
+        self, env: Env, emulator: Emulator
+    ) -> None:
+        """A working pair with no application token: only an install in the window replaces it."""
+        run_env = {**env, "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}
+        async with running(run_env) as sidecar:
+            hook = f"{sidecar.base}/oauth/install"
+            status, body = await emulator.send_install_event(hook, CLIENT_ID)
+            assert status == 403, body
+            code, out, err = await cli("expect-install", env=run_env)
+            assert code == 0, err
+            assert json.loads(out)["for"] == "user 1"
+            status, body = await emulator.send_install_event(hook, CLIENT_ID)
+            assert status == 200, body
+            status, body = await emulator.send_install_event(hook, CLIENT_ID, user_id=7)
+            assert status == 403, body  # the window served once; the token renews user 1 only
+            status, body = await emulator.send_install_event(
+                hook, CLIENT_ID, event="ONAPPUNINSTALL")
+            assert status == 200, body
+            _, info = await get(f"{sidecar.admin}/status")
+            assert info["state"] == "reauthorization_required"
+
+    async def test_a_published_oauth_listener_needs_its_public_address(self, env: Env) -> None:
+        """SIDECAR_OAUTH_LISTEN beyond loopback without SIDECAR_PUBLIC_URL stops start-up."""
+        code, _, err = await cli("run", env={**env, "SIDECAR_OAUTH_LISTEN": "0.0.0.0:0"})
+        assert code == 2
+        assert "SIDECAR_PUBLIC_URL" in err

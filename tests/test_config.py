@@ -203,3 +203,29 @@ class TestReviewedParsers:
         """A refresh interval shorter than a second would hammer the OAuth server."""
         with pytest.raises(ConfigError, match="SIDECAR_REFRESH_INTERVAL"):
             load_settings({**BASE, "SIDECAR_REFRESH_INTERVAL": text})
+
+
+class TestPublicUrl:
+    @pytest.mark.parametrize(("given", "kept"), [
+        ("https://Sidecar.Example.com/", "https://sidecar.example.com"),
+        ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
+    ])
+    def test_an_origin_is_kept_lowercased(self, given: str, kept: str) -> None:
+        """SIDECAR_PUBLIC_URL is an origin, normalized."""
+        assert load_settings({**BASE, "SIDECAR_PUBLIC_URL": given}).public_url == kept
+
+    @pytest.mark.parametrize("given", ["sidecar.example.com", "ftp://x", "https://x/oauth",
+                                       "https://x?y=1", "https://user:pw@x"])
+    def test_anything_but_an_origin_is_refused(self, given: str) -> None:
+        """A path, a query, credentials or another scheme are named errors."""
+        with pytest.raises(ConfigError, match="SIDECAR_PUBLIC_URL"):
+            load_settings({**BASE, "SIDECAR_PUBLIC_URL": given})
+
+    def test_a_published_oauth_listener_needs_it(self) -> None:
+        """A non-loopback OAuth listener without its public address is a configuration error."""
+        with pytest.raises(ConfigError, match="SIDECAR_PUBLIC_URL"):
+            load_settings({**BASE, "SIDECAR_OAUTH_LISTEN": "0.0.0.0:8081"})
+        settings = load_settings({**BASE, "SIDECAR_OAUTH_LISTEN": "0.0.0.0:8081",
+                                  "SIDECAR_PUBLIC_URL": "https://sidecar.example.com"})
+        assert settings.public_url == "https://sidecar.example.com"
+        assert load_settings({**BASE, "SIDECAR_OAUTH_LISTEN": "127.0.0.1:8081"}).public_url == ""

@@ -894,6 +894,24 @@ OAUTH = [
                  id="install-event-unparseable-endpoint", marks=crash(ENDPOINT.format(186))),
     pytest.param(post(INSTALL, b"AUTH_ID=a&REFRESH_ID=b&member_id=m&DOMAIN=[", FORM), 400,
                  id="install-page-unparseable-domain", marks=crash(ENDPOINT.format(205))),
+    # Takeover attempts (hardening, section 1): refused before the portal is even asked.
+    pytest.param(post(INSTALL, b"AUTH_ID=a&REFRESH_ID=b&member_id=m", FORM,
+                      b"Origin: https://attacker.example", b"Sec-Fetch-Site: cross-site"), 403,
+                 id="install-page-posted-by-another-site"),
+    pytest.param(post(INSTALL, b"AUTH_ID=a&REFRESH_ID=b&member_id=m", FORM,
+                      b"Sec-Fetch-Site: Cross-Site"), 403, id="install-cross-site-mixed-case"),
+    pytest.param(post(INSTALL, b"AUTH_ID=a&REFRESH_ID=b&member_id=m", FORM,
+                      b"Origin: http://127.0.0.1", b"Origin: https://attacker.example"), 400,
+                 id="install-with-two-origins"),
+    pytest.param(post(INSTALL, b"AUTH_ID=a&REFRESH_ID=b&member_id=m", FORM,
+                      b"Sec-Fetch-Site: same-origin", b"Sec-Fetch-Site: cross-site"), 400,
+                 id="install-with-two-fetch-sites"),
+    pytest.param(get(b"/oauth/start", b"Sec-Fetch-Site: cross-site",
+                     b"Sec-Fetch-Mode: navigate"), 403, id="start-sent-by-another-site"),
+    pytest.param(get(b"/oauth/start?link=made-up"), 403, id="start-with-a-made-up-link"),
+    pytest.param(post(INSTALL, install_event(
+        access_token=b"a", refresh_token=b"b", member_id=b"m", application_token=b"t"
+    ).replace(b"ONAPPINSTALL", b"ONAPPUNINSTALL"), FORM), 403, id="uninstall-forged"),
 ]
 
 
@@ -923,6 +941,30 @@ class TestOAuthEndpoints:
         assert [c for c in emulator.requests if c[1] != "/rest/app.info"] == before
         assert_only_rest(emulator)
         held = sidecar.app[TOKENS].current()  # still the pair from start-up: none was replaced
+        assert held is not None
+        assert held.access_token == emulator.issued_secrets()[1]
+        await assert_still_serving(sidecar)
+
+    @pytest.mark.parametrize("ui", [False, True])
+    async def test_a_portal_user_cannot_replace_the_working_pair(
+        self, listener: Client, sidecar: Client, emulator: RecordingEmulator, ui: bool,
+    ) -> None:
+        """A token of this app that the portal accepts (any user who approved the app can get
+        one), posted as an install while the operator's pair works, is refused unasked."""
+        minted = emulator.issue_tokens(CLIENT_ID, user_id=7)
+        if ui:
+            body = (b"AUTH_ID=%s&REFRESH_ID=%s&member_id=%s&DOMAIN=%s&PROTOCOL=0" % (
+                minted["access_token"].encode(), minted["refresh_token"].encode(),
+                emulator.member_id.encode(), URL(emulator.base_url).raw_authority.encode()))
+        else:
+            body = install_event(**{k: str(v).encode() for k, v in minted.items()},
+                                 application_token=b"chosen-by-attacker")
+        asked = len(emulator.requests)
+        answer = await one_answer(listener, post(INSTALL, body, FORM))
+        assert answer.status == 403, answer
+        assert "operator" in answer.bitrix_error()[1]
+        assert len(emulator.requests) == asked  # no app.info: refused before the portal
+        held = sidecar.app[TOKENS].current()
         assert held is not None
         assert held.access_token == emulator.issued_secrets()[1]
         await assert_still_serving(sidecar)

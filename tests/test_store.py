@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 
 from sidecar.errors import StoreError
+from sidecar.grants import (
+    LINK_TTL,
+    install_window,
+    issue_link,
+    open_install_window,
+    take_install_window,
+    take_link,
+)
 from sidecar.storage import TokenPair
-from sidecar.store import TokenStore
+from sidecar.store import SCHEMA_VERSION, TokenStore
 
 PORTAL = "https://corp.bitrix24.com"
 
@@ -135,3 +144,51 @@ class TestLock:
             before = await watcher.data_version()
             await writer.save_pair(pair(1))
             assert await watcher.data_version() != before
+
+
+class TestGrants:
+    async def test_a_version_1_store_gains_grants_and_keeps_its_pair(
+        self, tmp_path: Path
+    ) -> None:
+        """A store written before grants existed migrates in place; its pair stays."""
+        path = tmp_path / "old.db"
+        async with store(path) as db:
+            await db.save_pair(pair(1))
+        with sqlite3.connect(path) as raw:  # as the previous release left it
+            raw.execute("DROP TABLE grants")
+            raw.execute("PRAGMA user_version = 1")
+        async with store(path) as db:
+            assert (await db.load()).pair == pair(1)
+            secret = await issue_link(db)
+            assert await take_link(db, secret)
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+    async def test_a_link_works_once_within_its_time_and_is_stored_only_as_a_digest(
+        self, tmp_path: Path
+    ) -> None:
+        """Taken once; unknown, used and expired links are refused; the file never holds it."""
+        async with store(tmp_path / "t.db") as db:
+            secret = await issue_link(db, now=1000.0)
+            assert not await take_link(db, "made-up", now=1001.0)
+            assert await take_link(db, secret, now=1001.0)
+            assert not await take_link(db, secret, now=1002.0)
+            late = await issue_link(db, now=1000.0)
+            assert not await take_link(db, late, now=1000.0 + LINK_TTL + 1)
+        assert secret.encode() not in (tmp_path / "t.db").read_bytes()
+
+    async def test_an_install_window_is_seen_by_another_process_and_used_once(
+        self, tmp_path: Path
+    ) -> None:
+        """The CLI's window (another connection) is visible, left open by a look, gone once used."""
+        async with store(tmp_path / "t.db") as cli, store(tmp_path / "t.db") as server:
+            assert await install_window(server) is None
+            await open_install_window(cli, "7")
+            window = await install_window(server)
+            assert window is not None
+            assert window.admits("7")
+            assert not window.admits("1")
+            assert not window.admits("")
+            assert await install_window(server) == window
+            assert await take_install_window(server) == window
+            assert await take_install_window(server) is None
