@@ -48,6 +48,23 @@ def valid_endpoint(url: object) -> str:
     return url
 
 
+def origin(url: str) -> tuple[str, str, int]:
+    """Return the scheme, host and port of an http(s) address (the default port filled in)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
+
+
+def origin_text(url: str) -> str:
+    """Name an address by its origin only (``scheme://host:port``): safe to log and show."""
+    scheme, host, port = origin(url)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def parse_token_response(data: object, *, now: float | None = None) -> TokenPair:
     """Turn the token endpoint's JSON into a TokenPair, or raise OAuthError."""
     if not isinstance(data, dict):
