@@ -21,6 +21,7 @@ from sidecar.authinfo import (
     how_to_authorize,
     iso,
     renewal_error,
+    shown_error,
     unusable,
 )
 from sidecar.config import Settings
@@ -154,7 +155,8 @@ class Authorization:
         if state is State.REAUTHORIZATION_REQUIRED:
             return False, "reauthorization_required: a person must authorize the app again"
         if self.current() is None and self.life.failures:
-            return False, f"expired: renewing the token fails: {self.life.stored.last_error}"
+            return False, ("expired: renewing the token fails: "
+                           f"{shown_error(self.life.stored.last_error, self._settings)}")
         if not self.sync_state.writable:
             return False, "store_unwritable: the token store cannot be written"
         return True, "ok"
@@ -282,7 +284,8 @@ class Authorization:
             self._raise_if_unusable()
             if self.life.failures and self._clock() < self.life.next_attempt_at:
                 raise TokenUnavailable(
-                    f"renewing the token failed ({self.life.stored.last_error}); next attempt "
+                    "renewing the token failed "
+                    f"({shown_error(self.life.stored.last_error, self._settings)}); next attempt "
                     f"in {self.life.next_attempt_at - self._clock():.0f} s"
                 )
             self.life.begin_refresh()
