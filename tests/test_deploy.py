@@ -483,6 +483,26 @@ class TestManifests:
             assert not mounts & {v["name"] for v in pod["volumes"]}  # store, secret: sidecar's
 
 
+    def test_the_readmes_overlay_keeps_the_app_apart(self, tmp_path: Path) -> None:
+        """The overlay deploy/k8s/README.md suggests renders, and the app it puts in the pod
+        runs as its own user, not the sidecar's."""
+        readme = (K8S / "README.md").read_text()
+        start = readme.index("# my-overlay/kustomization.yaml")
+        text = readme[start:readme.index("```", start)]
+        overlay = tmp_path / "my-overlay"
+        overlay.mkdir()
+        relative = os.path.relpath(K8S, overlay)
+        (overlay / "kustomization.yaml").write_text(text.replace("../deploy/k8s", relative))
+        pod: Doc = only(kustomize(overlay), "Deployment")["spec"]["template"]["spec"]
+        (side,) = pod["initContainers"]
+        (app,) = app_containers(pod)
+        assert app["image"] == "registry.example.com/my-app:1.2.3"  # the overlay's own app
+        uid = {**pod["securityContext"], **side["securityContext"]}["runAsUser"]
+        theirs = {**pod["securityContext"], **app["securityContext"]}.get("runAsUser")
+        assert theirs is not None
+        assert theirs != uid
+
+
 class TestMonitoring:
     def test_service_monitor_scrapes_the_metrics_service(self, monitoring: list[Doc],
                                                          base: list[Doc]) -> None:
