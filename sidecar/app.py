@@ -149,14 +149,16 @@ def oauth_session() -> aiohttp.ClientSession:
     return no_resend(aiohttp.ClientSession(trust_env=False))
 
 
-def make_oauth(session: aiohttp.ClientSession, settings: Settings) -> OAuthClient:
-    """Build the OAuth client for ``settings``."""
+def make_oauth(session: aiohttp.ClientSession, settings: Settings,
+               redactor: Redactor | None = None) -> OAuthClient:
+    """Build the OAuth client for ``settings`` (``redactor`` hides secrets in its errors)."""
     return OAuthClient(
         session,
         token_url=settings.token_url,
         client_id=settings.client_id,
         client_secret=settings.client_secret,
         timeout=min(settings.upstream_timeout, 30.0),
+        redactor=redactor,
     )
 
 
@@ -198,7 +200,7 @@ def create_app(
             pool = Pool(limit=256)
             alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
             tokens = Authorization(
-                store, make_oauth(oauth_http, settings), settings,
+                store, make_oauth(oauth_http, settings, redactor), settings,
                 clock=clock, on_secret=redactor.add, watch_interval=watch_interval,
                 metrics=metrics, alerts=alerts,
             )

@@ -15,6 +15,7 @@ from sidecar.errors import (
     SidecarError,
     TokenUnavailable,
 )
+from sidecar.logging import scrub
 from sidecar.oauth import client_error
 from sidecar.states import State
 from sidecar.storage import StoredState
@@ -36,6 +37,15 @@ def authorize_url(settings: Settings, state: str | None = None) -> str:
     if state:
         query["state"] = state
     return f"{settings.portal}/oauth/authorize/?{urlencode(query)}"
+
+
+def shown_error(text: str, settings: Settings) -> str:
+    """Return a recorded error fit to show: its secrets hidden.
+
+    Redacted where the OAuth server's text comes in; again here, where it goes out, since a
+    store written by an older version may hold it as it came.
+    """
+    return scrub(text, settings.client_secret) if text else text
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -79,7 +89,7 @@ def describe(
         "expires_in": round(pair.expires_at - now) if pair else None,
         "last_refresh_at": iso(pair.obtained_at) if pair else None,
         "refresh_interval_seconds": settings.refresh_interval,
-        "last_error": stored.last_error or None,
+        "last_error": shown_error(stored.last_error, settings) or None,
         "last_error_at": iso(stored.last_error_at),
         "unsaved": unsaved,
     }
@@ -112,6 +122,8 @@ def how_to_authorize(settings: Settings) -> str:
 def unusable(state: State, has_pair: bool, last_error: str,
              settings: Settings) -> SidecarError | None:
     """The error a call gets from an authorization in ``state``; None if it can be served."""
+    if state.dead:
+        last_error = shown_error(last_error, settings)
     if state is State.CLIENT_REJECTED:
         return ReauthorizationRequired(
             "the OAuth server rejected the application "

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -24,6 +23,7 @@ from sidecar.authinfo import (
     how_to_authorize,
     iso,
     renewal_error,
+    shown_error,
     unusable,
 )
 from sidecar.config import Settings
@@ -35,7 +35,7 @@ from sidecar.errors import (
     TokenUnavailable,
 )
 from sidecar.metrics import Metrics
-from sidecar.oauth import OAuthClient, client_error
+from sidecar.oauth import OAuthClient, client_error, origin, origin_text
 from sidecar.renewal import Renewal, run_schedule
 from sidecar.states import Life, State
 from sidecar.storage import PairStore, StoredState, TokenPair
@@ -193,7 +193,8 @@ class Authorization:
         if state is State.REAUTHORIZATION_REQUIRED:
             return False, "reauthorization_required: a person must authorize the app again"
         if self.current() is None and self.life.failures:
-            return False, f"expired: renewing the token fails: {self.life.stored.last_error}"
+            return False, ("expired: renewing the token fails: "
+                           f"{shown_error(self.life.stored.last_error, self._settings)}")
         if not self.sync_state.writable:
             return False, "store_unwritable: the token store cannot be written"
         return True, "ok"
@@ -229,28 +230,47 @@ class Authorization:
             log.error("authorization_failed", trigger=trigger, error=exc.error,
                       description=exc.description)
             raise
-        self.check_portal(pair)
+        self.check_portal(pair, source="exchange")
         await self.install(pair, trigger=trigger, started=started, consent=Consent.OPERATOR)
         return pair
 
-    def check_portal(self, pair: TokenPair) -> None:
+    def _portal_base(self) -> str:
+        """Return the REST base calls go to: the authorized pair's, else the configured one."""
+        held = self.life.pair
+        return held.client_endpoint if held is not None and held.client_endpoint else (
+            self._settings.rest_base)
+
+    def check_portal(self, pair: TokenPair, *, source: str = "install") -> None:
         """Refuse a pair for another portal than the configured (or already authorized) one.
 
         With a marketplace app one OAuth server serves every portal, so a code approved on any
         portal exchanges fine: only this check keeps the proxy pointed at our portal.
         """
         held = self.life.pair
-        base = held.client_endpoint if held is not None and held.client_endpoint else (
-            self._settings.rest_base)
-        expected = urlsplit(base)
-        got = urlsplit(pair.client_endpoint or self._settings.rest_base)
-        if (got.scheme, got.netloc.lower()) != (expected.scheme, expected.netloc.lower()):
+        base = self._portal_base()
+        offered = pair.client_endpoint or self._settings.rest_base
+        if not self._same_portal(offered, base, source=source):
             raise Refused(
-                f"the token is for {got.scheme}://{got.netloc}, not the configured portal "
-                f"{expected.scheme}://{expected.netloc}"
+                f"the token is for {origin_text(offered)}, not the configured portal "
+                f"{origin_text(base)}"
             )
         if held is not None and held.member_id and pair.member_id != held.member_id:
             raise Refused("the token's member_id is not the authorized portal's")
+
+    def _same_portal(self, offered: str, known: str, *, source: str) -> bool:
+        """Say whether ``offered`` is on the known portal's origin; log and count it if not.
+
+        A sidecar serves one portal: an address on another scheme (https never drops to http),
+        host or port is not followed, whoever names it. A renamed portal is authorized again.
+        """
+        if origin(offered) == origin(known):
+            return True
+        self._metrics.endpoint_refused.labels(source=source).inc()
+        log.error("client_endpoint_refused", source=source, offered=origin_text(offered),
+                  kept=origin_text(known),
+                  detail="the answer names another portal than the authorized one; calls stay "
+                  "where they were (after a portal rename, authorize the app again)")
+        return False
 
     def working(self) -> bool:
         """Say whether a pair is held that still serves (or can be renewed)."""
@@ -328,7 +348,8 @@ class Authorization:
             self._raise_if_unusable()
             if self.life.failures and self._clock() < self.life.next_attempt_at:
                 raise TokenUnavailable(
-                    f"renewing the token failed ({self.life.stored.last_error}); next attempt "
+                    "renewing the token failed "
+                    f"({shown_error(self.life.stored.last_error, self._settings)}); next attempt "
                     f"in {self.life.next_attempt_at - self._clock():.0f} s"
                 )
             self.life.begin_refresh()
@@ -463,8 +484,14 @@ class Authorization:
             self._metrics.refresh_duration.observe(time.perf_counter() - started)
         self._on_secret(new.access_token)
         self._on_secret(new.refresh_token)
-        # The token answer carries no application token; it outlives refreshes.
-        return replace(new, application_token=pair.application_token), False
+        # The token answer carries no application token; it outlives refreshes. Nor may it move
+        # the calls (and the token) to another portal: the known address is kept.
+        endpoint = new.client_endpoint
+        known = pair.client_endpoint or self._settings.rest_base
+        if endpoint and not self._same_portal(endpoint, known, source="refresh"):
+            endpoint = pair.client_endpoint
+        return replace(new, application_token=pair.application_token,
+                       client_endpoint=endpoint), False
 
     # -- taking a stored entry in ----------------------------------------------------------
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from sidecar.batching import Answer
-from sidecar.errors import MethodPaused, QueueFull, SidecarError
+from sidecar.errors import ClientGone, MethodPaused, QueueFull, SidecarError
 from sidecar.metrics import Metrics
 
 MAX_GROUP = 50
@@ -106,9 +106,8 @@ BatchSender = Callable[[list[Waiter]], Awaitable[Feedback]]
 def _gone(waiter: Waiter) -> None:
     """Drop a call whose client hung up while it waited: it never reaches the portal."""
     if not waiter.future.done():
-        waiter.future.set_exception(
-            SidecarError("the client went away while queued", code="SIDECAR_CLIENT_GONE")
-        )
+        # ClientGone, not the base error: the call is logged and counted as 499, not as a 500.
+        waiter.future.set_exception(ClientGone("the client went away while queued"))
 
 
 class Gate:

@@ -87,6 +87,14 @@ class Redactor:
         return event_dict
 
 
+def scrub(text: str, *secrets: str) -> str:
+    """Return ``text`` with ``secrets`` and every secret parameter or bearer value hidden."""
+    redactor = Redactor()
+    for secret in secrets:
+        redactor.add(secret, permanent=True)
+    return redactor.redact(text)
+
+
 class _JSONOutput(structlog.processors.JSONRenderer):
     """The JSON renderer of a pipeline configure_logging built, and what the access log needs.
 

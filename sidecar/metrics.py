@@ -86,6 +86,11 @@ class Metrics:
             "bitrix_sidecar_upstream_limited",
             "Portal answers 503 QUERY_LIMIT_EXCEEDED and 429 OPERATION_TIME_LIMIT.", ["error"],
             registry=r)
+        self.endpoint_refused = Counter(
+            "bitrix_sidecar_endpoint_refused",
+            "Token answers and install events naming another portal (scheme, host or port) "
+            "than the authorized one, by source (refresh, exchange, install); never followed.",
+            ["source"], registry=r)
         self.store_errors = Counter(
             "bitrix_sidecar_store_errors", "Token store reads or writes that failed.",
             registry=r)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from sidecar.errors import OAuthError
+from sidecar.logging import REDACTED, Redactor, scrub
 from sidecar.storage import TokenPair
 
 # Errors that retrying cannot fix: the refresh token or code is dead, or the app is refused.
@@ -26,6 +28,7 @@ def client_error(error: OAuthError) -> bool:
     return error.permanent and error.error.lower() in CLIENT_ERRORS
 
 _MAX_DESCRIPTION = 300
+_MAX_ERROR = 64
 # Anything shaped like a token (long hex or base64-ish run) is cut from server-supplied text.
 _TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-]{32,}")
 
@@ -48,16 +51,37 @@ def valid_endpoint(url: object) -> str:
     return url
 
 
-def parse_token_response(data: object, *, now: float | None = None) -> TokenPair:
-    """Turn the token endpoint's JSON into a TokenPair, or raise OAuthError."""
+def origin(url: str) -> tuple[str, str, int]:
+    """Return the scheme, host and port of an http(s) address (the default port filled in)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
+
+
+def origin_text(url: str) -> str:
+    """Name an address by its origin only (``scheme://host:port``): safe to log and show."""
+    scheme, host, port = origin(url)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def parse_token_response(data: object, *, now: float | None = None,
+                         redact: Callable[[str], str] = scrub) -> TokenPair:
+    """Turn the token endpoint's JSON into a TokenPair, or raise OAuthError.
+
+    The server's error text is redacted here, where it enters: it goes on to the status, the
+    store, error bodies and alerts, and a server may echo what it was sent (the secret).
+    """
     if not isinstance(data, dict):
         raise OAuthError("OAuth server answered JSON that is not an object",
                          error="invalid_response", permanent=False)
     if data.get("error"):
-        error = str(data["error"])
-        description = _TOKENISH_RE.sub(
-            "[REDACTED]", str(data.get("error_description") or "")[:_MAX_DESCRIPTION]
-        )
+        error = _server_text(str(data["error"]), redact)[:_MAX_ERROR]
+        description = _server_text(str(data.get("error_description") or ""), redact)[
+            :_MAX_DESCRIPTION]
         raise OAuthError(
             f"OAuth server refused: {error}" + (f" ({description})" if description else ""),
             error=error,
@@ -90,6 +114,12 @@ def parse_token_response(data: object, *, now: float | None = None) -> TokenPair
     )
 
 
+def _server_text(text: str, redact: Callable[[str], str]) -> str:
+    """Hide known secrets, secret parameters and token-shaped runs in the server's text."""
+    # Whole before cut: a secret cut in half would no longer be recognized.
+    return _TOKENISH_RE.sub(REDACTED, redact(text))
+
+
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -105,12 +135,17 @@ class OAuthClient:
         client_id: str,
         client_secret: str,
         timeout: float,
+        redactor: Redactor | None = None,
     ) -> None:
         self._session = session
         self._token_url = token_url
         self._client_id = client_id
         self._client_secret = client_secret
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # What hides secrets in the server's error text: the logs' redactor where there is
+        # one (it knows the tokens held), and the secret and what each request sends.
+        self._redactor = redactor or Redactor()
+        self._redactor.add(client_secret, permanent=True)
 
     async def exchange_code(self, code: str) -> TokenPair:
         """Trade a first authorization code for a pair."""
@@ -122,6 +157,9 @@ class OAuthClient:
 
     async def _token(self, params: dict[str, str]) -> TokenPair:
         form = {"client_id": self._client_id, "client_secret": self._client_secret, **params}
+        for name in ("code", "refresh_token"):
+            if params.get(name):
+                self._redactor.add(params[name])
         try:
             # POST keeps the secret out of URLs (and so out of every access log on the way);
             # the docs show GET, so a server that refuses POST gets the documented form.
@@ -143,7 +181,7 @@ class OAuthClient:
                 f"OAuth server answered HTTP {status} that is not JSON",
                 error="invalid_response", permanent=False,
             ) from None
-        return parse_token_response(data)
+        return parse_token_response(data, redact=self._redactor.redact)
 
     async def _send(self, method: str, form: dict[str, str]) -> tuple[int, bytes]:
         kwargs: dict[str, Any] = {"data": form} if method == "POST" else {"params": form}

@@ -346,8 +346,8 @@ class Proxy:
             self._upstream_done(outcome, sent, error="redirect")
             raise UpstreamError(
                 f"the portal answered {upstream.status} redirecting to "
-                f"{location.host or 'an unknown place'}: it may have been renamed; the next "
-                "token refresh learns its new address"
+                f"{location.host or 'an unknown place'}: it may have been renamed; set "
+                "BITRIX_PORTAL to its new address and authorize the app again"
             )
         ctype = upstream.content_type
         if upstream.status >= 500 and ctype not in ("application/json", "text/xml"):

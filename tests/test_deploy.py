@@ -446,22 +446,61 @@ class TestManifests:
         assert pod.get("hostNetwork") is not True
 
     def test_security_context(self, pod: Doc, sidecar: Doc, runtime: list[tuple[str, str]]) -> None:
-        """Non-root as the image's user, read-only root, no capabilities, RuntimeDefault."""
+        """Non-root (the sidecar as the image's user), read-only root, no capabilities,
+        RuntimeDefault."""
         uid, gid = image_user(runtime)
         security = pod["securityContext"]
         assert security["runAsNonRoot"] is True
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}
         assert security["fsGroup"] == gid  # the store's volume is writable for the user
+        mine = {**security, **sidecar["securityContext"]}
+        assert (mine["runAsUser"], mine.get("runAsGroup", gid)) == (uid, gid)
         for container in [sidecar, *app_containers(pod)]:
             own = container["securityContext"]
-            assert {**security, **own}["runAsUser"] == uid
-            assert {**security, **own}.get("runAsGroup", gid) == gid
+            assert {**security, **own}["runAsNonRoot"] is True
+            assert {**security, **own}["runAsUser"] > 0
             assert own["readOnlyRootFilesystem"] is True
             assert own["allowPrivilegeEscalation"] is False
             assert own["capabilities"] == {"drop": ["ALL"]}
             assert own.get("privileged") is not True
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= container["resources"][kind].keys()
+
+
+    def test_the_app_is_not_the_sidecars_user(self, pod: Doc, sidecar: Doc) -> None:
+        """Each container sets its own uid and gid, and the app's are not the sidecar's: it
+        cannot open the sidecar's files or signal it, whatever the pod comes to share."""
+        mine = sidecar["securityContext"]
+        assert {"runAsUser", "runAsGroup"} <= mine.keys()  # its own, not the pod's
+        assert "runAsUser" not in pod["securityContext"]
+        assert "runAsGroup" not in pod["securityContext"]
+        for app in app_containers(pod):
+            theirs = app["securityContext"]
+            assert theirs["runAsUser"] != mine["runAsUser"]
+            assert theirs["runAsGroup"] != mine["runAsGroup"]
+            assert theirs["runAsGroup"] != pod["securityContext"]["fsGroup"]
+            mounts = {m["name"] for m in app.get("volumeMounts", [])}
+            assert not mounts & {v["name"] for v in pod["volumes"]}  # store, secret: sidecar's
+
+
+    def test_the_readmes_overlay_keeps_the_app_apart(self, tmp_path: Path) -> None:
+        """The overlay deploy/k8s/README.md suggests renders, and the app it puts in the pod
+        runs as its own user, not the sidecar's."""
+        readme = (K8S / "README.md").read_text()
+        start = readme.index("# my-overlay/kustomization.yaml")
+        text = readme[start:readme.index("```", start)]
+        overlay = tmp_path / "my-overlay"
+        overlay.mkdir()
+        relative = os.path.relpath(K8S, overlay)
+        (overlay / "kustomization.yaml").write_text(text.replace("../deploy/k8s", relative))
+        pod: Doc = only(kustomize(overlay), "Deployment")["spec"]["template"]["spec"]
+        (side,) = pod["initContainers"]
+        (app,) = app_containers(pod)
+        assert app["image"] == "registry.example.com/my-app:1.2.3"  # the overlay's own app
+        uid = {**pod["securityContext"], **side["securityContext"]}["runAsUser"]
+        theirs = {**pod["securityContext"], **app["securityContext"]}.get("runAsUser")
+        assert theirs is not None
+        assert theirs != uid
 
 
 class TestMonitoring:

@@ -9,14 +9,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import create_admin_app, create_app
+from sidecar.app import METRICS, create_admin_app, create_app, proxy_runner
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID
-from tests.test_operations import scrape, value
+from tests.test_operations import scrape, until, value
 
 Client = TestClient[web.Request, web.Application]
 
@@ -311,3 +312,50 @@ class TestMetrics:
         samples = await scrape(admin)
         assert refused >= 1
         assert value(samples, "bitrix_sidecar_queue_rejected_total") == refused
+
+
+class TestClientsLeavingTheQueue:
+    @pytest.mark.parametrize("coalesce", ["on", "off"])
+    async def test_a_client_gone_while_queued_is_a_499(
+        self, coalesce: str, fast_lane: bool, make_settings: Callable[..., Settings],
+        emulator: Emulator,
+    ) -> None:
+        """A queued call whose client hangs up never reaches the portal, and is counted and
+        logged as 499 (client closed request), not as a 500 of the sidecar's.
+
+        Served as ``bitrix-sidecar run`` serves (aiohttp's TestServer would cancel the handler
+        instead of letting it see the client go).
+        """
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), rate=1, burst=1,
+                                 coalesce=coalesce)
+        app = create_app(settings)
+        runner = proxy_runner(app, fast_lane=fast_lane, handle_signals=False, access_log=None,
+                              shutdown_timeout=0.5)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            port = int(runner.addresses[0][1])
+            metrics = app[METRICS]
+            async with (aiohttp.ClientSession() as http,  # takes the bucket's only place
+                        http.get(f"http://127.0.0.1:{port}/rest/profile") as response):
+                assert response.status == 200
+            with structlog.testing.capture_logs() as logs:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                await writer.drain()
+                await until(lambda: metrics.registry.get_sample_value(
+                    "bitrix_sidecar_queue_depth") == 1)
+                writer.transport.abort()  # gone while queued
+                await until(lambda: any(e["event"] == "request" for e in logs), 10)
+        finally:
+            await runner.cleanup()
+
+        def requests(code: str) -> float | None:
+            return metrics.registry.get_sample_value(
+                "bitrix_sidecar_requests_total", {"method": "profile", "code": code})
+
+        assert requests("499") == 1
+        assert requests("500") is None
+        (event,) = [e for e in logs if e["event"] == "request"]
+        assert (event["status"], event["error"]) == (499, "SIDECAR_CLIENT_GONE")
+        assert [c.method for c in emulator.rest_log] == ["profile"]  # the first call only
