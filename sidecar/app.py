@@ -259,6 +259,10 @@ def create_oauth_app(proxy_app: web.Application) -> web.Application:
     where = Where(HostPolicy(listen_host, (public_host,) if public_host else ()), public=True)
 
     @tracked
+    async def start_page(request: web.Request) -> web.StreamResponse:
+        return await proxy_app[AUTHFLOW].start_page(request, where)
+
+    @tracked
     async def start(request: web.Request) -> web.StreamResponse:
         return await proxy_app[AUTHFLOW].start(request, where)
 
@@ -275,7 +279,8 @@ def create_oauth_app(proxy_app: web.Application) -> web.Application:
             "the OAuth listener serves /oauth/start, /oauth/callback and /oauth/install only"
         ))
 
-    oauth.router.add_get("/oauth/start", start, allow_head=False)
+    oauth.router.add_get("/oauth/start", start_page, allow_head=False)
+    oauth.router.add_post("/oauth/start", start)
     oauth.router.add_get("/oauth/callback", callback, allow_head=False)
     oauth.router.add_post("/oauth/install", install)
     oauth.router.add_route("*", "/{tail:.*}", not_found)

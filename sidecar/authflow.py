@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import structlog
@@ -32,7 +32,13 @@ from sidecar.errors import (
     Refused,
     SidecarError,
 )
-from sidecar.grants import InstallWindow, install_window, take_install_window, take_link
+from sidecar.grants import (
+    InstallWindow,
+    install_window,
+    link_valid,
+    take_install_window,
+    take_link,
+)
 from sidecar.oauth import valid_endpoint
 from sidecar.rules import HostPolicy, origin_of
 from sidecar.storage import PairStore, TokenPair
@@ -113,6 +119,33 @@ class Starts:
                 book.popitem(last=False)
 
 
+# The start page is not to be framed (its button would be clickjacking's target), cached, or
+# named in a Referer.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+START_FORM_MAX = 4096
+
+
+async def _small_form(request: web.Request) -> Mapping[str, Any]:
+    """Read a short urlencoded form (the start button's), or raise BadRequest."""
+    if request.content_length is not None and request.content_length > START_FORM_MAX:
+        raise BodyTooLarge("the start form is too large")
+    try:
+        body = await request.content.read(START_FORM_MAX + 1)
+    except ConnectionResetError:
+        raise ClientGone("the client hung up in the middle of its body") from None
+    if len(body) > START_FORM_MAX:
+        raise BodyTooLarge("the start form is too large")
+    try:
+        return dict(parse_qsl(body.decode("ascii"), keep_blank_values=True))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the start form cannot be read") from None
+
+
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -122,16 +155,6 @@ def _loopback_peer(request: web.Request) -> bool:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:
         return False  # a Unix socket or no peer: not provably the pod
-
-
-def _local_host(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 class AuthFlow:
@@ -166,6 +189,9 @@ class AuthFlow:
     ) -> None:
         """Register the three endpoints (before any catch-all) for the listener ``where``."""
 
+        async def start_page(request: web.Request) -> web.StreamResponse:
+            return await self.start_page(request, where)
+
         async def start(request: web.Request) -> web.StreamResponse:
             return await self.start(request, where)
 
@@ -175,50 +201,91 @@ class AuthFlow:
         async def install(request: web.Request) -> web.StreamResponse:
             return await self.install(request, where)
 
-        app.router.add_get("/oauth/start", wrap(start), allow_head=False,
+        app.router.add_get("/oauth/start", wrap(start_page), allow_head=False,
                            expect_handler=expect_continue)
+        app.router.add_post("/oauth/start", wrap(start), expect_handler=expect_continue)
         app.router.add_get("/oauth/callback", wrap(callback), allow_head=False,
                            expect_handler=expect_continue)
         app.router.add_post("/oauth/install", wrap(install), expect_handler=expect_continue)
 
     # -- the browser callback ----------------------------------------------------------------
 
-    async def start(self, request: web.Request, where: Where) -> web.Response:
-        """Redirect the operator's browser to the portal's approval page with a bound state."""
+    async def start_page(self, request: web.Request, where: Where) -> web.Response:
+        """Show the button that starts the flow; a GET changes nothing.
+
+        Link scanners (chat previews, mail filters) fetch a link before the person does, and a
+        page elsewhere can send a browser here: neither uses up a link or starts a flow.
+        """
         try:
+            # Any site may link here (the operator's link pasted in a chat, say).
+            where.policy.check(request.headers, request.host, navigation=True)
             link = request.query.get("link", "")
-            # Another site may send the operator's browser here only with the link in hand.
-            where.policy.check(request.headers, request.host, navigation=bool(link))
-            if link:
-                if not await take_link(self._store, link):
-                    raise Refused(
-                        "this start link is unknown, used or expired (a link works once, for "
-                        "10 minutes): make a new one with 'bitrix-sidecar authorize-link'"
-                    )
-                via = "link"
-            elif where.public or not _loopback_peer(request):
-                raise Refused(
-                    "a browser flow starts here only from the operator's one-time link: run "
-                    "'bitrix-sidecar authorize-link' beside the sidecar and open the address "
-                    "it prints"
-                )
-            else:
-                via = "loopback"
+            await self._may_start(request, where, link, use=False)
+        except SidecarError as exc:
+            log.warning("oauth_start_refused", error=exc.code, description=exc.description)
+            return error_response(exc)
+        hidden = (f'<input type="hidden" name="link" value="{html.escape(link)}">' if link
+                  else "")
+        return web.Response(
+            text=_page(
+                "Authorize bitrix-sidecar",
+                f"<p>This lets bitrix-sidecar act for the app on "
+                f"{html.escape(self._settings.portal)} as the portal user you are signed in as."
+                f"</p><form method='post' action='/oauth/start'>{hidden}"
+                "<button type='submit'>Continue to Bitrix24</button></form>",
+            ),
+            content_type="text/html", headers=_PAGE_HEADERS,
+        )
+
+    async def start(self, request: web.Request, where: Where) -> web.Response:
+        """Start the flow, posted from the start page: bind a fresh state to this browser and
+        send it to the portal's approval page."""
+        try:
+            where.policy.check(request.headers, request.host)
+            # Posted by our own page only: no other site can press the button for the operator.
+            origin = origin_of(request.headers.get("Origin", ""))
+            if origin not in {f"http://{request.host}".lower(),
+                              f"https://{request.host}".lower()}:
+                raise Refused("the flow starts only from its own page (/oauth/start)")
+            form = await _small_form(request)
+            link = str(form.get("link", ""))
+            via = await self._may_start(request, where, link, use=True)
         except SidecarError as exc:
             log.warning("oauth_start_refused", error=exc.code, description=exc.description)
             return error_response(exc)
         state, cookie = self._starts.issue(via)
         log.info("oauth_started", via=via)
         response = web.Response(
-            status=302,
-            headers={"Location": authorize_url(self._settings, state),
-                     "Cache-Control": "no-store"},
+            status=303,
+            headers={"Location": authorize_url(self._settings, state), **_PAGE_HEADERS},
         )
-        # Lax: the portal's redirect back is a top-level navigation from its site.
+        # Lax: the portal's redirect back is a top-level navigation from its site. Secure where
+        # the flow runs on https (a Secure cookie set over plain http is dropped by browsers).
         response.set_cookie(COOKIE, cookie, max_age=int(STATE_TTL), path="/oauth/callback",
                             httponly=True, samesite="Lax",
-                            secure=not _local_host(request.host))
+                            secure=where.public and self._settings.public_url.startswith(
+                                "https:"))
         return response
+
+    async def _may_start(self, request: web.Request, where: Where, link: str, *,
+                         use: bool) -> str:
+        """Say how this flow may start ("link" or "loopback"), or raise Refused."""
+        if link:
+            ok = (await take_link(self._store, link) if use
+                  else await link_valid(self._store, link))
+            if not ok:
+                raise Refused(
+                    "this start link is unknown, used or expired (a link works once, for "
+                    "10 minutes): make a new one with 'bitrix-sidecar authorize-link'"
+                )
+            return "link"
+        if where.public or not _loopback_peer(request):
+            raise Refused(
+                "a browser flow starts here only from the operator's one-time link: run "
+                "'bitrix-sidecar authorize-link' beside the sidecar and open the address "
+                "it prints"
+            )
+        return "loopback"
 
     async def callback(self, request: web.Request, where: Where) -> web.Response:
         """Check the state and its browser, exchange the code at once, say what is authorized."""
@@ -400,8 +467,8 @@ class AuthFlow:
         self._tokens.check_portal(pair)
         consent, window = await self._consent(proof)
         scope, user_id = await self._verify(pair)
-        # The portal says whose token it is; the payload's word is not taken for it.
-        pair = replace(pair, scope=pair.scope or scope, user_id=user_id or pair.user_id)
+        # The portal says whose token it is and what it may do; the payload's word is not taken.
+        pair = replace(pair, scope=scope or pair.scope, user_id=user_id)
         self._tokens.check_replacement(pair, consent, proof)
         held = self._tokens.pair
         if held is not None and held.application_token and not pair.application_token:
@@ -427,13 +494,19 @@ class AuthFlow:
         if not isinstance(info, dict):
             raise Refused("the portal does not accept the token in the payload")
         code = info.get("CODE")
-        if isinstance(code, str) and code and code != self._settings.client_id:
-            raise Refused("the token belongs to another application")
+        # A local app's code is its client id; a marketplace app's is its vendor code
+        # ("vendor.app"), which the client id ("app.…") does not show: it must be there.
+        local = self._settings.client_id.startswith("local.")
+        if not isinstance(code, str) or not code or (local and code != self._settings.client_id):
+            raise Refused("the portal does not confirm the token is this application's")
         scope = info.get("SCOPE")
         profile = await self._ask(pair, "profile")
         user = profile.get("ID") if isinstance(profile, dict) else None
+        if not isinstance(user, (str, int)) or not str(user).strip():
+            # Never the payload's user_id instead: the same-user rule rests on this answer.
+            raise Refused("the portal did not say which user the token acts as")
         return (",".join(str(s) for s in scope) if isinstance(scope, list) else "",
-                str(user) if isinstance(user, (str, int)) and str(user) else "")
+                str(user).strip())
 
     async def _ask(self, pair: TokenPair, method: str) -> Any:
         url = f"{pair.client_endpoint}{method}"

@@ -34,6 +34,7 @@ from sidecar.errors import (
     StoreError,
     TokenUnavailable,
 )
+from sidecar.grants import INSTALL
 from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient, client_error, origin, origin_text
 from sidecar.renewal import Renewal, run_schedule
@@ -302,8 +303,14 @@ class Authorization:
                 if reason:
                     raise Refused(reason)
                 generation = await self._store.save_pair(pair)
+                # Whoever stored this pair, an install window opened for the one before it is
+                # no longer the operator's wish.
+                await self._store.drop_grants(INSTALL)
             sync.saved()
         except StoreError as exc:
+            if consent is not Consent.OPERATOR:
+                # Unchecked against the store's pair: only the operator's word is taken so.
+                raise
             sync.failed(exc, kept=True)
             sync.keep_unsaved(self.life.stored.generation)
             generation = self.life.stored.generation + 1

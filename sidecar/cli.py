@@ -247,9 +247,18 @@ async def _expect_install(settings: Settings, user_id: str | None) -> int:
     try:
         async with TokenStore(settings.db_path, portal=settings.portal,
                               client_id=settings.client_id) as store:
+            stored = await store.load()
+            if stored.pair is None or stored.reauth_required:
+                print("bitrix-sidecar: no working authorization is held, so there is nothing "
+                      "to replace: the next install is taken without a window", file=sys.stderr)
+                return EXIT_FAILED
             if user_id is None:
-                held = (await store.load()).pair
-                user_id = held.user_id if held is not None and held.user_id else ANY_USER
+                if not stored.pair.user_id:
+                    print("bitrix-sidecar: the held pair does not say which user it acts as: "
+                          "name the user the install is for (--user-id ID), or --any-user",
+                          file=sys.stderr)
+                    return EXIT_FAILED
+                user_id = stored.pair.user_id
             until = await open_install_window(store, user_id)
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)

@@ -42,6 +42,14 @@ async def take_link(store: PairStore, secret: str, *, now: float | None = None) 
     return await store.take_grant(START_LINK, digest(secret), now) is not None
 
 
+async def link_valid(store: PairStore, secret: str, *, now: float | None = None) -> bool:
+    """Say whether a start link is valid, leaving it unused."""
+    if not secret or len(secret) > 128:
+        return False
+    now = time.time() if now is None else now
+    return await store.peek_grant(START_LINK, digest(secret), now) is not None
+
+
 @dataclass(frozen=True)
 class InstallWindow:
     """The operator's consent to the next install replacing the held authorization."""

@@ -184,13 +184,8 @@ class HostPolicy:
         trusted = False
         if origin is not None:
             trusted = bool(trusted_origins) and origin_of(origin) in trusted_origins
-            if not trusted:
-                try:
-                    origin_host = URL(origin.strip()).host or ""
-                except ValueError:
-                    origin_host = ""  # unparsable: as foreign as it gets
-                if not self.allowed(origin_host):
-                    raise Refused("a request from a foreign Origin is refused")
+            if not trusted and not self._same_origin(origin, host_header):
+                raise Refused("a request from a foreign Origin is refused")
         site = headers.get("Sec-Fetch-Site", "").strip().lower()
         if site in _FOREIGN_SITES and not trusted and not (
             navigation and headers.get("Sec-Fetch-Mode", "").strip().lower() == "navigate"
@@ -204,6 +199,19 @@ class HostPolicy:
                 f"Host {show(host_header)} is not served: call 127.0.0.1 or localhost, or add "
                 "the name to SIDECAR_ALLOWED_HOSTS"
             )
+
+    def _same_origin(self, origin: str, host_header: str) -> bool:
+        """Say whether a page's Origin is this very listener (served host, same port)."""
+        try:
+            page = URL(origin.strip())
+            page_host, page_port = (page.host or "").lower(), page.port
+            here = URL(f"{page.scheme}://{host_header.strip()}")
+            here_host, here_port = (here.host or "").lower(), here.port
+        except (ValueError, TypeError):
+            return False  # unparsable: as foreign as it gets
+        if not page_host or page_host != here_host or page_port != here_port:
+            return False
+        return self.allowed(page_host)
 
     def allowed(self, host: str) -> bool:
         """Say whether a host name or address literal is served."""

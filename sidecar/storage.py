@@ -49,8 +49,8 @@ class StoredState:
 class PairStore(Protocol):
     """Where one authorization's pair lives, shared with other processes.
 
-    ``save_pair`` and ``record_error`` are called only inside ``locked()``: the lock is held
-    across processes, so two writers never renew the same refresh token.
+    ``save_pair``, ``record_error`` and ``drop_grants`` are called only inside ``locked()``:
+    the lock is held across processes, so two writers never renew the same refresh token.
     """
 
     async def load(self) -> StoredState:
@@ -79,6 +79,10 @@ class PairStore(Protocol):
 
     async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
         """Use up a grant atomically: return its detail, or None if there is no valid one."""
+        ...
+
+    async def drop_grants(self, kind: str) -> None:
+        """Delete every grant of ``kind``; called only inside ``locked()``."""
         ...
 
     async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:

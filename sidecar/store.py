@@ -361,6 +361,13 @@ class TokenStore:
             return None
         return str(row[0])
 
+    async def drop_grants(self, kind: str) -> None:
+        """Delete every grant of ``kind`` (inside ``locked()``: it commits with the block)."""
+        try:
+            await self.db.execute("DELETE FROM grants WHERE kind = ?", (kind,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write token store: {exc}") from exc
+
     async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
         """Return a valid grant's detail without using it up (None if there is none)."""
         async with self._lock:

@@ -54,10 +54,27 @@ def url(client: Client, path: str) -> str:
     return str(client.make_url(path))
 
 
+def origin(client: Client) -> str:
+    """The origin of a served app, as its own pages send it."""
+    return str(client.make_url("/")).rstrip("/")
+
+
+async def press_start(client: Client, browser: aiohttp.ClientSession,
+                      start: str = "/oauth/start") -> aiohttp.ClientResponse:
+    """Open the start page in ``browser`` and press its button; return the unread answer."""
+    async with browser.get(url(client, start)) as page:
+        assert page.status == 200, await page.text()
+        assert "<form method='post' action='/oauth/start'>" in await page.text()
+    link = start.partition("link=")[2]
+    return await browser.post(url(client, "/oauth/start"), data={"link": link} if link else {},
+                              headers={"Origin": origin(client)}, allow_redirects=False)
+
+
 async def callback_url(client: Client, browser: aiohttp.ClientSession,
                        start: str = "/oauth/start") -> str:
     """Walk /oauth/start and the portal in ``browser``, stopping before the callback."""
-    async with browser.get(url(client, start), allow_redirects=False) as started:
+    async with await press_start(client, browser, start) as started:
+        assert started.status == 303, await started.text()
         portal = started.headers["Location"]
     async with browser.get(portal, allow_redirects=False) as approve:
         return approve.headers["Location"]
@@ -69,14 +86,14 @@ class TestCallback:
     ) -> None:
         """/oauth/start -> portal approval -> /oauth/callback stores the pair; calls then work."""
         assert (await unauthorized.get("/rest/profile")).status == 503
-        async with browser_session() as browser, browser.get(
-            url(unauthorized, "/oauth/start")
-        ) as page:
-            assert page.status == 200
-            text = await page.text()
-            hops = [str(r.url) for r in page.history]
-        assert "/oauth/authorize/?client_id=" in hops[1]
-        assert "state=" in hops[1]
+        async with browser_session() as browser:
+            async with await press_start(unauthorized, browser) as started:
+                portal = started.headers["Location"]
+            async with browser.get(portal) as page:
+                assert page.status == 200
+                text = await page.text()
+        assert "/oauth/authorize/?client_id=" in portal
+        assert "state=" in portal
         assert "bitrix-sidecar is authorized" in text
         assert emulator.member_id in text
         assert "crm,user" in text
@@ -252,8 +269,9 @@ class TestOAuthListener:
         assert start.status == 403
         assert (await start.json())["error"] == "SIDECAR_REFUSED"
         link = await make_link(unauthorized)
-        start = await oauth.get(f"/oauth/start?link={link}", allow_redirects=False)
-        assert start.status == 302
+        start = await oauth.post("/oauth/start", data={"link": link},
+                                 headers={"Origin": origin(oauth)}, allow_redirects=False)
+        assert start.status == 303
         assert [c.method for c in emulator.rest_log] == ["app.info", "profile", "profile"]
 
 
@@ -309,20 +327,72 @@ class TestTakeover:
     ) -> None:
         """On the publishable listener a start needs the operator's link, good once."""
         oauth: Client = await aiohttp_client(create_oauth_app(unauthorized.app))
-        for target in ("/oauth/start", "/oauth/start?link=", "/oauth/start?link=made-up"):
-            response = await oauth.get(target, allow_redirects=False)
-            assert response.status == 403, target
+        for link in ("", "made-up"):
+            response = await oauth.get(f"/oauth/start?link={link}")
+            assert response.status == 403, link
             assert (await response.json())["error"] == "SIDECAR_REFUSED"
+            response = await oauth.post("/oauth/start", data={"link": link},
+                                        headers={"Origin": origin(oauth)})
+            assert response.status == 403, link
         link = await make_link(unauthorized)
         async with browser_session() as browser:
+            # Opening the page (as a chat's link preview does) leaves the link unused.
+            for _ in range(3):
+                async with browser.get(url(oauth, f"/oauth/start?link={link}")) as page:
+                    assert page.status == 200
             callback = await callback_url(oauth, browser, f"/oauth/start?link={link}")
             async with browser.get(callback.replace(
                     str(unauthorized.make_url("/")), str(oauth.make_url("/")))) as done:
                 assert done.status == 200, await done.text()
             # Used up: the same link starts nothing again.
-            async with browser.get(url(oauth, f"/oauth/start?link={link}"),
-                                   allow_redirects=False) as again:
+            async with browser.get(url(oauth, f"/oauth/start?link={link}")) as again:
                 assert again.status == 403
+
+    @pytest.mark.parametrize("headers", [
+        {}, {"Origin": "https://attacker.example"}, {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:1"},  # another port of the same machine: another origin
+    ])
+    async def test_the_start_button_is_pressed_only_on_its_own_page(
+        self, unauthorized: Client, headers: dict[str, str]
+    ) -> None:
+        """A POST to /oauth/start from no page or another page starts nothing (no login CSRF
+        through a browser without Fetch Metadata)."""
+        link = await make_link(unauthorized)
+        response = await unauthorized.post("/oauth/start", data={"link": link}, headers=headers,
+                                           allow_redirects=False)
+        assert response.status == 403
+        assert (await response.json())["error"] == "SIDECAR_REFUSED"
+        async with browser_session() as browser:  # the link is still good
+            assert await callback_url(unauthorized, browser, f"/oauth/start?link={link}")
+
+    async def test_the_start_page_cannot_be_framed_or_cached(self, unauthorized: Client) -> None:
+        """Its button must not be clickjacking's target."""
+        response = await unauthorized.get("/oauth/start")
+        assert response.status == 200
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Cache-Control"] == "no-store"
+
+    async def test_the_cookie_is_secure_where_the_flow_runs_on_https(
+        self, make_settings: Callable[..., Settings], aiohttp_client: Callable[..., Any],
+        emulator: Emulator,
+    ) -> None:
+        """Secure on an https public address; not on http, where browsers would drop it."""
+        for public, secure in (("https://sidecar.example.com", True),
+                               ("http://sidecar.example.com", False)):
+            app = create_app(make_settings(public_url=public))
+            proxy: Client = await aiohttp_client(app)
+            oauth: Client = await aiohttp_client(create_oauth_app(proxy.app))
+            link = await make_link(proxy)
+            response = await oauth.post(
+                "/oauth/start", data={"link": link},
+                headers={"Origin": public, "Host": public.split("://")[1]},
+                allow_redirects=False)
+            assert response.status == 303, await response.text()
+            cookie = response.headers["Set-Cookie"]
+            assert "HttpOnly" in cookie
+            assert "SameSite=Lax" in cookie
+            assert ("Secure" in cookie) is secure
 
     async def test_a_flood_of_starts_does_not_evict_the_operators_flow(
         self, unauthorized: Client, emulator: Emulator
@@ -332,21 +402,24 @@ class TestTakeover:
         async with browser_session() as operator:
             callback = await callback_url(unauthorized, operator, f"/oauth/start?link={link}")
             for _ in range(1200):
-                response = await unauthorized.get("/oauth/start", allow_redirects=False)
-                assert response.status == 302
+                response = await unauthorized.post("/oauth/start",
+                                                   headers={"Origin": origin(unauthorized)},
+                                                   allow_redirects=False)
+                assert response.status == 303
             async with operator.get(callback) as done:
                 assert done.status == 200, await done.text()
 
     async def test_a_start_sent_by_another_site_is_refused(self, unauthorized: Client) -> None:
         """A page elsewhere cannot make the operator's browser begin a flow from loopback."""
-        navigation = {"Sec-Fetch-Site": "Cross-Site", "Sec-Fetch-Mode": "navigate"}
-        response = await unauthorized.get("/oauth/start", headers=navigation,
-                                          allow_redirects=False)
+        posted = {"Sec-Fetch-Site": "Cross-Site", "Sec-Fetch-Mode": "navigate",
+                  "Origin": origin(unauthorized)}
+        response = await unauthorized.post("/oauth/start", headers=posted,
+                                           allow_redirects=False)
         assert response.status == 403
         link = await make_link(unauthorized)
-        response = await unauthorized.get(f"/oauth/start?link={link}", headers=navigation,
-                                          allow_redirects=False)
-        assert response.status == 302  # the operator's link, clicked in a chat: fine
+        navigation = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+        response = await unauthorized.get(f"/oauth/start?link={link}", headers=navigation)
+        assert response.status == 200  # the operator's link, clicked in a chat: its page
 
     async def test_ui_install_cannot_replace_a_pair_proven_by_an_application_token(
         self, unauthorized: Client, emulator: Emulator
@@ -519,3 +592,53 @@ class TestReplacementRule:
         new = TokenPair("a2", "r2", 0.0, member_id="m2", user_id="1")
         assert replacement_refusal(held_pair(), True, new, Consent.APPLICATION_TOKEN,
                                    "app-token")
+
+
+class TestInstallWindowAndPortalWord:
+    """Found in review: the window outliving its purpose, and the payload's word on the user."""
+
+    async def test_a_pair_stored_any_other_way_closes_the_window(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """An install window is for the next install only: a first install or the operator's
+        own flow closes it, and a stranger's install is then refused."""
+        hook = url(unauthorized, "/oauth/install")
+        await open_window(unauthorized, "*")
+        assert (await emulator.send_install_event(hook, CLIENT_ID))[0] == 200  # the first
+        status, body = await emulator.send_install_event(
+            hook, CLIENT_ID, user_id=7, application_token="chosen-by-attacker")
+        assert status == 403, body
+        await open_window(unauthorized, "*")
+        await authorize_as_operator(unauthorized, emulator)
+        held = tokens_of(unauthorized).pair
+        status, body = await emulator.send_install_event(hook, CLIENT_ID, user_id=7, ui=True)
+        assert status == 403, body
+        assert tokens_of(unauthorized).pair == held
+
+    async def test_an_install_the_portal_does_not_name_a_user_for_is_refused(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """If ``profile`` does not answer, the payload's user_id is not taken instead."""
+        emulator.block_method("profile", 60)
+        status, body = await emulator.send_install_event(url(unauthorized, "/oauth/install"),
+                                                         CLIENT_ID)
+        assert status == 403, body
+        assert "which user" in body
+        assert tokens_of(unauthorized).pair is None
+
+    async def test_the_portals_scope_wins_over_the_payloads(
+        self, unauthorized: Client, emulator: Emulator
+    ) -> None:
+        """A payload claiming more scope than app.info grants is stored with the granted one."""
+        hook = url(unauthorized, "/oauth/install")
+        form_scope = {"auth[scope]": "crm,user,telephony,disk"}
+        async with aiohttp.ClientSession() as http:
+            minted = emulator.issue_tokens(CLIENT_ID)
+            form = {"event": "ONAPPINSTALL",
+                    **{f"auth[{k}]": str(v) for k, v in minted.items()},
+                    "auth[application_token]": "t", **form_scope}
+            async with http.post(hook, data=form) as response:
+                assert response.status == 200, await response.text()
+        pair = tokens_of(unauthorized).pair
+        assert pair is not None
+        assert pair.scope == "crm,user"

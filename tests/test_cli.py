@@ -220,8 +220,14 @@ class TestOperatorGrants:
             assert "10 minutes" in err
             async with browser.get(link) as page:
                 assert page.status == 200, await page.text()
-                assert "bitrix-sidecar is authorized" in await page.text()
-            async with browser.get(link, allow_redirects=False) as again:
+                assert "Continue to Bitrix24" in await page.text()
+            # The button posts the link from the page's own origin; the rest follows itself.
+            async with browser.post(f"{public}/oauth/start",
+                                    data={"link": link.split("link=")[1]},
+                                    headers={"Origin": public}) as done:
+                assert done.status == 200, await done.text()
+                assert "bitrix-sidecar is authorized" in await done.text()
+            async with browser.get(link) as again:
                 assert again.status == 403
             _, info = await get(f"{sidecar.admin}/status")
             assert info["state"] == "valid"
@@ -254,3 +260,25 @@ class TestOperatorGrants:
         code, _, err = await cli("run", env={**env, "SIDECAR_OAUTH_LISTEN": "0.0.0.0:0"})
         assert code == 2
         assert "SIDECAR_PUBLIC_URL" in err
+
+
+class TestExpectInstallRefusals:
+    async def test_nothing_to_replace(self, env: Env) -> None:
+        """With no working pair held, no window is opened: the next install is taken anyway."""
+        code, _, err = await cli("expect-install", env=env)
+        assert code == 1
+        assert "nothing to replace" in err
+
+    async def test_an_unknown_user_must_be_named(self, env: Env, emulator: Emulator,
+                                                 tmp_path: Path) -> None:
+        """A held pair that does not say its user gets no silent any-user window."""
+        code, _, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
+        assert code == 0, err
+        with sqlite3.connect(env["SIDECAR_DB"]) as raw:  # as an older release stored it
+            raw.execute("UPDATE token SET user_id = ''")
+        code, _, err = await cli("expect-install", env=env)
+        assert code == 1
+        assert "--any-user" in err
+        code, out, err = await cli("expect-install", "--any-user", env=env)
+        assert code == 0, err
+        assert json.loads(out)["for"] == "any user"

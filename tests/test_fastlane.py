@@ -295,7 +295,7 @@ class TestHeadsInPieces:
 class TestHandedToAiohttp:
     @pytest.mark.parametrize(("request_bytes", "status"), [
         (get(b"/token", b"Connection: close\r\n"), 200),
-        (get(b"/oauth/start", b"Connection: close\r\n"), 302),
+        (get(b"/oauth/start", b"Connection: close\r\n"), 200),
         (b"PUT /rest/profile HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n", 405),
         (b"POST /rest/profile HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
          b"Connection: close\r\n\r\n0\r\n\r\n", 200),

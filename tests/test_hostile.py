@@ -906,9 +906,14 @@ OAUTH = [
     pytest.param(post(INSTALL, b"AUTH_ID=a&REFRESH_ID=b&member_id=m", FORM,
                       b"Sec-Fetch-Site: same-origin", b"Sec-Fetch-Site: cross-site"), 400,
                  id="install-with-two-fetch-sites"),
-    pytest.param(get(b"/oauth/start", b"Sec-Fetch-Site: cross-site",
-                     b"Sec-Fetch-Mode: navigate"), 403, id="start-sent-by-another-site"),
+    pytest.param(post(b"/oauth/start", b"", FORM, b"Origin: https://attacker.example"), 403,
+                 id="start-posted-by-another-site"),
+    pytest.param(post(b"/oauth/start", b"", FORM, b"Origin: http://127.0.0.1",
+                      b"Sec-Fetch-Site: cross-site"), 403, id="start-posted-cross-site"),
+    pytest.param(post(b"/oauth/start", b"", FORM), 403, id="start-posted-by-no-page"),
     pytest.param(get(b"/oauth/start?link=made-up"), 403, id="start-with-a-made-up-link"),
+    pytest.param(post(b"/oauth/start", b"link=made-up", FORM, b"Origin: http://127.0.0.1"), 403,
+                 id="start-posting-a-made-up-link"),
     pytest.param(post(INSTALL, install_event(
         access_token=b"a", refresh_token=b"b", member_id=b"m", application_token=b"t"
     ).replace(b"ONAPPINSTALL", b"ONAPPUNINSTALL"), FORM), 403, id="uninstall-forged"),

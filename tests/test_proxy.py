@@ -465,7 +465,11 @@ class TestBrowsersAndHosts:
     @pytest.mark.parametrize(
         "headers",
         [{"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example"},
-         {"Host": "evil.example:8080"}, {"Host": "rebind.attacker.test"}],
+         {"Host": "evil.example:8080"}, {"Host": "rebind.attacker.test"},
+         # A page on another port of this machine is another origin (a browser without Fetch
+         # Metadata would not say it is same-site).
+         {"Host": "localhost:8080", "Origin": "http://localhost:3000"},
+         {"Sec-Fetch-Site": "CROSS-SITE"}],
     )
     async def test_foreign_pages_and_hosts_are_refused(
         self, sidecar: Client, emulator: Emulator, headers: dict[str, str]
@@ -488,6 +492,7 @@ class TestBrowsersAndHosts:
         client: Client = await aiohttp_client(create_app(settings))
         for headers in ({"Host": "localhost:8080"}, {"Host": "127.0.0.2"},
                         {"Host": "sidecar:8080"}, {"Sec-Fetch-Site": "same-origin"},
-                        {"Origin": "http://localhost:8080"}, {"Host": "[::1]:8080"}):
+                        {"Origin": "http://localhost:8080", "Host": "localhost:8080"},
+                        {"Host": "[::1]:8080"}):
             response = await client.get("/rest/profile", headers=headers)
             assert response.status == 200, headers
