@@ -17,7 +17,7 @@ from sidecar.errors import BadRequest, NotFound, Refused
 # /rest/<method>[.json|.xml] and the inbound-webhook shape /rest/<user>/<code>/<method>[.json|.xml].
 # Matched on the raw request target: no percent-escape, dot segment or second slash gets through.
 _PATH_RE = re.compile(
-    r"/rest/(?:\d{1,10}/[A-Za-z0-9_]{1,64}/)?"
+    r"/rest/(?:\d{1,10}/(?P<code>[A-Za-z0-9_]{1,64})/)?"
     r"(?P<method>[A-Za-z][A-Za-z0-9_]{0,63}(?:\.[A-Za-z0-9_]{1,64}){0,15}?)"
     r"(?P<suffix>\.json|\.xml)?",
     re.IGNORECASE,
@@ -34,17 +34,23 @@ HOP_BY_HOP = frozenset(
 DROP_REQUEST = HOP_BY_HOP | {
     "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
     "x-request-id",  # ours replaces it
+    "x-sidecar-key",  # the client key (sidecar.clientkey) is ours alone
 }
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a client asked for: a REST method, its output format, and the raw query string."""
+    """What a client asked for: a REST method, its output format, and the raw query string.
+
+    ``code`` is the webhook shape's code segment ('' without one): never forwarded, it may
+    carry the client key.
+    """
 
     method: str
     suffix: str
     query: str
+    code: str = ""
 
 
 def parse_target(raw: str) -> Target:
@@ -60,7 +66,7 @@ def parse_target(raw: str) -> Target:
         )
     if any(c in query for c in "\r\n\0#"):
         raise BadRequest("the query string holds control characters")
-    return Target(match["method"], (match["suffix"] or "").lower(), query)
+    return Target(match["method"], (match["suffix"] or "").lower(), query, match["code"] or "")
 
 
 def show(text: str) -> str:
@@ -147,7 +153,10 @@ class HostPolicy:
 
     def __init__(self, listen_host: str, allowed_hosts: tuple[str, ...]) -> None:
         self._hosts = frozenset({"localhost", "::1", listen_host.lower(),
-                                 *allowed_hosts}) - {"0.0.0.0", "::", ""}  # noqa: S104
+                                 *allowed_hosts}) - {"0.0.0.0", "::", "", "*"}  # noqa: S104
+        # "*" serves any Host; an Origin must still be a served name (a page elsewhere must not
+        # make a browser call us whatever Host it reached us by).
+        self._any_host = "*" in allowed_hosts
 
     def check(self, headers: CIMultiDictProxy[str] | CIMultiDict[str], host_header: str) -> None:
         """Raise Refused unless the request comes from a served Host and no foreign page."""
@@ -160,7 +169,7 @@ class HostPolicy:
                 origin_host = URL(origin).host or ""
             except ValueError:
                 origin_host = ""  # unparsable: as foreign as it gets
-            if not self.allowed(origin_host):
+            if not self.named(origin_host):
                 raise Refused("a request from a foreign Origin is refused")
         host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else (
             host_header[1:].split("]", 1)[0]
@@ -172,9 +181,13 @@ class HostPolicy:
             )
 
     def allowed(self, host: str) -> bool:
-        """Say whether a host name or address literal is served."""
+        """Say whether a Host name or address literal is served."""
+        return self._any_host or self.named(host)
+
+    def named(self, host: str) -> bool:
+        """Say whether a host is loopback, the listener's or a listed name ("*" aside)."""
         host = host.lower().strip("[]")
-        if host in self._hosts or "*" in self._hosts:
+        if host in self._hosts:
             return True
         try:
             # Only an address literal can be loopback: "127.0.0.1.evil.example" is a name.
