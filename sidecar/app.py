@@ -287,8 +287,10 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
     Its Host is checked (DNS rebinding must not let a web page read /status or /metrics), yet
     the kubelet's probes and Prometheus, which name the pod's address, are answered.
     """
-    settings = proxy_app[SETTINGS]
-    hosts = AdminHosts(settings.admin_listen.host, settings.allowed_hosts)
+    settings = proxy_app.get(SETTINGS)
+    # Without settings (an app built only to list its routes), loopback and the address reached.
+    hosts = (AdminHosts(settings.admin_listen.host, settings.allowed_hosts)
+             if settings is not None else AdminHosts("", ()))
 
     @web.middleware
     async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -1115,11 +1115,17 @@ def from_host(target: bytes, host: bytes, *headers: bytes) -> bytes:
         target, b"1" if host else b"0", host_line, b"".join(h + b"\r\n" for h in headers))
 
 
-async def answer_at(address: str, port: int, data: bytes) -> Answer:
-    """Send ``data`` to ``address``:``port`` from ``address`` itself; return the one answer.
+def port_of(client: Client) -> int:
+    """The port a test server listens on."""
+    assert client.port is not None
+    return client.port
 
-    From this machine's outside address, the listener sees a peer that is not loopback.
-    """
+
+async def answer_at(address: str, client: Client, data: bytes) -> Answer:
+    """Send ``data`` to ``client``'s server at ``address``, from ``address`` itself; return the
+    one answer. From this machine's outside address, the listener sees a peer that is not
+    loopback."""
+    port = port_of(client)
     reader, writer = await asyncio.open_connection(address, port, local_addr=(address, 0))
     try:
         writer.write(data)
@@ -1159,27 +1165,29 @@ class TestBeyondLoopback:
         """Host: 127.0.0.1 from a peer that is not loopback is someone getting round the Host
         check: 403 in Bitrix shape for /rest/ and /token, key or no key; nothing forwarded."""
         for target in (b"/token", b"/rest/profile", b"/rest/1/%s/profile" % KEY.encode()):
-            answer = await answer_at(outside, wide.port,
+            answer = await answer_at(outside, wide,
                                      from_host(target, host, b"X-Sidecar-Key: " + KEY.encode()))
             assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED"), answer
             assert b"access_token" not in answer.body
         assert emulator.requests[1:] == []
 
     async def test_the_same_calls_by_an_allowed_name_or_from_loopback_are_served(
-        self, wide: Client, emulator: RecordingEmulator, outside: str,
+        self, wide: Client, emulator: RecordingEmulator, outside: str, exposure: Exposure,
     ) -> None:
         """The outside address as Host (in SIDECAR_ALLOWED_HOSTS) from outside, and a loopback
         Host from loopback, are served (with the key, where one is set)."""
         key = b"X-Sidecar-Key: " + KEY.encode()
-        name = b"%s:%d" % (outside.encode(), wide.port)
+        name = b"%s:%d" % (outside.encode(), port_of(wide))
         for answer in (
-            await answer_at(outside, wide.port, from_host(b"/rest/profile", name, key)),
-            await answer_at(outside, wide.port, from_host(b"/token", name, key)),
+            await answer_at(outside, wide, from_host(b"/rest/profile", name, key)),
+            await answer_at(outside, wide, from_host(b"/token", name, key)),
             await one_answer(wide, from_host(b"/rest/profile", b"127.0.0.1", key)),
             await one_answer(wide, from_host(b"/token", b"localhost", key)),
         ):
             assert answer.status == 200, answer
         assert len(emulator.rest_log) == 2
+        # /token handed the token to callers entitled to it: not an answer to a hostile client.
+        exposure.answers.clear()
 
     async def test_without_the_key_from_outside_nothing_is_served(
         self, make_settings: Callable[..., Settings], emulator: RecordingEmulator,
@@ -1192,7 +1200,7 @@ class TestBeyondLoopback:
             create_app(settings), fast_lane=fast_lane, host="0.0.0.0"))  # noqa: S104
         name = outside.encode()
         for target in (b"/token", b"/rest/profile", b"/rest/1/anycode/profile"):
-            answer = await answer_at(outside, wide.port, from_host(target, name))
+            answer = await answer_at(outside, wide, from_host(target, name))
             assert answer.status == 401, answer
             assert answer.bitrix_error()[0].startswith("SIDECAR_CLIENT_KEY_"), answer
             assert b"access_token" not in answer.body
@@ -1257,11 +1265,11 @@ class TestAdminHost:
         self, admin: Client, outside: str
     ) -> None:
         """The kubelet and Prometheus name the pod's address: the one the connection reached."""
-        for host in (outside.encode(), b"%s:%d" % (outside.encode(), admin.port)):
+        for host in (outside.encode(), b"%s:%d" % (outside.encode(), port_of(admin))):
             for path in (b"/healthz", b"/metrics", b"/status"):
-                answer = await answer_at(outside, admin.port, from_host(path, host))
+                answer = await answer_at(outside, admin, from_host(path, host))
                 assert answer.status == 200, (host, path, answer)
-        answer = await answer_at(outside, admin.port, from_host(b"/healthz", b"10.9.8.7:9090"))
+        answer = await answer_at(outside, admin, from_host(b"/healthz", b"10.9.8.7:9090"))
         assert answer.status == 403
 
 
