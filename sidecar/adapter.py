@@ -38,7 +38,8 @@ class AiohttpCall(Call):
 
     def __init__(self, request: web.Request) -> None:
         super().__init__(request.method, request.raw_path, request.version, request.headers,
-                         request.host, request.content_type, request.transport)
+                         request.host, request.content_type, request.transport,
+                         request.remote or "")
         self.request = request
 
     async def body(self, limit: int) -> bytes:

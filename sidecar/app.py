@@ -21,9 +21,10 @@ from sidecar.adapter import error_response, expect_continue
 from sidecar.alerts import Alerter
 from sidecar.authflow import AuthFlow, Handler, Where
 from sidecar.authorization import Authorization
+from sidecar.clientkey import AdminHosts
 from sidecar.coalescer import Coalescer
-from sidecar.config import Listen, Settings
-from sidecar.errors import NotFound, SidecarError
+from sidecar.config import Listen, Settings, is_loopback
+from sidecar.errors import NotFound, Refused, SidecarError
 from sidecar.fastlane import ProxyRunner
 from sidecar.lanecheck import RESEND_SWITCH, missing_client_internals
 from sidecar.limits import Gate
@@ -181,6 +182,7 @@ def create_app(
     redactor = redactor or Redactor()
     access_log = access_log or AccessLog()
     redactor.add(settings.client_secret, permanent=True)
+    redactor.add(settings.client_key, permanent=True)
     redactor.add(settings.alert_webhook, permanent=True)
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
@@ -230,6 +232,12 @@ def create_app(
             if state.get("authorize_url"):
                 log.warning("not_authorized", state=state["state"],
                             authorize_url=state["authorize_url"])
+            if not settings.client_key and not is_loopback(settings.listen.host):
+                # Only SIDECAR_INSECURE_NO_CLIENT_KEY=on lets `run` get this far.
+                log.warning("no_client_key", listen=str(settings.listen),
+                            hint="whoever reaches this listener acts as the app; only "
+                            "authentication in front of it keeps others out "
+                            "(SIDECAR_INSECURE_NO_CLIENT_KEY=on)")
             try:
                 yield
             finally:
@@ -288,8 +296,27 @@ def create_oauth_app(proxy_app: web.Application) -> web.Application:
 
 
 def create_admin_app(proxy_app: web.Application) -> web.Application:
-    """Build the admin listener: metrics, liveness, readiness and status; never a token."""
-    admin = web.Application()
+    """Build the admin listener: metrics, liveness, readiness and status; never a token.
+
+    Its Host is checked (DNS rebinding must not let a web page read /status or /metrics), yet
+    the kubelet's probes and Prometheus, which name the pod's address, are answered.
+    """
+    settings = proxy_app.get(SETTINGS)
+    # Without settings (an app built only to list its routes), loopback and the address reached.
+    hosts = (AdminHosts(settings.admin_listen.host, settings.allowed_hosts)
+             if settings is not None else AdminHosts("", ()))
+
+    @web.middleware
+    async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        try:
+            hosts.check(request.headers.get("Host"), sockname)
+        except Refused as exc:
+            return error_response(exc)
+        return await handler(request)
+
+    admin = web.Application(middlewares=[host_check])
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=proxy_app[METRICS].render(),

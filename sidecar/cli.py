@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _healthcheck(args)
         flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
         settings = load_settings(
-            os.environ, flags, need_secret=args.command in ("run", "authorize", "token")
+            os.environ, flags, need_secret=args.command in ("run", "authorize", "token"),
+            serving=args.command == "run",
         )
     except ConfigError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)

@@ -27,6 +27,9 @@ _SIZE_UNITS = {
 _BARE_PORTAL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$", re.IGNORECASE)
 _HOST_RE = re.compile(r"^[a-z0-9.-]+(?::\d{1,5})?$", re.IGNORECASE)
 _SCOPE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A client key travels where an inbound webhook carries its code (/rest/<user>/<code>/...), so it
+# is made of the characters that segment allows; 16 or more of them, to be worth guessing at.
+_CLIENT_KEY_RE = re.compile(r"[A-Za-z0-9_]{16,64}")
 _RU_ZONES = (".ru", ".by", ".kz")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console")
@@ -103,7 +106,8 @@ def parse_listen(text: str) -> Listen:
     return Listen(host, int(port))
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Say whether a listener's host is loopback (``localhost`` or a loopback address)."""
     if host == "localhost":
         return True
     try:
@@ -215,7 +219,7 @@ def parse_hosts(text: str) -> tuple[str, ...]:
 def default_oauth_url(portal: str) -> str:
     """Pick the OAuth server by the portal's zone; an emulator on loopback serves its own."""
     host = urlsplit(portal).hostname or ""
-    if _is_loopback(host):
+    if is_loopback(host):
         return portal
     if host.endswith(_RU_ZONES):
         return OAUTH_RU
@@ -302,6 +306,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_SHUTDOWN_GRACE", "--shutdown-grace", "shutdown_grace",
            "time in-flight calls get to finish after SIGTERM", _non_negative(parse_duration),
            "20s"),
+    Option("SIDECAR_CLIENT_KEY", "--client-key", "client_key",
+           "key every /rest/ call and /token must carry, as the webhook code or in the "
+           "X-Sidecar-Key header (prefer the _FILE form)"),
+    Option("SIDECAR_CLIENT_KEY_FILE", "--client-key-file", "client_key_file",
+           "file holding the client key"),
+    Option("SIDECAR_INSECURE_NO_CLIENT_KEY", "--insecure-no-client-key", "insecure_no_client_key",
+           "on: serve a listener beyond loopback without a client key (your own authentication "
+           "stands in front)", parse_on_off, "off"),
     Option("SIDECAR_ALLOWED_HOSTS", "--allowed-hosts", "allowed_hosts",
            "extra Host names the proxy answers to, comma separated (loopback always; * = any)",
            parse_hosts),
@@ -359,6 +371,8 @@ class Settings:
     alert_webhook: str = field(default="", repr=False)
     shutdown_grace: float = _default("shutdown_grace")
     allowed_hosts: tuple[str, ...] = ()
+    client_key: str = field(default="", repr=False)
+    insecure_no_client_key: bool = _default("insecure_no_client_key")
     rate: float = _default("rate")
     burst: int = _default("burst")
     queue_timeout: float = _default("queue_timeout")
@@ -382,15 +396,40 @@ class Settings:
         return f"{self.oauth_url}/oauth/token/"
 
 
+def _read_secret(
+    values: dict[str, Any], problems: list[str], dest: str, env: str, what: str, *,
+    required: bool,
+) -> str:
+    """Take a secret given as ``env`` or as the file ``env``_FILE out of ``values``."""
+    secret = values.pop(dest, "")
+    secret_file = values.pop(f"{dest}_file", "")
+    if secret and secret_file:
+        problems.append(f"{env} and {env}_FILE: set only one of them")
+    elif secret_file:
+        try:
+            secret = Path(secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{env}_FILE: cannot read {secret_file}: "
+                            f"{exc.strerror if isinstance(exc, OSError) else 'not UTF-8'}")
+        else:
+            if not secret:
+                problems.append(f"{env}_FILE: {secret_file} is empty")
+    elif not secret and required:
+        problems.append(f"{env} or {env}_FILE: one is required ({what})")
+    return str(secret)
+
+
 def load_settings(
     env: Mapping[str, str],
     flags: Mapping[str, str | None] | None = None,
     *,
     need_secret: bool = True,
+    serving: bool = True,
 ) -> Settings:
     """Build settings from ``env`` and ``flags`` (flags win), or raise one ConfigError naming all.
 
     ``flags`` is keyed by ``Option.dest``; a ``None`` value means the flag was not given.
+    ``serving`` (``run``) also refuses a proxy listener beyond loopback that has no client key.
     """
     flags = flags or {}
     raw: dict[str, tuple[str, str]] = {}  # dest -> (source name, text)
@@ -402,11 +441,11 @@ def load_settings(
             raw[option.dest] = (option.env, env[option.env])
         # Otherwise the Settings field's default applies (parsed from option.default).
     # A secret given by flag overrides both environment forms, not just its twin.
-    secret_flags = [d for d in ("client_secret", "client_secret_file") if flags.get(d) is not None]
-    if secret_flags:
-        for dest in ("client_secret", "client_secret_file"):
-            if dest not in secret_flags:
-                raw.pop(dest, None)
+    for pair in (("client_secret", "client_secret_file"), ("client_key", "client_key_file")):
+        if any(flags.get(dest) is not None for dest in pair):
+            for dest in pair:
+                if flags.get(dest) is None:
+                    raw.pop(dest, None)
 
     problems: list[str] = []
     values: dict[str, Any] = {}
@@ -426,28 +465,29 @@ def load_settings(
         if option.required and option.dest not in raw:
             problems.append(f"{option.env}: required ({option.help})")
 
-    secret = values.pop("client_secret", "")
-    secret_file = values.pop("client_secret_file", "")
-    if secret and secret_file:
+    secret = _read_secret(values, problems, "client_secret", "BITRIX_CLIENT_SECRET",
+                          "application key", required=need_secret)
+    key = _read_secret(values, problems, "client_key", "SIDECAR_CLIENT_KEY", "client key",
+                       required=False)
+    if key and not _CLIENT_KEY_RE.fullmatch(key):
+        # The value itself is never repeated: it is a secret, and this message is printed.
         problems.append(
-            "BITRIX_CLIENT_SECRET and BITRIX_CLIENT_SECRET_FILE: set only one of them"
+            "SIDECAR_CLIENT_KEY: must be 16 to 64 letters, digits or underscores (it travels "
+            "as a webhook address's code; make one with: openssl rand -hex 24)"
         )
-    elif secret_file:
-        try:
-            secret = Path(secret_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"BITRIX_CLIENT_SECRET_FILE: cannot read {secret_file}: "
-                            f"{exc.strerror if isinstance(exc, OSError) else 'not UTF-8'}")
-        else:
-            if not secret:
-                problems.append(f"BITRIX_CLIENT_SECRET_FILE: {secret_file} is empty")
-    elif not secret and need_secret:
+    listen = values.get("listen", _default("listen"))
+    if serving and not key and not values.get("insecure_no_client_key") \
+            and not is_loopback(listen.host):
+        source = raw["listen"][0] if "listen" in raw else "SIDECAR_LISTEN"
         problems.append(
-            "BITRIX_CLIENT_SECRET or BITRIX_CLIENT_SECRET_FILE: one is required (application key)"
+            f"{source}: {listen} is reachable beyond loopback, and whoever reaches it acts as "
+            "the app: set SIDECAR_CLIENT_KEY or SIDECAR_CLIENT_KEY_FILE (every /rest/ call and "
+            "/token must then carry the key), or SIDECAR_INSECURE_NO_CLIENT_KEY=on if "
+            "authentication of your own stands in front"
         )
 
     oauth_listen = values.get("oauth_listen")
-    if oauth_listen is not None and not _is_loopback(oauth_listen.host) and not values.get(
+    if oauth_listen is not None and not is_loopback(oauth_listen.host) and not values.get(
         "public_url"
     ):
         problems.append(
@@ -459,4 +499,4 @@ def load_settings(
         raise ConfigError(problems)
     if "oauth_url" not in values:
         values["oauth_url"] = default_oauth_url(values["portal"])
-    return Settings(client_secret=secret, **values)
+    return Settings(client_secret=secret, client_key=key, **values)

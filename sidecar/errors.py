@@ -73,6 +73,15 @@ class Refused(SidecarError):
     code = "SIDECAR_REFUSED"
 
 
+class ClientKeyRequired(SidecarError):
+    """A call to /rest/ or /token without the client key (SIDECAR_CLIENT_KEY), or with a wrong one.
+
+    Its code says which: ``SIDECAR_CLIENT_KEY_REQUIRED`` or ``SIDECAR_CLIENT_KEY_INVALID``.
+    """
+
+    code = "SIDECAR_CLIENT_KEY_REQUIRED"
+
+
 class BadRequest(SidecarError):
     """The client's request is outside what the proxy forwards."""
 

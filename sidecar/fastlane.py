@@ -143,11 +143,14 @@ class FastLane(asyncio.Protocol):
         # linear time, not scanned whole for every byte.
         self._scanned = 0
         self._line_end = -1
+        self._peer = ""  # the client's address, read once per connection
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._server.register(self, self._transport)
         self._last_active = self._loop.time()
 
@@ -256,7 +259,7 @@ class FastLane(asyncio.Protocol):
                 return
             collected = self._head or HeadFields()
             parsed = parse_head(collected, bytes(buffer[:end + 4]), self._server.max_body,
-                            self._transport)
+                                self._transport, self._peer)
             if parsed is None:
                 self._hand_off()
                 return

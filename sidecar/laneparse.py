@@ -84,7 +84,7 @@ class FastCall(Call):
 
 
 def parse_head(collected: HeadFields, head: bytes, max_body: int,
-           transport: asyncio.BaseTransport) -> Parsed | None:
+               transport: asyncio.BaseTransport, peer: str = "") -> Parsed | None:
     """Parse an ordinary request head; None when aiohttp should have it."""
     collected.url = b""
     collected.headers = []
@@ -123,7 +123,7 @@ def parse_head(collected: HeadFields, head: bytes, max_body: int,
     call = FastCall(collected.method.decode("ascii"),
                     collected.url.decode("utf-8", "surrogateescape"),
                     HttpVersion11 if version == "1.1" else HttpVersion10, headers, host,
-                    ctype or "application/octet-stream", transport)
+                    ctype or "application/octet-stream", transport, peer)
     return Parsed(call, len(head), max(length, 0), collected.keep_alive, version == "1.1")
 
 

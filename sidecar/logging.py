@@ -18,7 +18,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 REDACTED = "[REDACTED]"
 _SECRET_KEYS = frozenset(
     {"access_token", "refresh_token", "client_secret", "auth", "authorization", "auth_id",
-     "refresh_id", "application_token", "code", "password", "secret"}
+     "refresh_id", "application_token", "code", "password", "secret", "client_key"}
 )
 # Secrets that travel as URL or form parameters, or as a bearer header, wherever they show up.
 _SECRET_PARAM_RE = re.compile(

@@ -21,6 +21,7 @@ from yarl import URL
 from sidecar.adapter import AiohttpCall, AiohttpSink, web_response
 from sidecar.authorization import Authorization
 from sidecar.batching import Answer, SingleCall, command_line
+from sidecar.clientkey import ClientKey, check_peer
 from sidecar.coalescer import LIMIT_RETRIES
 from sidecar.config import Settings
 from sidecar.errors import (
@@ -113,6 +114,7 @@ class Proxy:
         self._pool = pool
         self._addresses = addresses
         self.policy = HostPolicy(settings.listen.host, settings.allowed_hosts)
+        self._key = ClientKey(settings.client_key)
         self._ids = RequestIds()
 
     @property
@@ -164,12 +166,23 @@ class Proxy:
         if call.version < HttpVersion10:
             raise BadRequest("HTTP/0.9 requests are not served")
         self.policy.check(call.headers, call.host)
+        check_peer(call.host, call.peer)
         raw = call.raw_path
         if raw == "/token" or raw.startswith("/token?"):
             outcome.method = "/token"
+            self._key.check(call.headers, "")
             return await self._token(call, request_id)
-        target = parse_target(raw)
+        if self._key.required:
+            try:
+                target = parse_target(raw)
+            except SidecarError as exc:
+                # Its description quotes the path, whose code segment may be the key.
+                exc.description = self._key.scrub(exc.description)
+                raise
+        else:
+            target = parse_target(raw)
         outcome.method = target.method.lower()
+        self._key.check(call.headers, target.code)
         if call.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET or POST")
         body = await self._read_body(call)

@@ -16,6 +16,7 @@ from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
     ClientGone,
+    ClientKeyRequired,
     ExpectationFailed,
     MethodNotAllowed,
     MethodPaused,
@@ -34,6 +35,7 @@ from sidecar.errors import (
 
 STATUS_OF: dict[type[SidecarError], int] = {
     BadRequest: 400,
+    ClientKeyRequired: 401,
     Refused: 403,
     NotFound: 404,
     MethodNotAllowed: 405,
@@ -83,12 +85,13 @@ class Sink(Protocol):
 class Call:
     """One client request to the proxy listener, whichever HTTP server read it."""
 
-    __slots__ = ("content_type", "headers", "host", "method", "raw_path", "transport", "version")
+    __slots__ = ("content_type", "headers", "host", "method", "peer", "raw_path", "transport",
+                 "version")
 
     def __init__(  # noqa: PLR0917 - a plain record
         self, method: str, raw_path: str, version: HttpVersion,
         headers: CIMultiDictProxy[str] | CIMultiDict[str], host: str, content_type: str,
-        transport: asyncio.BaseTransport | None,
+        transport: asyncio.BaseTransport | None, peer: str = "",
     ) -> None:
         self.method = method
         self.raw_path = raw_path
@@ -97,6 +100,7 @@ class Call:
         self.host = host
         self.content_type = content_type
         self.transport = transport
+        self.peer = peer  # the client's address ("" when unknown)
 
     def alive(self) -> bool:
         """Say whether the client is still there."""

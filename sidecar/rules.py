@@ -17,7 +17,7 @@ from sidecar.errors import BadRequest, NotFound, Refused
 # /rest/<method>[.json|.xml] and the inbound-webhook shape /rest/<user>/<code>/<method>[.json|.xml].
 # Matched on the raw request target: no percent-escape, dot segment or second slash gets through.
 _PATH_RE = re.compile(
-    r"/rest/(?:\d{1,10}/[A-Za-z0-9_]{1,64}/)?"
+    r"/rest/(?:\d{1,10}/(?P<code>[A-Za-z0-9_]{1,64})/)?"
     r"(?P<method>[A-Za-z][A-Za-z0-9_]{0,63}(?:\.[A-Za-z0-9_]{1,64}){0,15}?)"
     r"(?P<suffix>\.json|\.xml)?",
     re.IGNORECASE,
@@ -34,17 +34,23 @@ HOP_BY_HOP = frozenset(
 DROP_REQUEST = HOP_BY_HOP | {
     "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
     "x-request-id",  # ours replaces it
+    "x-sidecar-key",  # the client key (sidecar.clientkey) is ours alone
 }
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a client asked for: a REST method, its output format, and the raw query string."""
+    """What a client asked for: a REST method, its output format, and the raw query string.
+
+    ``code`` is the webhook shape's code segment ('' without one): never forwarded, it may
+    carry the client key.
+    """
 
     method: str
     suffix: str
     query: str
+    code: str = ""
 
 
 def parse_target(raw: str) -> Target:
@@ -60,7 +66,7 @@ def parse_target(raw: str) -> Target:
         )
     if any(c in query for c in "\r\n\0#"):
         raise BadRequest("the query string holds control characters")
-    return Target(match["method"], (match["suffix"] or "").lower(), query)
+    return Target(match["method"], (match["suffix"] or "").lower(), query, match["code"] or "")
 
 
 def show(text: str) -> str:
@@ -167,7 +173,10 @@ class HostPolicy:
 
     def __init__(self, listen_host: str, allowed_hosts: tuple[str, ...]) -> None:
         self._hosts = frozenset({"localhost", "::1", listen_host.lower(),
-                                 *allowed_hosts}) - {"0.0.0.0", "::", ""}  # noqa: S104
+                                 *allowed_hosts}) - {"0.0.0.0", "::", "", "*"}  # noqa: S104
+        # "*" serves any Host; an Origin must still be a served name (a page elsewhere must not
+        # make a browser call us whatever Host it reached us by).
+        self._any_host = "*" in allowed_hosts
 
     def check(self, headers: CIMultiDictProxy[str] | CIMultiDict[str], host_header: str, *,
               navigation: bool = False, trusted_origins: frozenset[str] = frozenset()) -> None:
@@ -211,12 +220,16 @@ class HostPolicy:
             return False  # unparsable: as foreign as it gets
         if not page_host or page_host != here_host or page_port != here_port:
             return False
-        return self.allowed(page_host)
+        return self.named(page_host)  # "*" serves any Host, never any page
 
     def allowed(self, host: str) -> bool:
-        """Say whether a host name or address literal is served."""
+        """Say whether a Host name or address literal is served."""
+        return self._any_host or self.named(host)
+
+    def named(self, host: str) -> bool:
+        """Say whether a host is loopback, the listener's or a listed name ("*" aside)."""
         host = host.lower().strip("[]")
-        if host in self._hosts or "*" in self._hosts:
+        if host in self._hosts:
             return True
         try:
             # Only an address literal can be loopback: "127.0.0.1.evil.example" is a name.

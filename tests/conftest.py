@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import shutil
 import socket
@@ -161,6 +163,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def outside_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None if it has none).
+
+    A connection from it to a listener on 0.0.0.0 comes from a peer that is not loopback, as
+    from another machine. Connecting a UDP socket sends nothing; it only picks the address.
+    """
+    candidates: list[str] = []
+    for probe in ("192.0.2.1", "10.255.255.255", "198.51.100.1"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.connect((probe, 9))
+            except OSError:
+                continue
+            candidates.append(str(sock.getsockname()[0]))
+    with contextlib.suppress(OSError):
+        candidates += [str(info[4][0]) for info in socket.getaddrinfo(
+            socket.gethostname(), None, socket.AF_INET, socket.SOCK_STREAM)]
+    for address in candidates:
+        if ipaddress.ip_address(address).is_loopback or address == "0.0.0.0":  # noqa: S104
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((address, 0))
+            except OSError:
+                continue
+        return address
+    return None
+
+
+@pytest.fixture(scope="session")
+def outside() -> str:
+    """This machine's non-loopback address, for calls from a peer that is not loopback."""
+    address = outside_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    return address
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from sidecar.app import create_app
 from sidecar.emulator import Emulator
-from tests.conftest import Certificate, tokens_of
+from tests.conftest import CLIENT_ID, Certificate, tokens_of
 
 Client = TestClient[web.Request, web.Application]
 
@@ -391,3 +392,50 @@ class TestB24PySdk:
         assert len(emulator.leads) == 1
         assert emulator.stats.refresh_ok == 1
         assert_sidecar_token(emulator, sidecar)
+
+
+# -- with a client key -------------------------------------------------------------------------
+
+CLIENT_KEY = "clientkey_0123456789abcdef01234567"
+
+
+@pytest.fixture
+async def keyed(make_settings: Any, emulator: Emulator, aiohttp_client: Any) -> Client:
+    """A sidecar that asks every call for CLIENT_KEY."""
+    settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), client_key=CLIENT_KEY)
+    client: Client = await aiohttp_client(create_app(settings, watch_interval=0.05))
+    return client
+
+
+class TestClientKey:
+    """A library that takes only a webhook address carries the key as the webhook's code."""
+
+    async def test_bitrix24_rest_with_the_key_as_code(
+        self, keyed: Client, emulator: Emulator
+    ) -> None:
+        """bitrix24-rest on /rest/1/<key>/: served; the portal never sees the key."""
+        bitrix24 = pytest.importorskip("bitrix24")
+        bitrix = bitrix24.Bitrix24(webhook_base(keyed, f"/rest/1/{CLIENT_KEY}/"))
+        lead_id = await bitrix.callMethod("crm.lead.add", {"fields": LEAD_FIELDS})
+        assert_is_lead(emulator.leads[lead_id], lead_id)
+        assert_sidecar_token(emulator, keyed)
+        assert all(CLIENT_KEY not in repr(call) for call in emulator.rest_log)
+
+        wrong = bitrix24.Bitrix24(webhook_base(keyed, "/rest/1/anycode/"))
+        with pytest.raises(Exception, match="401"):  # as a wrong webhook code at the portal
+            await wrong.callMethod("profile")
+        assert len(emulator.rest_log) == 1
+
+    async def test_fast_bitrix24_with_the_key_as_code(
+        self, keyed: Client, emulator: Emulator
+    ) -> None:
+        """fast-bitrix24 on /rest/7/<key>/ (any user id): JSON POSTs and batches served."""
+        fast_bitrix24 = pytest.importorskip("fast_bitrix24")
+        bitrix = fast_bitrix24.BitrixAsync(webhook_base(keyed, f"/rest/7/{CLIENT_KEY}/"),
+                                           verbose=False)
+        response = await bitrix.call("profile", raw=True)
+        assert response["result"]["ID"] == "1"
+        lead_id = await bitrix.call("crm.lead.add", {"fields": LEAD_FIELDS})
+        assert_is_lead(emulator.leads[lead_id], lead_id)
+        assert_sidecar_token(emulator, keyed)
+        assert all(CLIENT_KEY not in repr(call) for call in emulator.rest_log)

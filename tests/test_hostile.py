@@ -28,16 +28,16 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.app import TOKENS, create_app, create_oauth_app
+from sidecar.app import TOKENS, create_admin_app, create_app, create_oauth_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator, run_emulator
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, ProxyTestServer
 
 Client = TestClient[web.Request, web.Application]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -1148,6 +1148,181 @@ class TestFuzz:
             assert REST_PATH_RE.fullmatch(path.partition("?")[0]), path
         assert_only_rest(emulator)
         await assert_still_serving(sidecar)
+
+
+# -- reached from beyond loopback ------------------------------------------------------------------
+
+KEY = "hostile_test_client_key_0123456789"
+
+
+def from_host(target: bytes, host: bytes, *headers: bytes) -> bytes:
+    """Build a GET with the given Host and extra header lines (b"": HTTP/1.0 with no Host)."""
+    host_line = b"Host: %s\r\n" % host if host else b""
+    return b"GET %s HTTP/1.%s\r\n%s%sConnection: close\r\n\r\n" % (
+        target, b"1" if host else b"0", host_line, b"".join(h + b"\r\n" for h in headers))
+
+
+def port_of(client: Client) -> int:
+    """The port a test server listens on."""
+    assert client.port is not None
+    return client.port
+
+
+async def answer_at(address: str, client: Client, data: bytes) -> Answer:
+    """Send ``data`` to ``client``'s server at ``address``, from ``address`` itself; return the
+    one answer. From this machine's outside address, the listener sees a peer that is not
+    loopback."""
+    port = port_of(client)
+    reader, writer = await asyncio.open_connection(address, port, local_addr=(address, 0))
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(read_answer(reader), 5)
+        assert answer is not None, f"no answer to {data[:200]!r}"
+        return answer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.fixture(params=["client-key", "opted-out"])
+async def wide(  # noqa: PLR0917 - fixtures
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings],
+    emulator: RecordingEmulator, aiohttp_client: Callable[..., Awaitable[Client]],
+    fast_lane: bool, outside: str,
+) -> Client:
+    """A sidecar listening on 0.0.0.0 (with a client key, or opted out of one) that serves
+    this machine's outside address as a Host name."""
+    guard = ({"client_key": KEY} if request.param == "client-key"
+             else {"insecure_no_client_key": "on"})
+    settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), listen="0.0.0.0:0",
+                             allowed_hosts=outside, **guard)
+    return await aiohttp_client(ProxyTestServer(create_app(settings), fast_lane=fast_lane,
+                                                host="0.0.0.0"))  # noqa: S104
+
+
+class TestBeyondLoopback:
+    @pytest.mark.parametrize("host", [
+        b"127.0.0.1", b"127.0.0.1:8080", b"127.9.9.9", b"localhost", b"LocalHost:80",
+        b"[::1]", b"[::1]:8080", b"::1:8080", b"[::ffff:127.0.0.1]:8080"])
+    async def test_a_loopback_host_from_another_machine_is_refused(
+        self, wide: Client, emulator: RecordingEmulator, outside: str, host: bytes,
+    ) -> None:
+        """Host: 127.0.0.1 from a peer that is not loopback is someone getting round the Host
+        check: 403 in Bitrix shape for /rest/ and /token, key or no key; nothing forwarded."""
+        for target in (b"/token", b"/rest/profile", b"/rest/1/%s/profile" % KEY.encode()):
+            answer = await answer_at(outside, wide,
+                                     from_host(target, host, b"X-Sidecar-Key: " + KEY.encode()))
+            assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED"), answer
+            assert b"access_token" not in answer.body
+        assert emulator.requests[1:] == []
+
+    async def test_the_same_calls_by_an_allowed_name_or_from_loopback_are_served(
+        self, wide: Client, emulator: RecordingEmulator, outside: str, exposure: Exposure,
+    ) -> None:
+        """The outside address as Host (in SIDECAR_ALLOWED_HOSTS) from outside, and a loopback
+        Host from loopback, are served (with the key, where one is set)."""
+        key = b"X-Sidecar-Key: " + KEY.encode()
+        name = b"%s:%d" % (outside.encode(), port_of(wide))
+        for answer in (
+            await answer_at(outside, wide, from_host(b"/rest/profile", name, key)),
+            await answer_at(outside, wide, from_host(b"/token", name, key)),
+            await one_answer(wide, from_host(b"/rest/profile", b"127.0.0.1", key)),
+            await one_answer(wide, from_host(b"/token", b"localhost", key)),
+        ):
+            assert answer.status == 200, answer
+        assert len(emulator.rest_log) == 2
+        # /token handed the token to callers entitled to it: not an answer to a hostile client.
+        exposure.answers.clear()
+
+    async def test_without_the_key_from_outside_nothing_is_served(
+        self, make_settings: Callable[..., Settings], emulator: RecordingEmulator,
+        aiohttp_client: Callable[..., Awaitable[Client]], fast_lane: bool, outside: str,
+    ) -> None:
+        """From outside, by an allowed name: 401 for /token and /rest/ without the key."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), listen="0.0.0.0:0",
+                                 allowed_hosts=outside, client_key=KEY)
+        wide: Client = await aiohttp_client(ProxyTestServer(
+            create_app(settings), fast_lane=fast_lane, host="0.0.0.0"))  # noqa: S104
+        name = outside.encode()
+        for target in (b"/token", b"/rest/profile", b"/rest/1/anycode/profile"):
+            answer = await answer_at(outside, wide, from_host(target, name))
+            assert answer.status == 401, answer
+            assert answer.bitrix_error()[0].startswith("SIDECAR_CLIENT_KEY_"), answer
+            assert b"access_token" not in answer.body
+        assert emulator.requests[1:] == []
+
+
+class TestAnyHost:
+    async def test_star_serves_any_host_but_never_any_origin(
+        self, make_settings: Callable[..., Settings], emulator: RecordingEmulator,
+        aiohttp_client: Callable[..., Awaitable[Client]],
+    ) -> None:
+        """SIDECAR_ALLOWED_HOSTS=*: any Host name; a foreign Origin is still a foreign page."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), allowed_hosts="*")
+        client: Client = await aiohttp_client(create_app(settings))
+        for origin in (b"https://evil.example", b"http://rebind.attacker.test:8080", b"null"):
+            for target in (b"/token", b"/rest/profile"):
+                answer = await one_answer(client, from_host(
+                    target, b"rebind.attacker.test:8080", b"Origin: " + origin))
+                assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED")
+        assert emulator.requests[1:] == []
+        # Any Host; a page only of this very listener, and only on a served name.
+        for host, headers in ((b"any.name.example", ()),
+                              (b"localhost:8080", (b"Origin: http://localhost:8080",)),
+                              (b"127.0.0.1", (b"Origin: http://127.0.0.1",))):
+            answer = await one_answer(client, from_host(b"/rest/profile", host, *headers))
+            assert answer.status == 200, (headers, answer)
+        answer = await one_answer(client, from_host(
+            b"/rest/profile", b"any.name.example", b"Origin: http://any.name.example"))
+        assert answer.status == 403, answer
+
+
+class TestAdminHost:
+    ADMIN_PATHS = (b"/healthz", b"/readyz", b"/status", b"/metrics", b"/nothing")
+
+    @pytest.fixture
+    async def admin(
+        self, make_settings: Callable[..., Settings], emulator: RecordingEmulator,
+        aiohttp_client: Callable[..., Awaitable[Client]],
+    ) -> Client:
+        """The admin listener of a sidecar that also answers to the name ``sidecar``, on
+        0.0.0.0 as in the container image."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID),
+                                 allowed_hosts="sidecar")
+        proxy: Client = await aiohttp_client(create_app(settings))
+        return await aiohttp_client(TestServer(create_admin_app(proxy.app),
+                                               host="0.0.0.0"))  # noqa: S104
+
+    @pytest.mark.parametrize("host", [b"evil.example", b"rebind.attacker.test:9090",
+                                      b"127.0.0.1.evil.example", b"0.0.0.0:9090", b"10.9.8.7"])
+    async def test_a_foreign_host_is_refused(self, admin: Client, host: bytes) -> None:
+        """DNS rebinding must not let a page read /status or /metrics: 403 in Bitrix shape."""
+        for path in self.ADMIN_PATHS:
+            answer = await one_answer(admin, from_host(path, host))
+            assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED"), answer
+
+    @pytest.mark.parametrize("host", [b"127.0.0.1", b"127.0.0.1:9090", b"localhost:9090",
+                                      b"[::1]:9090", b"sidecar:9090", b""])
+    async def test_loopback_allowed_names_and_no_host_are_served(
+        self, admin: Client, host: bytes
+    ) -> None:
+        """Loopback, SIDECAR_ALLOWED_HOSTS and a request with no Host (no browser) are served."""
+        answer = await one_answer(admin, from_host(b"/healthz", host))
+        assert answer.status == 200, answer
+        assert json.loads(answer.body) == {"status": "ok"}
+
+    async def test_the_address_a_probe_arrived_on_is_served(
+        self, admin: Client, outside: str
+    ) -> None:
+        """The kubelet and Prometheus name the pod's address: the one the connection reached."""
+        for host in (outside.encode(), b"%s:%d" % (outside.encode(), port_of(admin))):
+            for path in (b"/healthz", b"/metrics", b"/status"):
+                answer = await answer_at(outside, admin, from_host(path, host))
+                assert answer.status == 200, (host, path, answer)
+        answer = await answer_at(outside, admin, from_host(b"/healthz", b"10.9.8.7:9090"))
+        assert answer.status == 403
 
 
 # -- secrets ---------------------------------------------------------------------------------------
