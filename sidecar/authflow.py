@@ -19,6 +19,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import phpquery
 from sidecar.adapter import error_response, expect_continue
+from sidecar.admission import Admission
 from sidecar.authinfo import authorize_url, code_hint
 from sidecar.authorization import Authorization
 from sidecar.config import Settings
@@ -50,8 +51,10 @@ class AuthFlow:
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
+        checks: Admission | None = None,
     ) -> None:
         self._settings = settings
+        self._checks = checks or Admission()  # app.info calls unauthenticated requests start
         self._tokens = tokens
         self._session = session
         self._clock = clock
@@ -250,7 +253,8 @@ class AuthFlow:
             raise BadRequest("the install payload names no usable client_endpoint")
         held = self._tokens.pair
         self._tokens.check_portal(pair)
-        scope = await self._verify(pair)
+        async with self._checks.slot():
+            scope = await self._verify(pair)
         if scope and not pair.scope:
             pair = replace(pair, scope=scope)
         if held is not None and held.application_token and not pair.application_token:
