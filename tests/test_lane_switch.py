@@ -15,9 +15,9 @@ from aiohttp import web
 
 from sidecar.app import create_app, no_resend, oauth_session, proxy_runner, require_no_resend
 from sidecar.config import Settings
+from sidecar.deadlines import DeadlineServer
 from sidecar.emulator import Emulator
 from sidecar.errors import SidecarError
-from sidecar.deadlines import DeadlineServer
 from sidecar.fastlane import FastServer
 from sidecar.lanecheck import RESEND_SWITCH, missing_client_internals, missing_internals
 from tests.conftest import CLIENT_ID
