@@ -66,6 +66,7 @@ class AiohttpCall(Call):
         except ConnectionResetError:
             raise ClientGone("the client hung up in the middle of its body") from None
         except BodyOverdue as exc:  # the deadline's sweep stopped the stream
+            exc.__traceback__ = None  # no cycle through the stream (see deadlines._tracked)
             raise RequestTimeout(str(exc)) from None
         return b"".join(chunks)
 

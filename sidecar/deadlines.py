@@ -23,6 +23,8 @@ The server owns the cap and the sweep for the lane's connections too (``FastServ
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,6 +50,9 @@ LINGER = 2.0
 # A body past its deadline has been told to stop; a connection still open this much later
 # (a handler that never reads its body) is closed without an answer.
 BACKSTOP = 5.0
+# After this many connections closed since the most open (and half of them gone), the
+# allocator is asked to give freed memory back to the system (see DeadlineServer._trim).
+TRIM_AFTER = 128
 log = structlog.get_logger("sidecar.deadlines")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -100,6 +105,9 @@ class DeadlineServer(web.Server):
         self.timed_out = 0  # requests that did not arrive in time
         self._live: dict[Swept, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._most = 0  # the most connections open since the last trim
+        self._trimmer: asyncio.TimerHandle | None = None
+        self._malloc_trim = malloc_trim()
         self._refused_metric: Any = None
         self._timeout_metric: Any = None
         if metrics is not None:
@@ -118,6 +126,7 @@ class DeadlineServer(web.Server):
                 self._refused_metric.inc()
             return False
         self.open += 1
+        self._most = max(self._most, self.open)
         self._live[connection] = None
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.deadlines.sweep_every, self._sweep)
@@ -132,6 +141,21 @@ class DeadlineServer(web.Server):
         """Count a connection out."""
         if self._live.pop(connection, 0) is None:
             self.open -= 1
+            if (self._most - self.open >= TRIM_AFTER and self.open <= self._most // 2
+                    and self._trimmer is None):
+                self._trimmer = self.loop.call_later(1.0, self._trim)
+
+    def _trim(self) -> None:
+        """Give the memory of many closed connections back to the system.
+
+        Their buffers (a form body held by each of a thousand dripping clients, say) are freed,
+        but glibc keeps freed memory for reuse: the process would stay at its high-water mark
+        for good. A flood of connections is rare; one trim after it costs a few milliseconds.
+        """
+        self._trimmer = None
+        self._most = self.open
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
 
     def too_slow(self, seconds: float, received: int | None = None) -> None:
         """Count and log a request that did not arrive within the deadline."""
@@ -165,10 +189,11 @@ class DeadlineServer(web.Server):
             self._sweeper = self.loop.call_later(self.deadlines.sweep_every, self._sweep)
 
     def stop_sweeping(self) -> None:
-        """Cancel the sweep (the server is being shut down)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        """Cancel the sweep and a trim (the server is being shut down)."""
+        for timer in (self._sweeper, self._trimmer):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._trimmer = None
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's
         await super().shutdown(timeout)
@@ -186,7 +211,11 @@ def _tracked(handler: Handler) -> Handler:
         protocol.begin(request)
         try:
             return await handler(request)
-        except BodyOverdue:
+        except BodyOverdue as exc:
+            # The stream keeps the exception, and its traceback holds the reader's future,
+            # which holds the exception: a cycle that would keep the whole connection (its
+            # buffers too) alive until a full collection. Dropping the traceback breaks it.
+            exc.__traceback__ = None
             assert protocol.server is not None
             reply = error_reply(RequestTimeout(protocol.server.timeout_text))
             response = web.Response(status=reply.status, body=reply.body,
@@ -339,6 +368,21 @@ class DeadlineRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         return DeadlineServer(await self.base_server(), deadlines=self.deadlines,
                               listener=self.listener, metrics=self.metrics)
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        function = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    trim: Callable[[int], int] = function
+    return trim
 
 
 def require_deadlines() -> None:

@@ -5,12 +5,17 @@ connections against a real `bitrix-sidecar run` process."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import gc
 import itertools
 import json
+import random
+import resource
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -18,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar.admission import Admission
 from sidecar.app import METRICS, create_admin_app, create_app, create_oauth_app, listener_runner
 from sidecar.config import Settings
-from sidecar.deadlines import DeadlineServer
+from sidecar.deadlines import DeadlineHandler, DeadlineServer
 from sidecar.emulator import Emulator
 from sidecar.errors import Overloaded
 from tests.conftest import CLIENT_ID
@@ -190,6 +195,28 @@ class TestBodies:
         assert_408(received, seconds)
         assert list(emulator.rest_log) == []
 
+    @pytest.mark.parametrize(("listener", "target"), [
+        ("oauth", b"/oauth/install"), ("proxy", b"/rest/crm.lead.add")])
+    async def test_a_connection_cut_at_its_deadline_is_freed_at_once(
+        self, serve: Serve, listener: str, target: bytes
+    ) -> None:
+        """Its handler, request and buffers go when it closes, not at some later collection
+        (the stream keeps the exception that stopped it: no cycle may run through that)."""
+        client, _ = await serve(listener, request_timeout=str(DEADLINE))
+        head = (b"POST " + target + b" HTTP/1.1\r\n" + HOST + FORM
+                + b"Content-Length: 60000\r\n\r\nevent=x&y=" + b"a" * 30000)
+        gc.collect()
+        gc.disable()
+        try:
+            received, seconds = await drip(client.port, endless(head, b"a"))
+            assert_408(received, seconds)
+            await until(lambda: server_of(client).open == 0)
+            await asyncio.sleep(0.1)
+            alive = [o for o in gc.get_objects() if isinstance(o, DeadlineHandler)]
+        finally:
+            gc.enable()
+        assert alive == []
+
     async def test_a_body_in_time_is_served(self, serve: Serve, emulator: Emulator) -> None:
         """A body that arrives whole before the deadline, slowly, is served as ever."""
         client, _ = await serve("proxy", request_timeout="2")
@@ -322,3 +349,185 @@ class TestInstallChecks:
         async with admission.slot():  # free again
             pass
         assert admission.refused == 2
+
+
+# -- 2,000 dripping connections against a real process ------------------------------------------
+
+FLOOD_DEADLINE = 3.0
+PACE = 1.0  # seconds between the drips
+REST = b"POST /rest/crm.lead.add HTTP/1.1\r\n" + HOST + FORM
+INSTALL = b"POST /oauth/install HTTP/1.1\r\n" + HOST + FORM
+# (listener, kind, how many, first piece, what drips)
+FLOOD: list[tuple[str, str, int, bytes, bytes]] = [
+    ("proxy", "silent head", 200, b"GET /rest/profile HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A", b""),
+    ("proxy", "dripped header", 150, b"GET /rest/profile HTTP/1.1\r\n" + HOST + b"X-D: ", b"a"),
+    ("proxy", "dripped install body", 150,
+     INSTALL + b"Content-Length: 1000\r\n\r\nevent=ONAPPINSTALL", b"a"),
+    ("proxy", "2 MB Content-Length", 150,
+     REST + b"Content-Length: 2000000\r\n\r\nfields[TITLE]=" + b"a" * 60000, b"a"),
+    ("proxy", "slow chunked body", 150, REST + b"Transfer-Encoding: chunked\r\n\r\n",
+     b"4\r\naaaa\r\n"),
+    ("oauth", "silent head", 200, b"GET /oauth/start HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A", b""),
+    ("oauth", "dripped header", 200, b"GET /oauth/start HTTP/1.1\r\n" + HOST + b"X-D: ", b"a"),
+    ("oauth", "60 KB of a 1 MB form", 400,
+     INSTALL + b"Content-Length: 1048576\r\n\r\nevent=ONAPPINSTALL&x=" + b"a" * 60000, b"a"),
+    ("admin", "silent head", 200, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A", b""),
+    ("admin", "dripped header", 200, b"GET /metrics HTTP/1.1\r\n" + HOST + b"X-D: ", b"a"),
+]
+
+
+def rss(pid: int) -> int:
+    """The process's resident set size in bytes (VmRSS)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def more_open_files(wanted: int) -> None:
+    """Raise this process's soft limit on open files (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        pytest.skip(f"needs {wanted} open files; the hard limit is {hard}")
+
+
+async def dripper(port: int, first: bytes, then: bytes) -> tuple[int | None, float, float]:
+    """One dripping client: its answer's status (None: closed unanswered), when it first sent,
+    and how long until the sidecar closed it."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(50):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            break
+        except OSError:  # the accept queue is full for a moment
+            await asyncio.sleep(0.05 * (attempt + 1))
+    else:
+        raise AssertionError("could not connect")
+    started = loop.time()
+
+    async def send() -> None:
+        try:
+            writer.write(first)
+            await writer.drain()
+            while then:
+                await asyncio.sleep(PACE)
+                writer.write(then)
+                await writer.drain()
+        except ConnectionError:
+            return
+
+    sender = asyncio.create_task(send())
+    received = b""
+    try:
+        async with asyncio.timeout(FLOOD_DEADLINE + 30):
+            while True:
+                try:
+                    chunk = await reader.read(65536)
+                except ConnectionError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        sender.cancel()
+        writer.close()
+    closed = loop.time() - started
+    status = int(received.split(b" ", 2)[1]) if received.startswith(b"HTTP/1.") else None
+    return status, started, closed
+
+
+class TestFlood:
+    @pytest.mark.timeout(300)
+    async def test_two_thousand_dripping_connections(self) -> None:
+        """2,000 connections drip across the three listeners; /rest/ calls keep being served at
+        their usual pace, every dripping connection is closed by the deadline, and memory stays
+        under the pod's 256 MiB and comes back down."""
+        from bench.common import emulator, free_port, sidecar_process
+
+        total = sum(count for _, _, count, _, _ in FLOOD)
+        more_open_files(total + 512)
+        ports = {"oauth": free_port(), "admin": free_port()}
+        async with emulator() as portal, sidecar_process(
+            portal, rate="0", request_timeout=f"{FLOOD_DEADLINE:g}s", idle_timeout="30s",
+            oauth_listen=f"127.0.0.1:{ports['oauth']}",
+            admin_listen=f"127.0.0.1:{ports['admin']}",
+        ) as (pid, port):
+            ports["proxy"] = port
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as http:
+                for _ in range(200):  # warm up: imports, the token, the pools
+                    async with http.get(f"{base}/rest/profile") as response:
+                        assert response.status == 200
+                await asyncio.sleep(1.0)
+                baseline = rss(pid)
+                peak = baseline
+                latencies: list[float] = []
+                statuses: collections.Counter[int] = collections.Counter()
+                stop = asyncio.Event()
+
+                async def probe() -> None:
+                    loop = asyncio.get_running_loop()
+                    while not stop.is_set():
+                        started = loop.time()
+                        async with http.get(f"{base}/rest/profile") as response:
+                            await response.read()
+                            statuses[response.status] += 1
+                        latencies.append(loop.time() - started)
+                        await asyncio.sleep(0.02)
+
+                async def sample() -> None:
+                    nonlocal peak
+                    while not stop.is_set():
+                        peak = max(peak, rss(pid))
+                        await asyncio.sleep(0.1)
+
+                background = [asyncio.create_task(probe()), asyncio.create_task(sample())]
+                flood: list[asyncio.Task[tuple[int | None, float, float]]] = []
+                kinds: list[str] = []
+                plan = [(listener, kind, first, then) for listener, kind, count, first, then
+                        in FLOOD for _ in range(count)]
+                random.Random(7).shuffle(plan)  # noqa: S311 - an order, not a secret
+                opened = asyncio.get_running_loop().time()
+                for n, (listener, kind, first, then) in enumerate(plan):
+                    flood.append(asyncio.create_task(dripper(ports[listener], first, then)))
+                    kinds.append(f"{listener}: {kind}")
+                    if n % 100 == 99:
+                        await asyncio.sleep(0.05)  # the listeners' accept queues hold 128
+                results = await asyncio.gather(*flood)
+                all_closed = asyncio.get_running_loop().time() - opened
+                await asyncio.sleep(3.0)
+                stop.set()
+                await asyncio.gather(*background)
+                after = rss(pid)
+        by_kind: dict[str, collections.Counter[int | None]] = collections.defaultdict(
+            collections.Counter)
+        for kind, (status, _, _) in zip(kinds, results, strict=True):
+            by_kind[kind][status] += 1
+        slowest = max(closed for _, _, closed in results)
+        ordered = sorted(latencies)
+        figures = {
+            "connections": total,
+            "RSS baseline MiB": round(baseline / 2**20, 1),
+            "RSS peak MiB": round(peak / 2**20, 1),
+            "RSS after MiB": round(after / 2**20, 1),
+            "all closed after s (from the first connect)": round(all_closed, 2),
+            "slowest close after its first byte s": round(slowest, 2),
+            "/rest/ calls during": len(latencies),
+            "/rest/ p50 ms": round(ordered[len(ordered) // 2] * 1000, 2),
+            "/rest/ p99 ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 2),
+            "/rest/ max ms": round(ordered[-1] * 1000, 2),
+            "answers by kind": {kind: dict(counter) for kind, counter in by_kind.items()},
+        }
+        print("\nflood figures:", json.dumps(figures, indent=1))
+        assert set(statuses) == {200}
+        assert len(latencies) > 50
+        # every connection closed by the deadline (plus the sweep, the linger and loop delays)
+        assert slowest < FLOOD_DEADLINE + 4, figures
+        for kind, counter in by_kind.items():  # each answered 408 (a rare reset loses one)
+            assert counter[408] >= 0.95 * sum(counter.values()), (kind, counter)
+        assert peak < 256 * 2**20, figures
+        assert after < baseline + 24 * 2**20, figures
