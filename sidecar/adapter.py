@@ -9,11 +9,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
+from sidecar.deadlines import BodyOverdue
 from sidecar.errors import (
     BadRequest,
     BodyTooLarge,
     ClientGone,
     ExpectationFailed,
+    RequestTimeout,
     SidecarError,
 )
 from sidecar.replies import Call, Reply, error_reply
@@ -22,8 +24,11 @@ from sidecar.rules import show
 
 def web_response(reply: Reply) -> web.Response:
     """Turn a whole reply into aiohttp's response."""
-    return web.Response(status=reply.status, reason=reply.reason or None, body=reply.body,
-                        headers=CIMultiDict(reply.headers))
+    response = web.Response(status=reply.status, reason=reply.reason or None, body=reply.body,
+                            headers=CIMultiDict(reply.headers))
+    if reply.status == 408:
+        response.force_close()  # the rest of the request is not coming in time: no next one
+    return response
 
 
 def error_response(error: SidecarError, *, request_id: str | None = None) -> web.Response:
@@ -61,6 +66,9 @@ class AiohttpCall(Call):
                              "Content-Encoding)") from None
         except ConnectionResetError:
             raise ClientGone("the client hung up in the middle of its body") from None
+        except BodyOverdue as exc:  # the deadline's sweep stopped the stream
+            exc.__traceback__ = None  # no cycle through the stream (see deadlines._tracked)
+            raise RequestTimeout(str(exc)) from None
         return b"".join(chunks)
 
 

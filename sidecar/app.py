@@ -7,6 +7,7 @@ import contextlib
 import gc
 import importlib.metadata
 import os
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,12 +19,14 @@ import structlog
 from aiohttp import web
 
 from sidecar.adapter import error_response, expect_continue
+from sidecar.admission import Admission
 from sidecar.alerts import Alerter
 from sidecar.authflow import AuthFlow, Handler, Where
 from sidecar.authorization import Authorization
 from sidecar.clientkey import AdminHosts
 from sidecar.coalescer import Coalescer
 from sidecar.config import Listen, Settings, is_loopback
+from sidecar.deadlines import DeadlineRunner, Deadlines
 from sidecar.errors import NotFound, Refused, SidecarError
 from sidecar.fastlane import ProxyRunner
 from sidecar.lanecheck import RESEND_SWITCH, missing_client_internals
@@ -83,6 +86,9 @@ class Lifecycle:
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
+# Install payloads are a few KiB; the admin listener reads no body at all.
+OAUTH_MAX_BODY = 64 * 1024
+ADMIN_MAX_BODY = 1024
 
 
 def settle_garbage_collector() -> None:
@@ -103,8 +109,31 @@ def proxy_runner(app: web.Application, *, fast_lane: bool | None = None,
                  **kwargs: Any) -> ProxyRunner:
     """The runner of the proxy listener: connections start in the fast lane, unless
     ``fast_lane`` (by default the settings' ``SIDECAR_FAST_LANE``) is off."""
-    enabled = app[SETTINGS].fast_lane if fast_lane is None else fast_lane
-    return ProxyRunner(app, _lane, fast_lane=enabled, **kwargs)
+    settings = app[SETTINGS]
+    enabled = settings.fast_lane if fast_lane is None else fast_lane
+    return ProxyRunner(app, _lane, fast_lane=enabled, deadlines=Deadlines.of(settings),
+                       metrics=app[METRICS], **kwargs)
+
+
+def listener_runner(app: web.Application, proxy_app: web.Application, listener: str,
+                    **kwargs: Any) -> DeadlineRunner:
+    """The runner of the admin or OAuth listener: the proxy listener's deadlines and cap."""
+    return DeadlineRunner(app, deadlines=Deadlines.of(proxy_app[SETTINGS]), listener=listener,
+                          metrics=proxy_app[METRICS], **kwargs)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; return (soft, hard) as they are now.
+
+    Each listener may hold SIDECAR_MAX_CONNECTIONS connections, plus the portal pool and the
+    store: distributions' default soft limit (1024) would refuse them first (accept() failing).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
 
 
 def require_no_resend(session_class: type[object] = aiohttp.ClientSession) -> None:
@@ -216,7 +245,8 @@ def create_app(
                 coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send)
             proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses,
                                        access_log=access_log)
-            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, store, oauth_http)
+            checks = Admission(on_refused=metrics.install_checks_refused.inc)
+            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, store, oauth_http, checks=checks)
             authflow.add_routes(app, Where(proxy.policy, public=False), lifecycle.tracked)
             # After the exact routes.
             # Any path at all, newlines included, gets our own answers; so does any Expect.
@@ -258,7 +288,7 @@ def create_oauth_app(proxy_app: web.Application) -> web.Application:
 
     Safe to publish for the portal's install events: it never proxies and never shows a token.
     """
-    oauth = web.Application(client_max_size=1024**2)
+    oauth = web.Application(client_max_size=OAUTH_MAX_BODY)
     tracked = proxy_app[LIFECYCLE].tracked
     settings = proxy_app[SETTINGS]
     # Served: the published name (SIDECAR_PUBLIC_URL) and loopback, nothing else.
@@ -316,7 +346,7 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
             return error_response(exc)
         return await handler(request)
 
-    admin = web.Application(middlewares=[host_check])
+    admin = web.Application(middlewares=[host_check], client_max_size=ADMIN_MAX_BODY)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=proxy_app[METRICS].render(),
@@ -369,6 +399,13 @@ async def serve(
     """
     # The drain below waits for calls in flight itself (to count what is left); aiohttp's own
     # shutdown wait then only closes idle keep-alive connections.
+    settings = app[SETTINGS]
+    soft, hard = raise_open_files_limit()
+    needed = 3 * settings.max_connections + 512  # three listeners, the pool, the store, logs
+    log.info("open_files_limit", soft=soft, hard=hard)
+    if soft < needed:
+        log.warning("open_files_limit_low", soft=soft, needed=needed,
+                    hint="raise the hard limit (ulimit -Hn) or lower SIDECAR_MAX_CONNECTIONS")
     runner = proxy_runner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
@@ -381,16 +418,17 @@ async def serve(
         log.info("listening", address=f"http://{listen.host}:{bound}", pid=os.getpid(),
                  fast_lane=runner.fast_lane)
         if admin_listen is not None:
-            admin_runner = web.AppRunner(create_admin_app(app), handle_signals=False,
-                                         access_log=None)
+            admin_runner = listener_runner(create_admin_app(app), app, "admin",
+                                           handle_signals=False, access_log=None)
             await admin_runner.setup()
             await web.TCPSite(admin_runner, admin_listen.host, admin_listen.port).start()
             log.info("admin_listening",
                      address=f"http://{admin_listen.host}:"
                      f"{_bound_port(admin_runner, admin_listen.port)}")
         if oauth_listen is not None:
-            oauth_runner = web.AppRunner(create_oauth_app(app), handle_signals=False,
-                                         access_log=None, shutdown_timeout=0.5)
+            oauth_runner = listener_runner(create_oauth_app(app), app, "oauth",
+                                           handle_signals=False, access_log=None,
+                                           shutdown_timeout=0.5)
             await oauth_runner.setup()
             oauth_site = web.TCPSite(oauth_runner, oauth_listen.host, oauth_listen.port)
             await oauth_site.start()

@@ -21,6 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar import phpquery
 from sidecar.adapter import error_response, expect_continue
+from sidecar.admission import Admission
 from sidecar.authinfo import authorize_url, code_hint
 from sidecar.authorization import Authorization, Consent, replacement_refusal
 from sidecar.config import Settings
@@ -174,8 +175,10 @@ class AuthFlow:
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
+        checks: Admission | None = None,
     ) -> None:
         self._settings = settings
+        self._checks = checks or Admission()  # app.info calls unauthenticated requests start
         self._tokens = tokens
         self._store = store
         self._session = session
@@ -466,7 +469,8 @@ class AuthFlow:
             raise BadRequest("the install payload names no usable client_endpoint")
         self._tokens.check_portal(pair)
         consent, window = await self._consent(proof)
-        scope, user_id = await self._verify(pair)
+        async with self._checks.slot():
+            scope, user_id = await self._verify(pair)
         # The portal says whose token it is and what it may do; the payload's word is not taken.
         pair = replace(pair, scope=scope or pair.scope, user_id=user_id)
         self._tokens.check_replacement(pair, consent, proof)

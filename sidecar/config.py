@@ -335,6 +335,15 @@ OPTIONS: tuple[Option, ...] = (
            "background refresh period; 0 = only when needed", _interval, "25m"),
     Option("SIDECAR_UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout",
            "total time for one upstream call", _positive(parse_duration), "60s"),
+    Option("SIDECAR_REQUEST_TIMEOUT", "--request-timeout", "request_timeout",
+           "time a request (head and body) has to arrive whole after its first byte, on every "
+           "listener, before a 408", _positive(parse_duration), "60s"),
+    Option("SIDECAR_IDLE_TIMEOUT", "--idle-timeout", "idle_timeout",
+           "time a kept-alive connection may sit idle before it is closed, on every listener",
+           _positive(parse_duration), "75s"),
+    Option("SIDECAR_MAX_CONNECTIONS", "--max-connections", "max_connections",
+           "open connections each listener accepts; more are closed at once", parse_count,
+           "1024"),
     Option("SIDECAR_MAX_BODY", "--max-body", "max_body", "largest request body accepted",
            parse_size, "16MiB"),
     Option("SIDECAR_LOG_FORMAT", "--log-format", "log_format", "json or console",
@@ -381,6 +390,9 @@ class Settings:
     refresh_interval: float = _default("refresh_interval")
     upstream_timeout: float = _default("upstream_timeout")
     max_body: int = _default("max_body")
+    request_timeout: float = _default("request_timeout")
+    idle_timeout: float = _default("idle_timeout")
+    max_connections: int = _default("max_connections")
     log_format: str = _default("log_format")
     log_level: str = _default("log_level")
     fast_lane: bool = _default("fast_lane")

@@ -163,3 +163,13 @@ class RequestTimeout(SidecarError):
     """A client took too long to send its request (a slow-drip client, or a stalled one)."""
 
     code = "SIDECAR_REQUEST_TIMEOUT"
+
+
+class Overloaded(SidecarError):
+    """Too many requests of a kind that starts outbound work are already being served."""
+
+    code = "SIDECAR_OVERLOADED"
+
+    def __init__(self, description: str, *, retry_after: float) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after

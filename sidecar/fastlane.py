@@ -19,6 +19,10 @@ The lane stands on parts of aiohttp that are not its public API (see ``missing_i
 At start-up the runner checks each of them; if one is missing, it says so once (a
 ``fast_lane_unavailable`` warning) and serves everything through plain aiohttp: correct,
 slower. ``SIDECAR_FAST_LANE=off`` does the same on purpose.
+
+The lane's server is a ``DeadlineServer`` (deadlines.py): the lane's connections and the
+aiohttp handlers it hands connections to share its connection cap and its once-a-second sweep,
+and are held to the same request deadline and idle timeout.
 """
 
 from __future__ import annotations
@@ -31,9 +35,14 @@ from typing import Any, Protocol, cast
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from sidecar.errors import RequestTimeout
+from sidecar.deadlines import (
+    LINGER,
+    DeadlineHandler,
+    DeadlineRunner,
+    Deadlines,
+    DeadlineServer,
+)
 from sidecar.lanecheck import missing_internals
 from sidecar.laneparse import (
     FAST_BODY,
@@ -43,23 +52,19 @@ from sidecar.laneparse import (
     NO_BODY,
     PREFIXES,
     HeadFields,
-    HttpDate,
     Parsed,
     bare_line_feed,
     connection_line,
     head_bytes,
     parse_head,
 )
+from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
-from sidecar.replies import Reply, error_reply
+from sidecar.replies import Reply
 
-# A kept-alive client connection idle this long is closed (aiohttp's default too).
-CLIENT_IDLE_TIMEOUT = 75.0
-# A request must arrive whole (head and body) within this long of its first byte, or it gets
-# a 408 (slow-drip clients). Every connection starts in the lane, so every first request
-# is held to it.
-REQUEST_TIMEOUT = 60.0
-LINGER = 2.0
+# A kept-alive client connection idle SIDECAR_IDLE_TIMEOUT is closed; a request must arrive
+# whole (head and body) within SIDECAR_REQUEST_TIMEOUT of its first byte, or it gets a 408
+# (slow-drip clients): both are the server's ``deadlines``.
 log = structlog.get_logger("sidecar.fastlane")
 
 
@@ -135,6 +140,7 @@ class FastLane(asyncio.Protocol):
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._last_active = 0.0
+        self._admitted = False  # counted among the server's open connections
         self._started: float | None = None  # when the request being read began to arrive
         self._discarding = False  # answered and closing: what still arrives is dropped
         self._head: HeadFields | None = None  # the parser, kept between requests without a body
@@ -148,6 +154,11 @@ class FastLane(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._server.admit(self):
+            self._closing = self._discarding = True  # one too many: closed, nothing read
+            transport.close()
+            return
+        self._admitted = True
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
@@ -183,6 +194,9 @@ class FastLane(asyncio.Protocol):
         self._buffer.clear()
         self._parsed = None
         self._server.unregister(self)
+        if self._admitted:
+            self._admitted = False
+            self._server.release(self)
         self._wake_writer()
 
     def pause_writing(self) -> None:
@@ -340,6 +354,10 @@ class FastLane(asyncio.Protocol):
         self._server.unregister(self)
         self._server.handed_off += 1
         handler = self._server.aiohttp_handler()
+        # The handler keeps this connection's place under the cap, and its request's deadline.
+        handler.adopt(self._started)
+        self._server.swap(self, handler)
+        self._admitted = False
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
@@ -356,25 +374,20 @@ class FastLane(asyncio.Protocol):
         """Close an idle connection; answer 408 to a request too slow to arrive."""
         if self._task is not None or self._closing:
             return
+        deadlines = self._server.deadlines
         if self._started is not None:
-            if now - self._started >= REQUEST_TIMEOUT:
+            if now - self._started >= deadlines.request_timeout:
                 self._too_slow(now - self._started)
-        elif now - self._last_active >= CLIENT_IDLE_TIMEOUT:
+        elif now - self._last_active >= deadlines.idle_timeout:
             self.close_now()
 
     def _too_slow(self, seconds: float) -> None:
-        log.info("request_too_slow", seconds=round(seconds, 1), received=len(self._buffer))
-        reply = error_reply(RequestTimeout(
-            f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s"))
-        assert reply.body is not None
+        self._server.too_slow(seconds, len(self._buffer))
         transport = self._transport
         self._closing = True
         if transport is None or transport.is_closing():
             return
-        transport.write(head_bytes(reply.status, reply.reason, reply.headers,
-                                    f"Content-Length: {len(reply.body)}\r\n"
-                                    "Connection: close\r\n", True, date=self._server.date)
-                        + reply.body)
+        transport.write(self._server.timeout_reply())
         # A lingering close: the client may still be sending, and closing with its bytes
         # unread would reset the connection and lose the answer. Stop writing, read and
         # drop what still comes for a moment, then close.
@@ -394,57 +407,39 @@ class FastLane(asyncio.Protocol):
         self._close_after_writing()
 
 
-class FastServer(web.Server):
+class FastServer(DeadlineServer):
     """aiohttp's low-level server, whose connections start in the fast lane."""
 
     def __init__(self, base: web.Server, *, proxy: Proxy, tracker: Tracker,
-                 max_body: int) -> None:
-        super().__init__(base.request_handler, request_factory=base.request_factory,
-                         handler_cancellation=base.handler_cancellation,
-                         loop=base._loop, **base._kwargs)
+                 max_body: int, deadlines: Deadlines | None = None,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(base, deadlines=deadlines or Deadlines(), listener="proxy",
+                         metrics=metrics)
         self.proxy = proxy
         self.tracker = tracker
         self.max_body = max_body
-        self.loop = base._loop
-        self.date = HttpDate()
         self.served = 0  # calls the fast lane served itself
         self.handed_off = 0  # connections it gave to aiohttp
-        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> FastLane:  # type: ignore[override]
         return FastLane(self)
 
-    def aiohttp_handler(self) -> RequestHandler:
+    def aiohttp_handler(self) -> DeadlineHandler:
         """A request handler of aiohttp's own, for a connection the fast lane hands over."""
-        return super().__call__()
+        handler = super().__call__()
+        assert isinstance(handler, DeadlineHandler)
+        return handler
 
     def register(self, lane: FastLane, transport: asyncio.Transport) -> None:
         """Count a fast-lane connection among the server's (for shutdown)."""
         self._connections[cast(Any, lane)] = transport
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(_sweep_every(), self._sweep)
-
-    def _sweep(self) -> None:
-        """Check every fast-lane connection for idleness and slow requests (one timer for all)."""
-        self._sweeper = None
-        now = self.loop.time()
-        connections: list[object] = list(self._connections)
-        lanes = [conn for conn in connections if isinstance(conn, FastLane)]
-        for lane in lanes:
-            lane.tick(now)
-        if any(isinstance(conn, FastLane) for conn in self._connections):
-            self._sweeper = self.loop.call_later(_sweep_every(), self._sweep)
 
     def unregister(self, lane: FastLane) -> None:
         """Forget a connection that closed or was handed over."""
         self._connections.pop(cast(Any, lane), None)
 
 
-def _sweep_every() -> float:
-    return min(1.0, CLIENT_IDLE_TIMEOUT / 4, REQUEST_TIMEOUT / 4)
-
-
-class ProxyRunner(web.AppRunner):
+class ProxyRunner(DeadlineRunner):
     """An AppRunner whose server puts connections in the fast lane first.
 
     With ``fast_lane`` false, or when ``checker`` (``missing_internals``) names something
@@ -454,8 +449,10 @@ class ProxyRunner(web.AppRunner):
     def __init__(self, app: web.Application,
                  lane: Callable[[web.Application], tuple[Proxy, Tracker, int]], *,
                  fast_lane: bool = True, checker: Callable[[], list[str]] = missing_internals,
+                 deadlines: Deadlines | None = None, metrics: Metrics | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+        super().__init__(app, deadlines=deadlines or Deadlines(), listener="proxy",
+                         metrics=metrics, **kwargs)
         self._lane = lane
         self._checker = checker
         self.fast_lane = fast_lane  # whether connections start in the lane (known after setup)
@@ -471,8 +468,9 @@ class ProxyRunner(web.AppRunner):
         await super().setup()
 
     async def _make_server(self) -> web.Server:
-        base = await super()._make_server()
         if not self.fast_lane:
-            return base
+            return await super()._make_server()
+        base = await self.base_server()  # the app starts up here: its proxy exists after
         proxy, tracker, max_body = self._lane(self.app)
-        return FastServer(base, proxy=proxy, tracker=tracker, max_body=max_body)
+        return FastServer(base, proxy=proxy, tracker=tracker, max_body=max_body,
+                          deadlines=self.deadlines, metrics=self.metrics)

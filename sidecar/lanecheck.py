@@ -1,5 +1,6 @@
-"""Whether this aiohttp still has the parts outside its public API that the fast lane and
-``no_resend`` stand on: checked at start-up, so a change in aiohttp is said once, loudly."""
+"""Whether this aiohttp still has the parts outside its public API that the fast lane, the
+request deadlines and ``no_resend`` stand on: checked at start-up, so a change in aiohttp is
+said once, loudly."""
 
 from __future__ import annotations
 
@@ -45,6 +46,56 @@ def missing_client_internals(session: type[object] = aiohttp.ClientSession) -> l
     if RESEND_SWITCH in reads and _set_by_init(session, RESEND_SWITCH):
         return []
     return [f"{session.__name__}.{RESEND_SWITCH}"]
+
+
+def missing_deadline_internals(
+    server: type[web.Server] = web.Server,
+    runner: type[web.AppRunner] = web.AppRunner,
+    handler: type[asyncio.BaseProtocol] = RequestHandler,
+) -> list[str]:
+    """Name each part of aiohttp outside its public API that the request deadlines
+    (sidecar/deadlines.py) rely on and that this aiohttp lacks; empty when all are there.
+
+    Call it with the event loop running (a ``server`` is built, never served).
+    """
+    missing: list[str] = []
+    name = server.__name__
+    # DeadlineRunner (and ProxyRunner) build their server by overriding the runner's
+    # _make_server, which setup() must call.
+    if not (inspect.iscoroutinefunction(getattr(runner, "_make_server", None))
+            and "_make_server" in _names_used(getattr(runner, "setup", None))):
+        missing.append(f"{runner.__name__}._make_server (called by setup)")
+    # A DeadlineServer is built from the Server aiohttp made (its loop and handler arguments),
+    # and builds its handlers as Server.__call__ does, from the same loop and arguments.
+    try:
+        probe: Any = server(_never_called)
+    except Exception:  # whatever breaks, the deadlines cannot copy this server
+        missing.append(f"{name}(handler)")
+    else:
+        for attribute, fits in (
+            ("_loop", lambda value: value is asyncio.get_running_loop()),
+            ("_kwargs", lambda value: isinstance(value, dict)),
+            ("request_handler", lambda value: value is _never_called),
+            ("request_factory", callable),
+            ("handler_cancellation", lambda value: isinstance(value, bool)),
+        ):
+            if not hasattr(probe, attribute) or not fits(getattr(probe, attribute)):
+                missing.append(f"{name}.{attribute}")
+    # A head is overdue only while the handler waits for one: start() awaits _waiter then,
+    # as aiohttp's own keep-alive check reads it.
+    hname = handler.__name__
+    if not (_set_by_init(handler, "_waiter")
+            and "_waiter" in _names_used(getattr(handler, "start", None))
+            and "_waiter" in _names_used(getattr(handler, "_process_keepalive", None))):
+        missing.append(f"{hname}._waiter (awaited by start() while no request is queued)")
+    # The idle timeout is aiohttp's keep-alive timer, set by this argument.
+    try:
+        parameters = inspect.signature(handler).parameters
+    except (TypeError, ValueError):
+        parameters = {}  # type: ignore[assignment]
+    if "keepalive_timeout" not in parameters:
+        missing.append(f"{hname}(keepalive_timeout=)")
+    return missing
 
 
 def missing_internals(

@@ -97,6 +97,21 @@ class Metrics:
         self.alerts = Counter(
             "bitrix_sidecar_alerts", "Alert webhook deliveries by event and result.",
             ["event", "result"], registry=r)
+        self.connections_open = Gauge(
+            "bitrix_sidecar_open_connections", "Client connections open, by listener.",
+            ["listener"], registry=r)
+        self.connections_refused = Counter(
+            "bitrix_sidecar_connections_refused",
+            "Connections closed at once because the listener had SIDECAR_MAX_CONNECTIONS open.",
+            ["listener"], registry=r)
+        self.request_timeouts = Counter(
+            "bitrix_sidecar_request_timeouts",
+            "Requests answered 408 (or cut) for not arriving whole within "
+            "SIDECAR_REQUEST_TIMEOUT, by listener.", ["listener"], registry=r)
+        self.install_checks_refused = Counter(
+            "bitrix_sidecar_install_checks_refused",
+            "Install payloads refused 503 because too many were being checked (app.info) "
+            "at once.", registry=r)
         info = Gauge("bitrix_sidecar_build_info", "Version of the running sidecar.",
                      ["version"], registry=r)
         info.labels(version=__version__).set(1)

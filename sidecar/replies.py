@@ -22,6 +22,7 @@ from sidecar.errors import (
     MethodPaused,
     NotAuthorized,
     NotFound,
+    Overloaded,
     QueueFull,
     ReauthorizationRequired,
     Refused,
@@ -44,6 +45,7 @@ STATUS_OF: dict[type[SidecarError], int] = {
     ExpectationFailed: 417,
     MethodPaused: 429,
     QueueFull: 503,
+    Overloaded: 503,
     UpstreamError: 502,
     UpstreamTimeout: 504,
     RequestTimeout: 408,
@@ -120,7 +122,7 @@ def error_reply(error: SidecarError, *, request_id: str | None = None) -> Reply:
         headers.append(("X-Request-ID", request_id))
     if isinstance(error, MethodNotAllowed):
         headers.append(("Allow", "GET, POST"))
-    if isinstance(error, QueueFull | MethodPaused):
+    if isinstance(error, QueueFull | MethodPaused | Overloaded):
         headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))
     body = json.dumps({"error": error.code, "error_description": error.description}).encode()
     return Reply(status, headers, body)

@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -15,10 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar import fastlane
 from sidecar.app import create_app
+from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.fastlane import FastServer
+from tests.conftest import CLIENT_ID
 from tests.test_operations import until
 
 Client = TestClient[web.Request, web.Application]
@@ -368,11 +370,22 @@ class TestOddHeads:
         assert asyncio.get_running_loop().time() - started < 5
 
 
+async def quick_sidecar(aiohttp_client: Callable[..., Awaitable[Client]],
+                        make_settings: Callable[..., Settings], emulator: Emulator,
+                        **deadlines: str) -> Client:
+    """An authorized sidecar with the given deadlines (``request_timeout="0.4"``...)."""
+    settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), **deadlines)
+    return await aiohttp_client(create_app(settings, watch_interval=0.05))
+
+
 class TestConnections:
     @pytest.mark.lane_only
-    async def test_an_idle_connection_is_closed(self, sidecar: Client,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(fastlane, "CLIENT_IDLE_TIMEOUT", 0.2)
+    async def test_an_idle_connection_is_closed(
+        self, aiohttp_client: Callable[..., Awaitable[Client]],
+        make_settings: Callable[..., Settings], emulator: Emulator,
+    ) -> None:
+        sidecar = await quick_sidecar(aiohttp_client, make_settings, emulator,
+                                      idle_timeout="0.2")
         reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
         writer.write(get(b"/rest/profile"))
         await writer.drain()
@@ -387,12 +400,12 @@ class TestConnections:
         b"GET /token HTTP/1.1\r\nHo",
         b"POST /rest/crm.lead.add HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\nf",
     ], ids=["rest-head", "token-head", "rest-body"])
-    @pytest.mark.lane_only  # aiohttp has no such deadline: SIDECAR_FAST_LANE=off goes without
     async def test_a_request_too_slow_to_arrive_gets_408(
-        self, sidecar: Client, emulator: Emulator, monkeypatch: pytest.MonkeyPatch,
-        partial: bytes,
+        self, aiohttp_client: Callable[..., Awaitable[Client]],
+        make_settings: Callable[..., Settings], emulator: Emulator, partial: bytes,
     ) -> None:
-        monkeypatch.setattr(fastlane, "REQUEST_TIMEOUT", 0.4)
+        sidecar = await quick_sidecar(aiohttp_client, make_settings, emulator,
+                                      request_timeout="0.4")
         reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
         started = asyncio.get_running_loop().time()
         for byte in partial:  # a drip: bytes keep coming, the request never completes in time

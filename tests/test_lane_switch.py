@@ -15,6 +15,7 @@ from aiohttp import web
 
 from sidecar.app import create_app, no_resend, oauth_session, proxy_runner, require_no_resend
 from sidecar.config import Settings
+from sidecar.deadlines import DeadlineServer
 from sidecar.emulator import Emulator
 from sidecar.errors import SidecarError
 from sidecar.fastlane import FastServer
@@ -121,7 +122,7 @@ class TestWithoutTheLane:
                 await site.start()
                 port = runner.addresses[0][1]
                 assert runner.fast_lane is False
-                assert type(runner.server) is web.Server
+                assert type(runner.server) is DeadlineServer  # aiohttp serves, with deadlines
                 base = f"http://127.0.0.1:{port}"
                 async with aiohttp.ClientSession() as http:
                     for _ in range(3):  # kept alive
