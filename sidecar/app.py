@@ -21,7 +21,7 @@ from aiohttp import web
 from sidecar.adapter import error_response, expect_continue
 from sidecar.admission import Admission
 from sidecar.alerts import Alerter
-from sidecar.authflow import AuthFlow, Handler, Where
+from sidecar.authflow import INSTALL_MAX_BODY, AuthFlow, Handler, Where
 from sidecar.authorization import Authorization
 from sidecar.clientkey import AdminHosts
 from sidecar.coalescer import Coalescer
@@ -87,7 +87,7 @@ class Lifecycle:
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
 # Install payloads are a few KiB; the admin listener reads no body at all.
-OAUTH_MAX_BODY = 64 * 1024
+OAUTH_MAX_BODY = INSTALL_MAX_BODY
 ADMIN_MAX_BODY = 1024
 
 

@@ -24,6 +24,7 @@ from sidecar.adapter import error_response, expect_continue
 from sidecar.admission import Admission
 from sidecar.authinfo import authorize_url, code_hint
 from sidecar.authorization import Authorization, Consent, replacement_refusal
+from sidecar.clientkey import check_peer
 from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
@@ -49,6 +50,7 @@ MAX_STATES = 1000  # browser flows started from the pod's loopback
 MAX_LINK_STATES = 100  # flows started from the operator's links, kept apart from the others
 VERIFY_TIMEOUT = 15.0
 COOKIE = "bitrix_sidecar_flow"
+INSTALL_MAX_BODY = 64 * 1024  # an install payload is a few KiB
 log = structlog.get_logger("sidecar.authflow")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -211,6 +213,15 @@ class AuthFlow:
                            expect_handler=expect_continue)
         app.router.add_post("/oauth/install", wrap(install), expect_handler=expect_continue)
 
+    def _check(self, request: web.Request, where: Where, *, navigation: bool = False,
+               trusted_origins: frozenset[str] = frozenset()) -> None:
+        """The listener's Host, Origin and Sec-Fetch checks; on the proxy listener, also no
+        loopback Host from another machine."""
+        where.policy.check(request.headers, request.host, navigation=navigation,
+                           trusted_origins=trusted_origins)
+        if not where.public:
+            check_peer(request.host, request.remote or "")
+
     # -- the browser callback ----------------------------------------------------------------
 
     async def start_page(self, request: web.Request, where: Where) -> web.Response:
@@ -221,7 +232,7 @@ class AuthFlow:
         """
         try:
             # Any site may link here (the operator's link pasted in a chat, say).
-            where.policy.check(request.headers, request.host, navigation=True)
+            self._check(request, where, navigation=True)
             link = request.query.get("link", "")
             await self._may_start(request, where, link, use=False)
         except SidecarError as exc:
@@ -244,7 +255,7 @@ class AuthFlow:
         """Start the flow, posted from the start page: bind a fresh state to this browser and
         send it to the portal's approval page."""
         try:
-            where.policy.check(request.headers, request.host)
+            self._check(request, where)
             # Posted by our own page only: no other site can press the button for the operator.
             origin = origin_of(request.headers.get("Origin", ""))
             if origin not in {f"http://{request.host}".lower(),
@@ -294,7 +305,7 @@ class AuthFlow:
         """Check the state and its browser, exchange the code at once, say what is authorized."""
         query = request.query
         try:
-            where.policy.check(request.headers, request.host, navigation=True)
+            self._check(request, where, navigation=True)
             if query.get("error"):
                 raise BadRequest(
                     f"the portal answered {query['error']}: "
@@ -351,8 +362,13 @@ class AuthFlow:
         """Take a pair from ONAPPINSTALL or a UI app's install POST, after checking it."""
         try:
             # The portal's own install page may post here from its site; no other page may.
-            where.policy.check(request.headers, request.host,
-                               trusted_origins=self._portal_origins)
+            self._check(request, where, trusted_origins=self._portal_origins)
+            # An install payload is a few KiB, on every listener (the proxy listener's own
+            # limit, SIDECAR_MAX_BODY, is for REST calls).
+            if request.content_length is not None and request.content_length > INSTALL_MAX_BODY:
+                raise BodyTooLarge(
+                    f"the install payload is over {INSTALL_MAX_BODY // 1024} KiB")
+            request = request.clone(client_max_size=INSTALL_MAX_BODY)
             try:
                 form = await request.post()
             except web.HTTPRequestEntityTooLarge:

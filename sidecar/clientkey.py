@@ -118,18 +118,19 @@ def check_peer(host_header: str, peer: str) -> None:
 class AdminHosts:
     """The Host names the admin listener answers to.
 
-    Loopback, the admin listener's host, ``SIDECAR_ALLOWED_HOSTS`` (``*``: any), and the
-    address the connection arrived on (the kubelet's probes and Prometheus name the pod's IP).
+    Loopback, the admin listener's host, the names in ``SIDECAR_ALLOWED_HOSTS`` (``*`` is
+    not one: /status and /metrics take no key, so any Host would let a rebound page read
+    them), and the address the connection arrived on (the kubelet's probes and Prometheus name
+    the pod's IP).
     """
 
     def __init__(self, listen_host: str, allowed_hosts: tuple[str, ...]) -> None:
-        self._any = "*" in allowed_hosts
         self._names = frozenset({listen_host.lower(), *allowed_hosts}) - {
             "0.0.0.0", "::", "", "*"}  # noqa: S104
 
     def check(self, host_header: str | None, sockname: object) -> None:
         """Raise Refused unless ``host_header`` is served on a connection to ``sockname``."""
-        if host_header is None or self._any:
+        if host_header is None:
             return  # no browser leaves Host out, and DNS rebinding needs a browser
         local = _address(str(sockname[0])) if isinstance(sockname, tuple) and sockname else None
         for host in hosts_of(host_header):

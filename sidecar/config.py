@@ -497,6 +497,15 @@ def load_settings(
             "/token must then carry the key), or SIDECAR_INSECURE_NO_CLIENT_KEY=on if "
             "authentication of your own stands in front"
         )
+    if serving and not key and not values.get("insecure_no_client_key") \
+            and "*" in values.get("allowed_hosts", ()):
+        # Any Host name is what DNS rebinding needs: a page whose name now points here reads
+        # /token with no Origin to refuse it by. Only the key stands in its way.
+        problems.append(
+            "SIDECAR_ALLOWED_HOSTS: '*' serves any Host name, so a web page can reach the "
+            "sidecar through DNS rebinding: set SIDECAR_CLIENT_KEY or SIDECAR_CLIENT_KEY_FILE "
+            "with it (or SIDECAR_INSECURE_NO_CLIENT_KEY=on), or list the names instead"
+        )
 
     oauth_listen = values.get("oauth_listen")
     if oauth_listen is not None and not is_loopback(oauth_listen.host) and not values.get(

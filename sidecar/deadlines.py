@@ -92,7 +92,10 @@ class DeadlineServer(web.Server):
 
     def __init__(self, base: web.Server, *, deadlines: Deadlines, listener: str,
                  metrics: Metrics | None = None) -> None:
-        kwargs = {**base._kwargs, "keepalive_timeout": deadlines.idle_timeout}
+        # After an answer that left a body unread (a refusal on the head), aiohttp reads and
+        # drops the rest before closing: for LINGER, as the lane does, not its default 10 s.
+        kwargs = {**base._kwargs, "keepalive_timeout": deadlines.idle_timeout,
+                  "lingering_time": LINGER}
         super().__init__(_tracked(base.request_handler), request_factory=base.request_factory,
                          handler_cancellation=base.handler_cancellation, loop=base._loop,
                          **kwargs)

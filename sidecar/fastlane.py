@@ -43,6 +43,7 @@ from sidecar.deadlines import (
     Deadlines,
     DeadlineServer,
 )
+from sidecar.errors import SidecarError
 from sidecar.lanecheck import missing_internals
 from sidecar.laneparse import (
     FAST_BODY,
@@ -60,7 +61,7 @@ from sidecar.laneparse import (
 )
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
-from sidecar.replies import Reply
+from sidecar.replies import Reply, error_reply
 
 # A kept-alive client connection idle SIDECAR_IDLE_TIMEOUT is closed; a request must arrive
 # whole (head and body) within SIDECAR_REQUEST_TIMEOUT of its first byte, or it gets a 408
@@ -149,6 +150,7 @@ class FastLane(asyncio.Protocol):
         # linear time, not scanned whole for every byte.
         self._scanned = 0
         self._line_end = -1
+        self._prechecked = False  # the head of the request being read passed Proxy.precheck
         self._peer = ""  # the client's address, read once per connection
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -283,7 +285,16 @@ class FastLane(asyncio.Protocol):
             self._parsed = parsed
         total = parsed.head_length + parsed.length
         if len(buffer) < total:
-            return  # the body is still coming
+            # The body is still coming. What the head alone decides is decided now: a caller
+            # without the key, or a foreign page, holds no body here while it drips.
+            if not self._prechecked:
+                self._prechecked = True
+                try:
+                    self._server.proxy.precheck(parsed.call)
+                except SidecarError as exc:
+                    self._refuse(exc)
+            return
+        self._prechecked = False
         parsed.call.payload = bytes(buffer[parsed.head_length:total])
         del buffer[:total]
         self._parsed = None
@@ -383,11 +394,25 @@ class FastLane(asyncio.Protocol):
 
     def _too_slow(self, seconds: float) -> None:
         self._server.too_slow(seconds, len(self._buffer))
+        self._answer_and_close(self._server.timeout_reply())
+
+    def _refuse(self, exc: SidecarError) -> None:
+        """Answer a request refused on its head alone, and close (its body is not read)."""
+        reply = error_reply(exc)
+        assert reply.body is not None
+        log.info("refused_before_body", error=exc.code, status=reply.status)
+        self._answer_and_close(head_bytes(
+            reply.status, reply.reason, reply.headers,
+            f"Content-Length: {len(reply.body)}\r\nConnection: close\r\n", True,
+            date=self._server.date) + reply.body)
+
+    def _answer_and_close(self, answer: bytes) -> None:
         transport = self._transport
         self._closing = True
+        self._parsed = None
         if transport is None or transport.is_closing():
             return
-        transport.write(self._server.timeout_reply())
+        transport.write(answer)
         # A lingering close: the client may still be sending, and closing with its bytes
         # unread would reset the connection and lose the answer. Stop writing, read and
         # drop what still comes for a moment, then close.

@@ -93,8 +93,9 @@ def missing_deadline_internals(
         parameters = inspect.signature(handler).parameters
     except (TypeError, ValueError):
         parameters = {}  # type: ignore[assignment]
-    if "keepalive_timeout" not in parameters:
-        missing.append(f"{hname}(keepalive_timeout=)")
+    for name in ("keepalive_timeout", "lingering_time"):
+        if name not in parameters:
+            missing.append(f"{hname}({name}=)")
     return missing
 
 

@@ -162,16 +162,21 @@ class Proxy:
         )
         return response
 
-    async def _dispatch(self, call: Call, sink: Sink, request_id: str, outcome: Outcome) -> Reply:
+    def precheck(self, call: Call) -> Target | None:
+        """Check what the head alone decides (version, Host and Origin, peer, path, client key);
+        return the REST target, or None for ``/token``; raise the refusal.
+
+        The fast lane asks this before it waits for a body, so a caller without the key (or
+        from a foreign page) holds no body in memory.
+        """
         if call.version < HttpVersion10:
             raise BadRequest("HTTP/0.9 requests are not served")
         self.policy.check(call.headers, call.host)
         check_peer(call.host, call.peer)
         raw = call.raw_path
         if raw == "/token" or raw.startswith("/token?"):
-            outcome.method = "/token"
             self._key.check(call.headers, "")
-            return await self._token(call, request_id)
+            return None
         if self._key.required:
             try:
                 target = parse_target(raw)
@@ -181,8 +186,15 @@ class Proxy:
                 raise
         else:
             target = parse_target(raw)
-        outcome.method = target.method.lower()
         self._key.check(call.headers, target.code)
+        return target
+
+    async def _dispatch(self, call: Call, sink: Sink, request_id: str, outcome: Outcome) -> Reply:
+        target = self.precheck(call)
+        if target is None:
+            outcome.method = "/token"
+            return await self._token(call, request_id)
+        outcome.method = target.method.lower()
         if call.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET or POST")
         body = await self._read_body(call)

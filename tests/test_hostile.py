@@ -37,6 +37,7 @@ from yarl import URL
 from sidecar.app import TOKENS, create_admin_app, create_app, create_oauth_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator, run_emulator
+from sidecar.errors import ConfigError
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, ProxyTestServer
 
 Client = TestClient[web.Request, web.Application]
@@ -1153,6 +1154,7 @@ class TestFuzz:
 # -- reached from beyond loopback ------------------------------------------------------------------
 
 KEY = "hostile_test_client_key_0123456789"
+FORM_HEADER = b"Content-Type: application/x-www-form-urlencoded\r\n"
 
 
 def from_host(target: bytes, host: bytes, *headers: bytes) -> bytes:
@@ -1260,7 +1262,8 @@ class TestAnyHost:
         aiohttp_client: Callable[..., Awaitable[Client]],
     ) -> None:
         """SIDECAR_ALLOWED_HOSTS=*: any Host name; a foreign Origin is still a foreign page."""
-        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), allowed_hosts="*")
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), allowed_hosts="*",
+                                 insecure_no_client_key="on")
         client: Client = await aiohttp_client(create_app(settings))
         for origin in (b"https://evil.example", b"http://rebind.attacker.test:8080", b"null"):
             for target in (b"/token", b"/rest/profile"):
@@ -1323,6 +1326,78 @@ class TestAdminHost:
                 assert answer.status == 200, (host, path, answer)
         answer = await answer_at(outside, admin, from_host(b"/healthz", b"10.9.8.7:9090"))
         assert answer.status == 403
+
+
+    async def test_a_star_does_not_open_the_admin_listener(
+        self, make_settings: Callable[..., Settings], emulator: RecordingEmulator,
+        aiohttp_client: Callable[..., Awaitable[Client]],
+    ) -> None:
+        """/status and /metrics take no key: '*' must not let a rebound page read them."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), allowed_hosts="*",
+                                 client_key=KEY)
+        proxy: Client = await aiohttp_client(create_app(settings))
+        admin: Client = await aiohttp_client(TestServer(create_admin_app(proxy.app)))
+        for path in self.ADMIN_PATHS:
+            answer = await one_answer(admin, from_host(path, b"rebind.attacker.test"))
+            assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED"), answer
+
+    def test_a_star_without_a_key_does_not_start(
+        self, make_settings: Callable[..., Settings]
+    ) -> None:
+        """Any Host name and no key is DNS rebinding's open door: a configuration error."""
+        with pytest.raises(ConfigError, match="SIDECAR_ALLOWED_HOSTS"):
+            make_settings(allowed_hosts="*")
+        assert make_settings(allowed_hosts="*", client_key=KEY).allowed_hosts == ("*",)
+
+
+class TestRefusedOnTheHead:
+    """What the head alone decides is decided before the body is read (review of issue 12)."""
+
+    async def test_a_keyless_body_is_refused_before_it_arrives(
+        self, make_settings: Callable[..., Settings], emulator: RecordingEmulator,
+        aiohttp_client: Callable[..., Awaitable[Client]], fast_lane: bool, outside: str,
+    ) -> None:
+        """A 900 KB POST without the key gets 401 while its body is still coming, in the lane
+        too (which would otherwise hold the body in memory until the deadline)."""
+        settings = make_settings(auth_code=emulator.issue_code(CLIENT_ID), listen="0.0.0.0:0",
+                                 allowed_hosts=outside, client_key=KEY)
+        wide: Client = await aiohttp_client(ProxyTestServer(
+            create_app(settings), fast_lane=fast_lane, host="0.0.0.0"))  # noqa: S104
+        for head in (
+            b"Host: %s\r\n" % outside.encode(),  # no key
+            b"Host: 127.0.0.1\r\nX-Sidecar-Key: %s\r\n" % KEY.encode(),  # loopback Host
+            b"Host: %s\r\nX-Sidecar-Key: %s\r\nOrigin: https://evil.example\r\n" % (
+                outside.encode(), KEY.encode()),
+        ):
+            reader, writer = await asyncio.open_connection(
+                outside, port_of(wide), local_addr=(outside, 0))
+            writer.write(b"POST /rest/crm.lead.add HTTP/1.1\r\n" + head + FORM_HEADER
+                         + b"Content-Length: 900000\r\n\r\nfields[TITLE]=" + b"a" * 1000)
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.close()
+            assert int(answer.split(b" ", 2)[1]) in (401, 403), (head, answer)
+        assert emulator.requests[1:] == []
+
+    @pytest.mark.parametrize("chunked", [False, True])
+    async def test_an_install_payload_is_small_on_the_proxy_listener_too(
+        self, sidecar: Client, chunked: bool
+    ) -> None:
+        """/oauth/install on the proxy listener takes 64 KiB, not SIDECAR_MAX_BODY."""
+        body = b"event=ONAPPINSTALL&x=" + b"a" * (70 * 1024)
+        framing = (b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+            len(body), body) if chunked else b"Content-Length: %d\r\n\r\n%s" % (
+            len(body), body))
+        answer = await one_answer(sidecar, b"POST /oauth/install HTTP/1.1\r\n" + HOST
+                                  + FORM_HEADER + b"Connection: close\r\n" + framing)
+        assert (answer.status, answer.bitrix_error()[0]) == (413, "SIDECAR_BODY_TOO_LARGE")
+
+    async def test_a_loopback_host_from_outside_is_refused_on_oauth_paths_too(
+        self, wide: Client, outside: str
+    ) -> None:
+        """The proxy listener's /oauth/* believes a loopback Host only from loopback."""
+        for target in (b"/oauth/start", b"/oauth/callback?code=a&state=b"):
+            answer = await answer_at(outside, wide, from_host(target, b"127.0.0.1"))
+            assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED"), answer
 
 
 # -- secrets ---------------------------------------------------------------------------------------
