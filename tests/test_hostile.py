@@ -1395,9 +1395,13 @@ class TestRefusedOnTheHead:
         self, wide: Client, outside: str
     ) -> None:
         """The proxy listener's /oauth/* believes a loopback Host only from loopback."""
-        for target in (b"/oauth/start", b"/oauth/callback?code=a&state=b"):
-            answer = await answer_at(outside, wide, from_host(target, b"127.0.0.1"))
+        for request in (from_host(b"/oauth/start", b"127.0.0.1"),
+                        from_host(b"/oauth/callback?code=a&state=b", b"127.0.0.1"),
+                        b"POST /oauth/install HTTP/1.1\r\nHost: 127.0.0.1\r\n" + FORM_HEADER
+                        + b"Content-Length: 3\r\nConnection: close\r\n\r\na=1"):
+            answer = await answer_at(outside, wide, request)
             assert (answer.status, answer.bitrix_error()[0]) == (403, "SIDECAR_REFUSED"), answer
+            assert "loopback" in answer.bitrix_error()[1]
 
 
 # -- secrets ---------------------------------------------------------------------------------------
