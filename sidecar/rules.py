@@ -177,6 +177,8 @@ class HostPolicy:
         # "*" serves any Host; an Origin must still be a served name (a page elsewhere must not
         # make a browser call us whatever Host it reached us by).
         self._any_host = "*" in allowed_hosts
+        # Host headers already found served: nearly every call names the same one or two.
+        self._served: set[str] = set()
 
     def check(self, headers: CIMultiDictProxy[str] | CIMultiDict[str], host_header: str, *,
               navigation: bool = False, trusted_origins: frozenset[str] = frozenset()) -> None:
@@ -187,7 +189,7 @@ class HostPolicy:
         these origins may send the request (the portal's own install page).
         """
         for name in _SINGLE_HEADERS:
-            if len(headers.getall(name, ())) > 1:
+            if name in headers and len(headers.getall(name)) > 1:
                 raise BadRequest(f"the request carries more than one {name} header")
         origin = headers.get("Origin")
         trusted = False
@@ -200,6 +202,8 @@ class HostPolicy:
             navigation and headers.get("Sec-Fetch-Mode", "").strip().lower() == "navigate"
         ):
             raise Refused("a browser request from another site is refused")
+        if host_header in self._served:
+            return
         host = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else (
             host_header[1:].split("]", 1)[0]
         )
@@ -208,6 +212,9 @@ class HostPolicy:
                 f"Host {show(host_header)} is not served: call 127.0.0.1 or localhost, or add "
                 "the name to SIDECAR_ALLOWED_HOSTS"
             )
+        if len(self._served) >= 64:  # '*' serves any name: keep the memory bounded
+            self._served.clear()
+        self._served.add(host_header)
 
     def _same_origin(self, origin: str, host_header: str) -> bool:
         """Say whether a page's Origin is this very listener (served host, same port)."""
