@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import types
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -48,6 +49,35 @@ def missing_client_internals(session: type[object] = aiohttp.ClientSession) -> l
     return [f"{session.__name__}.{RESEND_SWITCH}"]
 
 
+def _copy_missing(server: type[web.Server], runner: type[web.AppRunner],
+                  more: tuple[tuple[str, Callable[[Any], bool]], ...]) -> list[str]:
+    """What a server built from aiohttp's own (by a runner's ``_make_server``) needs of them."""
+    missing: list[str] = []
+    name = server.__name__
+    # Our runners build their server by overriding the runner's _make_server, which setup()
+    # must call.
+    if not (inspect.iscoroutinefunction(getattr(runner, "_make_server", None))
+            and "_make_server" in _names_used(getattr(runner, "setup", None))):
+        missing.append(f"{runner.__name__}._make_server (called by setup)")
+    try:
+        probe: Any = server(_never_called)
+    except Exception:  # whatever breaks, this server cannot be copied
+        missing.append(f"{name}(handler)")
+        return missing
+    checks: tuple[tuple[str, Callable[[Any], bool]], ...] = (
+        ("_loop", lambda value: value is asyncio.get_running_loop()),
+        ("_kwargs", lambda value: isinstance(value, dict)),
+        ("request_handler", lambda value: value is _never_called),
+        ("request_factory", callable),
+        ("handler_cancellation", lambda value: isinstance(value, bool)),
+        *more,
+    )
+    for attribute, fits in checks:
+        if not hasattr(probe, attribute) or not fits(getattr(probe, attribute)):
+            missing.append(f"{name}.{attribute}")
+    return missing
+
+
 def missing_deadline_internals(
     server: type[web.Server] = web.Server,
     runner: type[web.AppRunner] = web.AppRunner,
@@ -58,29 +88,9 @@ def missing_deadline_internals(
 
     Call it with the event loop running (a ``server`` is built, never served).
     """
-    missing: list[str] = []
-    name = server.__name__
-    # DeadlineRunner (and ProxyRunner) build their server by overriding the runner's
-    # _make_server, which setup() must call.
-    if not (inspect.iscoroutinefunction(getattr(runner, "_make_server", None))
-            and "_make_server" in _names_used(getattr(runner, "setup", None))):
-        missing.append(f"{runner.__name__}._make_server (called by setup)")
     # A DeadlineServer is built from the Server aiohttp made (its loop and handler arguments),
     # and builds its handlers as Server.__call__ does, from the same loop and arguments.
-    try:
-        probe: Any = server(_never_called)
-    except Exception:  # whatever breaks, the deadlines cannot copy this server
-        missing.append(f"{name}(handler)")
-    else:
-        for attribute, fits in (
-            ("_loop", lambda value: value is asyncio.get_running_loop()),
-            ("_kwargs", lambda value: isinstance(value, dict)),
-            ("request_handler", lambda value: value is _never_called),
-            ("request_factory", callable),
-            ("handler_cancellation", lambda value: isinstance(value, bool)),
-        ):
-            if not hasattr(probe, attribute) or not fits(getattr(probe, attribute)):
-                missing.append(f"{name}.{attribute}")
+    missing = _copy_missing(server, runner, ())
     # A head is overdue only while the handler waits for one: start() awaits _waiter then,
     # as aiohttp's own keep-alive check reads it.
     hname = handler.__name__
@@ -111,30 +121,11 @@ def missing_internals(
     Call it with the event loop running: a ``server`` is built (never served) to see what its
     ``__init__`` sets. The classes are parameters so that a test can pass one lacking a part.
     """
-    missing: list[str] = []
     name = server.__name__
-    # ProxyRunner builds its FastServer by overriding the runner's _make_server, which
-    # setup() must call.
-    if not (inspect.iscoroutinefunction(getattr(runner, "_make_server", None))
-            and "_make_server" in _names_used(getattr(runner, "setup", None))):
-        missing.append(f"{runner.__name__}._make_server (called by setup)")
     # A FastServer is built from the Server aiohttp made (its loop and handler arguments) and
     # counts its lanes among the Server's connections.
-    try:
-        probe: Any = server(_never_called)
-    except Exception:  # whatever breaks, the lane cannot copy this server
-        missing.append(f"{name}(handler)")
-    else:
-        for attribute, fits in (
-            ("_loop", lambda value: value is asyncio.get_running_loop()),
-            ("_kwargs", lambda value: isinstance(value, dict)),
-            ("_connections", lambda value: isinstance(value, dict)),
-            ("request_handler", lambda value: value is _never_called),
-            ("request_factory", callable),
-            ("handler_cancellation", lambda value: isinstance(value, bool)),
-        ):
-            if not hasattr(probe, attribute) or not fits(getattr(probe, attribute)):
-                missing.append(f"{name}.{attribute}")
+    missing = _copy_missing(server, runner, (
+        ("_connections", lambda value: isinstance(value, dict)),))
     # At shutdown the Server calls close() and shutdown(timeout) on each of its _connections,
     # which a FastLane answers as aiohttp's RequestHandler does.
     for method, call in (("pre_shutdown", "close"), ("shutdown", "shutdown")):

@@ -98,7 +98,13 @@ async def drip(port: int | None, pieces: Iterable[bytes], *, every: float = 0.05
                 return
             await asyncio.sleep(every)
 
-    sender = asyncio.create_task(send())
+    received = await collect(reader, writer, asyncio.create_task(send()), limit)
+    return received, loop.time() - started
+
+
+async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  sender: asyncio.Task[None], limit: float) -> bytes:
+    """Read what the sidecar sends until it closes (or ``limit`` passes); then stop sending."""
     received = b""
     try:
         async with asyncio.timeout(limit):
@@ -113,7 +119,7 @@ async def drip(port: int | None, pieces: Iterable[bytes], *, every: float = 0.05
     finally:
         sender.cancel()
         writer.close()
-    return received, loop.time() - started
+    return received
 
 
 def endless(first: bytes, then: bytes = b"a") -> Iterator[bytes]:
@@ -430,21 +436,7 @@ async def dripper(port: int, first: bytes, then: bytes) -> tuple[int | None, flo
         except ConnectionError:
             return
 
-    sender = asyncio.create_task(send())
-    received = b""
-    try:
-        async with asyncio.timeout(FLOOD_DEADLINE + 30):
-            while True:
-                try:
-                    chunk = await reader.read(65536)
-                except ConnectionError:
-                    break
-                if not chunk:
-                    break
-                received += chunk
-    finally:
-        sender.cancel()
-        writer.close()
+    received = await collect(reader, writer, asyncio.create_task(send()), FLOOD_DEADLINE + 30)
     closed = loop.time() - started
     status = int(received.split(b" ", 2)[1]) if received.startswith(b"HTTP/1.") else None
     return status, started, closed
