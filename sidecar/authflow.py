@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import ipaddress
 import secrets
 import time
 from collections import OrderedDict
@@ -24,7 +23,7 @@ from sidecar.adapter import error_response, expect_continue
 from sidecar.admission import Admission
 from sidecar.authinfo import authorize_url, code_hint
 from sidecar.authorization import Authorization, Consent, replacement_refusal
-from sidecar.clientkey import check_peer
+from sidecar.clientkey import check_peer, loopback_peer
 from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
@@ -137,8 +136,13 @@ async def _small_form(request: web.Request) -> Mapping[str, Any]:
     """Read a short urlencoded form (the start button's), or raise BadRequest."""
     if request.content_length is not None and request.content_length > START_FORM_MAX:
         raise BodyTooLarge("the start form is too large")
+    body = b""
     try:
-        body = await request.content.read(START_FORM_MAX + 1)
+        while len(body) <= START_FORM_MAX:  # a read gives what has arrived: read to the end
+            chunk = await request.content.read(START_FORM_MAX + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
     except ConnectionResetError:
         raise ClientGone("the client hung up in the middle of its body") from None
     if len(body) > START_FORM_MAX:
@@ -151,13 +155,6 @@ async def _small_form(request: web.Request) -> Mapping[str, Any]:
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _loopback_peer(request: web.Request) -> bool:
-    try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:
-        return False  # a Unix socket or no peer: not provably the pod
 
 
 class AuthFlow:
@@ -293,7 +290,7 @@ class AuthFlow:
                     "10 minutes): make a new one with 'bitrix-sidecar authorize-link'"
                 )
             return "link"
-        if where.public or not _loopback_peer(request):
+        if where.public or not loopback_peer(request.remote or ""):
             raise Refused(
                 "a browser flow starts here only from the operator's one-time link: run "
                 "'bitrix-sidecar authorize-link' beside the sidecar and open the address "

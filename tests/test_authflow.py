@@ -642,3 +642,21 @@ class TestInstallWindowAndPortalWord:
         pair = tokens_of(unauthorized).pair
         assert pair is not None
         assert pair.scope == "crm,user"
+
+
+async def test_a_start_form_arriving_in_pieces_is_read_whole(unauthorized: Client) -> None:
+    """The button's form, sent chunked in two pieces a moment apart, still carries its link."""
+    link = await make_link(unauthorized)
+    body = f"link={link}".encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", unauthorized.port)
+    writer.write(b"POST /oauth/start HTTP/1.1\r\nHost: " + origin(unauthorized)[7:].encode()
+                 + b"\r\nOrigin: " + origin(unauthorized).encode()
+                 + b"\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                 + b"%x\r\n%s\r\n" % (10, body[:10]))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - 10, body[10:]))
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 303"), answer[:300]
