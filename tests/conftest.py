@@ -9,11 +9,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
@@ -22,6 +24,7 @@ from sidecar.app import LIFECYCLE, TOKENS, create_app, proxy_runner
 from sidecar.authorization import Authorization
 from sidecar.config import Settings, load_settings
 from sidecar.emulator import Emulator, run_emulator
+from tests.pg import Server, postgresql
 
 CLIENT_ID = "local.test0000000001.00000001"
 CLIENT_SECRET = "test-client-secret-0123456789"
@@ -227,3 +230,27 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
         check=True, capture_output=True,
     )
     return Certificate(cert, key)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """Run one real PostgreSQL 15 server for the session (fails, never skips, without it)."""
+    with postgresql() as server:
+        yield server
+
+
+@pytest.fixture
+async def pg_url(pg_server: Server) -> AsyncIterator[str]:
+    """Create a database of this test's own on the session's server; return its URL."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(pg_server.url("postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield pg_server.url(name)
+    admin = await asyncpg.connect(pg_server.url("postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
