@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from sidecar.errors import ConfigError
 
@@ -167,6 +167,45 @@ def parse_public_url(text: str) -> str:
     if parts.path or parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{text!r} must be an origin only, like https://sidecar.example.com")
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+PG_SCHEMES = ("postgresql", "postgres")
+
+
+def parse_db(text: str) -> Path | str:
+    """Take a SQLite file path, or a ``postgresql://`` (``postgres://``) URL kept as text.
+
+    A URL's problems are named without repeating it: it may carry a password.
+    """
+    value = text.strip()
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme.lower() not in PG_SCHEMES:
+        if sep:
+            raise ValueError(f"a URL must be postgresql:// or postgres://, not {scheme[:20]}://")
+        return Path(value)
+    parts = urlsplit(value)
+    if not parts.hostname:
+        raise ValueError("the postgresql:// URL names no host")
+    try:
+        parts.port  # noqa: B018 - reading the property validates it
+    except ValueError:
+        raise ValueError("the postgresql:// URL has a bad port") from None
+    if not parts.path.strip("/"):
+        raise ValueError("the postgresql:// URL names no database (postgresql://HOST/DBNAME)")
+    return value
+
+
+def shown_db(url: str) -> str:
+    """Return a PostgreSQL URL fit to show: no password, no query (it may hold one too)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))
 
 
 def parse_rate(text: str) -> float:
@@ -330,7 +369,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_FAST_LANE", "--fast-lane", "fast_lane",
            "serve ordinary REST calls in the fast lane: on, or off to serve every request "
            "through aiohttp", parse_on_off, "on"),
-    Option("SIDECAR_DB", "--db", "db_path", "SQLite token store", Path, "./bitrix-sidecar.db"),
+    Option("SIDECAR_DB", "--db", "db_path",
+           "SQLite token store file, or a postgresql:// URL of a store shared by several "
+           "sidecars (a URL with a password: prefer the _FILE form)", parse_db,
+           "./bitrix-sidecar.db"),
+    Option("SIDECAR_DB_FILE", "--db-file", "db_file",
+           "file holding the postgresql:// URL (a Kubernetes Secret, say)"),
     Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
            "background refresh period; 0 = only when needed", _interval, "25m"),
     Option("SIDECAR_UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout",
@@ -387,6 +431,8 @@ class Settings:
     queue_timeout: float = _default("queue_timeout")
     coalesce: bool = _default("coalesce")
     db_path: Path = _default("db_path")  # noqa: RUF009 - immutable
+    # A PostgreSQL store's URL, password and all; when set, db_path is not used.
+    db_url: str = field(default="", repr=False)
     refresh_interval: float = _default("refresh_interval")
     upstream_timeout: float = _default("upstream_timeout")
     max_body: int = _default("max_body")
@@ -396,6 +442,16 @@ class Settings:
     log_format: str = _default("log_format")
     log_level: str = _default("log_level")
     fast_lane: bool = _default("fast_lane")
+
+    @property
+    def db_shown(self) -> str:
+        """Name the store for people: the SQLite path, or the URL without its password."""
+        return shown_db(self.db_url) if self.db_url else str(self.db_path)
+
+    @property
+    def db_password(self) -> str:
+        """Return the PostgreSQL URL's password ('' if none), for the redactor."""
+        return (urlsplit(self.db_url).password or "") if self.db_url else ""
 
     @property
     def rest_base(self) -> str:
@@ -431,6 +487,32 @@ def _read_secret(
     return str(secret)
 
 
+def _take_db(values: dict[str, Any], problems: list[str]) -> None:
+    """Turn SIDECAR_DB or SIDECAR_DB_FILE into ``db_path`` (SQLite) or ``db_url`` (PostgreSQL)."""
+    db_file = values.pop("db_file", "")
+    if db_file and "db_path" in values:
+        problems.append("SIDECAR_DB and SIDECAR_DB_FILE: set only one of them")
+        return
+    if db_file:
+        try:
+            text = Path(db_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"SIDECAR_DB_FILE: cannot read {db_file}: "
+                            f"{exc.strerror if isinstance(exc, OSError) else 'not UTF-8'}")
+            return
+        try:
+            db = parse_db(text)
+        except ValueError as exc:
+            problems.append(f"SIDECAR_DB_FILE: {exc}")
+            return
+        if not isinstance(db, str):
+            problems.append(f"SIDECAR_DB_FILE: {db_file} must hold a postgresql:// URL")
+            return
+        values["db_url"] = db
+    elif isinstance(values.get("db_path"), str):
+        values["db_url"] = values.pop("db_path")
+
+
 def load_settings(
     env: Mapping[str, str],
     flags: Mapping[str, str | None] | None = None,
@@ -453,7 +535,8 @@ def load_settings(
             raw[option.dest] = (option.env, env[option.env])
         # Otherwise the Settings field's default applies (parsed from option.default).
     # A secret given by flag overrides both environment forms, not just its twin.
-    for pair in (("client_secret", "client_secret_file"), ("client_key", "client_key_file")):
+    for pair in (("client_secret", "client_secret_file"), ("client_key", "client_key_file"),
+                 ("db_path", "db_file")):
         if any(flags.get(dest) is not None for dest in pair):
             for dest in pair:
                 if flags.get(dest) is None:
@@ -481,6 +564,7 @@ def load_settings(
                           "application key", required=need_secret)
     key = _read_secret(values, problems, "client_key", "SIDECAR_CLIENT_KEY", "client key",
                        required=False)
+    _take_db(values, problems)
     if key and not _CLIENT_KEY_RE.fullmatch(key):
         # The value itself is never repeated: it is a secret, and this message is printed.
         problems.append(

@@ -229,3 +229,61 @@ class TestPublicUrl:
                                   "SIDECAR_PUBLIC_URL": "https://sidecar.example.com"})
         assert settings.public_url == "https://sidecar.example.com"
         assert load_settings({**BASE, "SIDECAR_OAUTH_LISTEN": "127.0.0.1:8081"}).public_url == ""
+
+
+class TestDatabase:
+    URL = "postgresql://sidecar:pg-pass-0123456789@db.internal:5433/tokens"
+
+    def test_a_path_stays_a_sqlite_file(self) -> None:
+        """A file path is the SQLite store, as before; no URL is set."""
+        settings = load_settings({**BASE, "SIDECAR_DB": "/var/lib/s/t.db"})
+        assert settings.db_path == Path("/var/lib/s/t.db")
+        assert settings.db_url == ""
+        assert settings.db_shown == "/var/lib/s/t.db"
+
+    @pytest.mark.parametrize("scheme", ["postgresql", "postgres", "PostgreSQL"])
+    def test_a_url_is_a_postgresql_store(self, scheme: str) -> None:
+        """Both schemes name a PostgreSQL store; the password is shown nowhere."""
+        url = self.URL.replace("postgresql", scheme, 1)
+        settings = load_settings({**BASE, "SIDECAR_DB": url})
+        assert settings.db_url == url
+        assert settings.db_password == "pg-pass-0123456789"
+        assert settings.db_shown == f"{scheme.lower()}://sidecar@db.internal:5433/tokens"
+        assert "pg-pass" not in repr(settings)
+
+    def test_the_url_is_read_from_a_file(self, tmp_path: Path) -> None:
+        """SIDECAR_DB_FILE gives the URL (a Kubernetes Secret), without its newline."""
+        (tmp_path / "db").write_text(self.URL + "\n")
+        settings = load_settings({**BASE, "SIDECAR_DB_FILE": str(tmp_path / "db")})
+        assert settings.db_url == self.URL
+
+    def test_a_flag_overrides_the_file(self, tmp_path: Path) -> None:
+        """--db wins over SIDECAR_DB_FILE, as a secret's flag wins over both its variables."""
+        (tmp_path / "db").write_text(self.URL)
+        settings = load_settings({**BASE, "SIDECAR_DB_FILE": str(tmp_path / "db")},
+                                 {"db_path": "local.db"})
+        assert (settings.db_url, settings.db_path) == ("", Path("local.db"))
+
+    @pytest.mark.parametrize(("env", "message"), [
+        ({"SIDECAR_DB": "postgresql://u:pg-pass-0123456789@/tokens"}, "SIDECAR_DB: .*no host"),
+        ({"SIDECAR_DB": "postgresql://u:pg-pass-0123456789@h:99999/t"}, "SIDECAR_DB: .*bad port"),
+        ({"SIDECAR_DB": "postgresql://u:pg-pass-0123456789@h"}, "SIDECAR_DB: .*no database"),
+        ({"SIDECAR_DB": "mysql://u:pg-pass-0123456789@h/t"}, "SIDECAR_DB: .*postgresql://"),
+    ])
+    def test_a_bad_url_is_named_without_its_password(
+        self, env: dict[str, str], message: str
+    ) -> None:
+        """A bad URL stops start-up naming the variable, never repeating the password."""
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_settings({**BASE, **env})
+        assert "pg-pass" not in caught.value.description
+
+    def test_the_file_must_hold_a_url(self, tmp_path: Path) -> None:
+        """A file of anything but a URL (or unreadable, or set with SIDECAR_DB) is refused."""
+        (tmp_path / "db").write_text("./local.db")
+        with pytest.raises(ConfigError, match=r"SIDECAR_DB_FILE: .* must hold a postgresql"):
+            load_settings({**BASE, "SIDECAR_DB_FILE": str(tmp_path / "db")})
+        with pytest.raises(ConfigError, match="SIDECAR_DB_FILE: cannot read"):
+            load_settings({**BASE, "SIDECAR_DB_FILE": str(tmp_path / "none")})
+        with pytest.raises(ConfigError, match="set only one"):
+            load_settings({**BASE, "SIDECAR_DB": "x.db", "SIDECAR_DB_FILE": str(tmp_path / "db")})
