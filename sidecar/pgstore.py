@@ -1,0 +1,363 @@
+"""The PostgreSQL store: one authorization shared by every sidecar that names the same database.
+
+The same interface and semantics as the SQLite ``TokenStore``. The write lock is a row lock
+(``SELECT ... FOR UPDATE``) held by a transaction, so PostgreSQL itself releases it if its holder
+dies: there is no lease that could expire while an OAuth call is still running. One row per
+(portal, client_id), so several authorizations can share one database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import structlog
+
+from sidecar.config import shown_db
+from sidecar.errors import StoreError
+from sidecar.logging import scrub
+from sidecar.storage import StoredState, TokenPair
+
+log = structlog.get_logger("sidecar.pgstore")
+
+SCHEMA_VERSION = 1
+# Any fixed number: the advisory lock that lets one sidecar at a time migrate the schema.
+MIGRATION_LOCK = 0x5B1D_EC42
+# Long enough for another sidecar to finish a refresh (an OAuth round trip) under the lock.
+LOCK_TIMEOUT = "90s"
+CONNECT_TIMEOUT = 10.0
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE sidecar_authorization (
+            portal TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            access_token TEXT,
+            refresh_token TEXT,
+            expires_at DOUBLE PRECISION,
+            scope TEXT NOT NULL DEFAULT '',
+            member_id TEXT NOT NULL DEFAULT '',
+            client_endpoint TEXT NOT NULL DEFAULT '',
+            server_endpoint TEXT NOT NULL DEFAULT '',
+            domain TEXT NOT NULL DEFAULT '',
+            user_id TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT '',
+            application_token TEXT NOT NULL DEFAULT '',
+            obtained_at DOUBLE PRECISION,
+            generation BIGINT NOT NULL DEFAULT 0,
+            reauth_required BOOLEAN NOT NULL DEFAULT FALSE,
+            last_error TEXT NOT NULL DEFAULT '',
+            last_error_at DOUBLE PRECISION,
+            updated_at DOUBLE PRECISION NOT NULL,
+            -- Moves on every write: what data_version() reports to the other sidecars.
+            version BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (portal, client_id)
+        )
+        """,
+        """
+        CREATE TABLE sidecar_grants (
+            portal TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            expires_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (portal, client_id, kind, digest)
+        )
+        """,
+    ),
+}
+
+_PAIR_FIELDS = ("access_token", "refresh_token", "expires_at", "scope", "member_id",
+                "client_endpoint", "server_endpoint", "domain", "user_id", "status",
+                "application_token", "obtained_at")
+# What a failure of the database or of the way to it looks like from asyncpg.
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+Connection = Any  # asyncpg.Connection (or its pool proxy); asyncpg ships no type information
+
+
+class PgStore:
+    """Load and save the token pair of one app on one portal in a PostgreSQL database."""
+
+    def __init__(self, url: str, *, portal: str, client_id: str, max_size: int = 4) -> None:
+        self._url = url
+        self.shown = shown_db(url)  # the URL without its password, for messages
+        self._secret = _password(url)
+        self.portal = portal
+        self.client_id = client_id
+        self._max_size = max_size
+        self._pool: Any = None  # asyncpg.Pool
+        # The connection whose transaction holds the lock, in the task (context) holding it.
+        self._held: ContextVar[Connection | None] = ContextVar(f"pgstore-{id(self)}",
+                                                               default=None)
+
+    async def __aenter__(self) -> PgStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _error(self, doing: str, exc: BaseException) -> StoreError:
+        """A StoreError naming the database without its password."""
+        detail = scrub(str(exc) or type(exc).__name__, self._secret) if self._secret else str(exc)
+        return StoreError(f"cannot {doing} token store {self.shown}: {detail}")
+
+    async def open(self) -> None:
+        """Connect (a small pool) and create or migrate the schema."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url, min_size=1, max_size=self._max_size, timeout=CONNECT_TIMEOUT,
+                server_settings={"application_name": "bitrix-sidecar",
+                                 "lock_timeout": LOCK_TIMEOUT},
+            )
+            await self._migrate()
+        except StoreError:
+            await self.close()
+            raise
+        except (*_FAILURES, ValueError) as exc:
+            await self.close()
+            raise self._error("open", exc) from None
+
+    async def close(self) -> None:
+        """Close the pool; safe to call twice."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(*_FAILURES):
+                await pool.close()
+
+    @property
+    def pool(self) -> Any:
+        """Return the open pool."""
+        if self._pool is None:
+            raise StoreError("token store is not open")
+        return self._pool
+
+    async def _migrate(self) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One sidecar at a time: several starting at once would race on CREATE TABLE.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS sidecar_schema_version (version INTEGER NOT NULL)")
+            version = await conn.fetchval("SELECT max(version) FROM sidecar_schema_version")
+            version = int(version or 0)
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.shown} was written by a newer bitrix-sidecar "
+                                 f"(schema {version})")
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step + 1]:
+                    await conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                await conn.execute("DELETE FROM sidecar_schema_version")
+                await conn.execute("INSERT INTO sidecar_schema_version VALUES ($1)",
+                                   SCHEMA_VERSION)
+                log.info("token_store_migrated", store=self.shown, schema=SCHEMA_VERSION)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """The lock holder's connection inside ``locked()``, else one from the pool."""
+        held = self._held.get()
+        if held is not None:
+            yield held
+            return
+        async with self.pool.acquire() as conn:
+            yield conn
+
+    async def data_version(self) -> int:
+        """Return the row's write counter: it moves whenever anyone commits a write to it."""
+        try:
+            async with self._connection() as conn:
+                value = await conn.fetchval(
+                    "SELECT version FROM sidecar_authorization "
+                    "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id)
+        except _FAILURES as exc:
+            raise self._error("read", exc) from None
+        return int(value or 0)
+
+    async def load(self) -> StoredState:
+        """Read the stored state."""
+        try:
+            async with self._connection() as conn:
+                return await self._load(conn, lock=False)
+        except _FAILURES as exc:
+            raise self._error("read", exc) from None
+
+    async def _load(self, conn: Connection, *, lock: bool) -> StoredState:
+        sql = "SELECT * FROM sidecar_authorization WHERE portal = $1 AND client_id = $2"
+        row = await conn.fetchrow(f"{sql} FOR UPDATE" if lock else sql,
+                                  self.portal, self.client_id)
+        if row is None:
+            return StoredState(pair=None)
+        pair = None
+        if row["access_token"] and row["refresh_token"]:
+            pair = TokenPair(
+                access_token=row["access_token"],
+                refresh_token=row["refresh_token"],
+                expires_at=float(row["expires_at"] or 0.0),
+                scope=row["scope"],
+                member_id=row["member_id"],
+                client_endpoint=row["client_endpoint"],
+                server_endpoint=row["server_endpoint"],
+                domain=row["domain"],
+                user_id=row["user_id"],
+                status=row["status"],
+                application_token=row["application_token"],
+                obtained_at=float(row["obtained_at"] or 0.0),
+            )
+        return StoredState(
+            pair=pair,
+            generation=int(row["generation"]),
+            reauth_required=bool(row["reauth_required"]),
+            last_error=row["last_error"],
+            last_error_at=row["last_error_at"],
+        )
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[StoredState]:
+        """Hold the authorization's row lock; yield the state as it is under it.
+
+        Everything saved inside commits together when the block ends, or rolls back on error.
+        If this process dies, PostgreSQL ends the transaction and the lock with it.
+        """
+        if self._held.get() is not None:
+            raise StoreError("the token store's lock is already held by this task")
+        try:
+            conn = await self.pool.acquire()
+        except _FAILURES as exc:
+            raise self._error("lock", exc) from None
+        try:
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+                # A row to lock even before the first pair: two first writers queue on it too.
+                await conn.execute(
+                    "INSERT INTO sidecar_authorization (portal, client_id, updated_at) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (portal, client_id) DO NOTHING",
+                    self.portal, self.client_id, time.time())
+                stored = await self._load(conn, lock=True)
+            except _FAILURES as exc:
+                with contextlib.suppress(*_FAILURES):
+                    await transaction.rollback()
+                raise self._error("lock", exc) from None
+            token = self._held.set(conn)
+            try:
+                yield stored
+            except BaseException:
+                with contextlib.suppress(*_FAILURES):
+                    await transaction.rollback()
+                raise
+            finally:
+                self._held.reset(token)
+            try:
+                await transaction.commit()
+            except _FAILURES as exc:
+                with contextlib.suppress(*_FAILURES):
+                    await transaction.rollback()
+                raise self._error("write", exc) from None
+        finally:
+            with contextlib.suppress(*_FAILURES):
+                await self.pool.release(conn)
+
+    async def save_pair(self, pair: TokenPair) -> int:
+        """Store a new pair, clearing any error; return the new generation."""
+        fields: dict[str, Any] = {name: getattr(pair, name) for name in _PAIR_FIELDS}
+        fields |= {"reauth_required": False, "last_error": "", "last_error_at": None}
+        return await self._upsert(fields, bump=True)
+
+    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+        """Remember the last failure (and whether a person must re-authorize) for status."""
+        await self._upsert({"last_error": error, "last_error_at": time.time(),
+                            "reauth_required": reauth_required}, bump=False)
+
+    async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:
+        columns = ["portal", "client_id", "updated_at", *fields]
+        values = [self.portal, self.client_id, time.time(), *fields.values()]
+        updates = [f"{name} = excluded.{name}" for name in columns[2:]]
+        updates.append("version = sidecar_authorization.version + 1")
+        if bump:
+            columns.append("generation")
+            values.append(1)
+            updates.append("generation = sidecar_authorization.generation + 1")
+        sql = (
+            f"INSERT INTO sidecar_authorization ({', '.join(columns)}) "  # noqa: S608 - ours
+            f"VALUES ({', '.join(f'${n}' for n in range(1, len(columns) + 1))}) "
+            f"ON CONFLICT (portal, client_id) DO UPDATE SET {', '.join(updates)} "
+            "RETURNING generation"
+        )
+        try:
+            async with self._connection() as conn:
+                return int(await conn.fetchval(sql, *values))
+        except _FAILURES as exc:
+            raise self._error("write", exc) from None
+
+    # -- the operator's grants ---------------------------------------------------------------
+
+    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
+        """Record a grant of ``kind`` (replacing one with the same digest); drop expired ones."""
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(
+                    "DELETE FROM sidecar_grants WHERE portal = $1 AND client_id = $2 "
+                    "AND expires_at <= $3", self.portal, self.client_id, time.time())
+                await conn.execute(
+                    "INSERT INTO sidecar_grants (portal, client_id, kind, digest, detail, "
+                    "expires_at) VALUES ($1, $2, $3, $4, $5, $6) "
+                    "ON CONFLICT (portal, client_id, kind, digest) DO UPDATE SET "
+                    "detail = excluded.detail, expires_at = excluded.expires_at",
+                    self.portal, self.client_id, kind, digest, detail, expires_at)
+        except _FAILURES as exc:
+            raise self._error("write", exc) from None
+
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Use up a grant: delete it and return its detail, or None if none is valid."""
+        try:
+            async with self._connection() as conn:
+                row = await conn.fetchrow(
+                    "DELETE FROM sidecar_grants WHERE portal = $1 AND client_id = $2 "
+                    "AND kind = $3 AND digest = $4 RETURNING detail, expires_at",
+                    self.portal, self.client_id, kind, digest)
+        except _FAILURES as exc:
+            raise self._error("write", exc) from None
+        if row is None or float(row["expires_at"]) <= now:
+            return None
+        return str(row["detail"])
+
+    async def drop_grants(self, kind: str) -> None:
+        """Delete every grant of ``kind`` (inside ``locked()``: it commits with the block)."""
+        try:
+            async with self._connection() as conn:
+                await conn.execute(
+                    "DELETE FROM sidecar_grants WHERE portal = $1 AND client_id = $2 "
+                    "AND kind = $3", self.portal, self.client_id, kind)
+        except _FAILURES as exc:
+            raise self._error("write", exc) from None
+
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Return a valid grant's detail without using it up (None if there is none)."""
+        try:
+            async with self._connection() as conn:
+                detail = await conn.fetchval(
+                    "SELECT detail FROM sidecar_grants WHERE portal = $1 AND client_id = $2 "
+                    "AND kind = $3 AND digest = $4 AND expires_at > $5",
+                    self.portal, self.client_id, kind, digest, now)
+        except _FAILURES as exc:
+            raise self._error("read", exc) from None
+        return None if detail is None else str(detail)
+
+    async def heal(self) -> bool:
+        """Return False: a database is not deleted under us the way a file can be."""
+        return False
+
+
+def _password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""

@@ -1,0 +1,255 @@
+"""The PostgreSQL store, against a real PostgreSQL 15 server: what tests/test_store.py checks
+for SQLite, plus several stores (as several sidecars) on one database."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from sidecar.errors import StoreError
+from sidecar.grants import (
+    install_window,
+    issue_link,
+    open_install_window,
+    take_install_window,
+    take_link,
+)
+from sidecar.pgstore import SCHEMA_VERSION, PgStore
+from tests.pg import Server
+from tests.test_store import PORTAL, pair
+
+
+def store(url: str, portal: str = PORTAL, client_id: str = "local.1") -> PgStore:
+    """Open a store on the database at ``url``."""
+    return PgStore(url, portal=portal, client_id=client_id)
+
+
+class TestPair:
+    async def test_empty_store_holds_no_pair(self, pg_url: str) -> None:
+        """A new database answers with no pair, generation 0 and data version 0."""
+        async with store(pg_url) as s:
+            state = await s.load()
+            assert await s.data_version() == 0
+        assert state.pair is None
+        assert state.generation == 0
+        assert not state.reauth_required
+
+    async def test_saved_pair_survives_reopening(self, pg_url: str) -> None:
+        """What is saved is what a new pool loads, field by field."""
+        async with store(pg_url) as s:
+            generation = await s.save_pair(pair(1))
+        async with store(pg_url) as s:
+            state = await s.load()
+        assert state.pair == pair(1)
+        assert state.generation == generation == 1
+
+    async def test_each_save_bumps_the_generation_and_clears_errors(self, pg_url: str) -> None:
+        """A new pair moves the generation on and ends a re-authorization state."""
+        async with store(pg_url) as s:
+            await s.save_pair(pair(1))
+            await s.record_error("invalid_grant", reauth_required=True)
+            state = await s.load()
+            assert state.reauth_required
+            assert state.last_error == "invalid_grant"
+            assert state.last_error_at is not None
+            assert state.generation == 1, "an error note is no new generation"
+            assert await s.save_pair(pair(2)) == 2
+            state = await s.load()
+        assert state.pair == pair(2)
+        assert not state.reauth_required
+        assert state.last_error == ""
+        assert state.last_error_at is None
+
+    async def test_another_portals_row_is_its_own(self, pg_url: str) -> None:
+        """Another portal's (or app's) authorization is another row: neither sees the other's."""
+        async with store(pg_url) as ours:
+            await ours.save_pair(pair(1))
+        async with store(pg_url, portal="https://other.bitrix24.com") as other, \
+                store(pg_url, client_id="local.2") as other_app:
+            await other.record_error("boom", reauth_required=True)
+            assert (await other.load()).pair is None
+            assert (await other_app.load()).pair is None
+            assert await other_app.save_pair(pair(9)) == 1
+        async with store(pg_url) as ours:
+            state = await ours.load()
+        assert state.pair == pair(1), "an error note of another portal must not touch ours"
+        assert not state.reauth_required
+        assert state.generation == 1
+        assert state.foreign == ""
+
+
+class TestLock:
+    async def test_lock_serializes_two_stores(self, pg_url: str) -> None:
+        """A second writer waits for the first to commit, then sees its pair under the lock."""
+        async with store(pg_url) as first, store(pg_url) as second:
+            await first.save_pair(pair(1))
+            order: list[str] = []
+            entered = asyncio.Event()
+
+            async def hold() -> None:
+                async with first.locked():
+                    entered.set()
+                    await asyncio.sleep(0.3)
+                    await first.save_pair(pair(2))
+                    order.append("first committed")
+
+            async def wait() -> None:
+                await entered.wait()
+                async with second.locked() as seen:
+                    order.append("second entered")
+                    assert seen.pair == pair(2)
+                    assert seen.generation == 2
+
+            await asyncio.gather(hold(), wait())
+        assert order == ["first committed", "second entered"]
+
+    async def test_the_first_two_writers_queue_too(self, pg_url: str) -> None:
+        """With no row yet, the lock still serializes: the second sees the first's pair."""
+        async with store(pg_url) as first, store(pg_url) as second:
+            seen: list[int] = []
+
+            async def write(s: PgStore, n: int) -> None:
+                async with s.locked() as state:
+                    seen.append(state.generation)
+                    await asyncio.sleep(0.2)
+                    await s.save_pair(pair(n))
+
+            await asyncio.gather(write(first, 1), write(second, 2))
+            assert sorted(seen) == [0, 1]
+            assert (await first.load()).generation == 2
+
+    async def test_the_lock_is_the_databases_not_the_process(self, pg_url: str) -> None:
+        """Another connection's FOR UPDATE (as another sidecar's) waits for our commit."""
+        async with store(pg_url) as s:
+            await s.save_pair(pair(1))
+            other = await asyncpg.connect(pg_url)
+            try:
+                async with s.locked(), other.transaction():
+                    await other.execute("SET LOCAL lock_timeout = '200ms'")
+                    with pytest.raises(asyncpg.LockNotAvailableError):
+                        await other.execute("SELECT 1 FROM sidecar_authorization FOR UPDATE")
+            finally:
+                await other.close()
+
+    async def test_a_dead_holders_lock_is_released(self, pg_url: str) -> None:
+        """A holder whose connection ends (a killed sidecar) leaves no lock behind."""
+        async with store(pg_url) as s:
+            await s.save_pair(pair(1))
+            holder = await asyncpg.connect(pg_url)
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT 1 FROM sidecar_authorization FOR UPDATE")
+            holder.terminate()  # no COMMIT, no ROLLBACK: the socket just closes
+            async with asyncio.timeout(10), s.locked() as state:
+                assert state.pair == pair(1)
+
+    async def test_error_inside_lock_rolls_back(self, pg_url: str) -> None:
+        """A failure inside the locked block leaves the stored pair and grants as they were."""
+        async with store(pg_url) as s:
+            await s.save_pair(pair(1))
+            await open_install_window(s, "7")
+
+            async def fail_inside_lock() -> None:
+                async with s.locked():
+                    await s.save_pair(pair(2))
+                    await s.drop_grants("install")
+                    raise RuntimeError("boom")
+
+            with pytest.raises(RuntimeError):
+                await fail_inside_lock()
+            state = await s.load()
+            assert (state.pair, state.generation) == (pair(1), 1)
+            assert await install_window(s) is not None
+
+    async def test_data_version_moves_on_another_stores_commit(self, pg_url: str) -> None:
+        """The watcher's change signal moves when another store writes, not before it commits."""
+        async with store(pg_url) as watcher, store(pg_url) as writer:
+            before = await watcher.data_version()
+            async with writer.locked():
+                await writer.save_pair(pair(1))
+                assert await watcher.data_version() == before, "uncommitted"
+            moved = await watcher.data_version()
+            assert moved != before
+            await writer.record_error("boom", reauth_required=False)
+            assert await watcher.data_version() != moved
+
+    async def test_heal_is_false(self, pg_url: str) -> None:
+        """A database is not swapped under us as a file is: nothing to heal."""
+        async with store(pg_url) as s:
+            assert await s.heal() is False
+
+
+class TestSchema:
+    async def test_three_stores_migrate_one_database_at_once(self, pg_url: str) -> None:
+        """Three sidecars starting together: one creates the schema, none fails."""
+        stores = [store(pg_url) for _ in range(3)]
+        try:
+            await asyncio.gather(*(s.open() for s in stores))
+            await stores[0].save_pair(pair(1))
+            assert [(await s.load()).pair for s in stores] == [pair(1)] * 3
+        finally:
+            for s in stores:
+                await s.close()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            assert await conn.fetchval(
+                "SELECT array_agg(version) FROM sidecar_schema_version") == [SCHEMA_VERSION]
+        finally:
+            await conn.close()
+
+    async def test_a_newer_schema_is_refused(self, pg_url: str) -> None:
+        """A database migrated by a newer release is not written by this one."""
+        async with store(pg_url):
+            pass
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("UPDATE sidecar_schema_version SET version = 99")
+        finally:
+            await conn.close()
+        with pytest.raises(StoreError, match="newer bitrix-sidecar"):
+            async with store(pg_url):
+                pass
+
+
+class TestGrants:
+    async def test_a_link_works_once_within_its_time(self, pg_url: str) -> None:
+        """Taken once; unknown, used and expired links are refused."""
+        async with store(pg_url) as db:
+            secret = await issue_link(db, now=1000.0)
+            assert not await take_link(db, "made-up", now=1001.0)
+            assert await take_link(db, secret, now=1001.0)
+            assert not await take_link(db, secret, now=1002.0)
+
+    async def test_an_install_window_is_seen_by_another_store_and_used_once(
+        self, pg_url: str
+    ) -> None:
+        """The CLI's window (another store) is visible, left open by a look, gone once used;
+        another app's grants are its own."""
+        async with store(pg_url) as cli, store(pg_url) as server, \
+                store(pg_url, client_id="local.2") as other_app:
+            await open_install_window(cli, "7")
+            window = await install_window(server)
+            assert window is not None
+            assert window.admits("7")
+            assert await install_window(other_app) is None
+            assert await install_window(server) == window
+            assert await take_install_window(server) == window
+            assert await take_install_window(server) is None
+
+
+class TestPassword:
+    @pytest.mark.parametrize("wrong", ["port", "password"])
+    async def test_never_in_a_store_error(self, pg_server: Server, pg_url: str,
+                                          wrong: str) -> None:
+        """A store that cannot connect says which database, never with the password."""
+        secret = "pw-never-shown-0123456789"
+        url = (pg_server.url("postgres", password=secret, port=1) if wrong == "port"
+               else pg_server.url("postgres", password=secret))
+        with pytest.raises(StoreError) as caught:
+            async with store(url):
+                pass
+        text = f"{caught.value.description} {caught.value!r} {caught.value.__cause__!r}"
+        assert secret not in text
+        assert f"{pg_server.role}@{pg_server.host}" in caught.value.description
+        assert ("authentication" in text) if wrong == "password" else True
