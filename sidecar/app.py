@@ -37,7 +37,7 @@ from sidecar.oauth import OAuthClient
 from sidecar.portal import Addresses
 from sidecar.proxy import Proxy
 from sidecar.rules import HostPolicy
-from sidecar.store import TokenStore
+from sidecar.stores import open_store
 from sidecar.upstream import Pool
 
 log = structlog.get_logger("sidecar.app")
@@ -223,8 +223,7 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with (
-            TokenStore(settings.db_path, portal=settings.portal,
-                       client_id=settings.client_id) as store,
+            open_store(settings) as store,
             oauth_session() as oauth_http,
         ):
             # REST calls go through our own lean client: the portal's answer is relayed byte

@@ -27,7 +27,7 @@ from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
 from sidecar.grants import ANY_USER, LINK_TTL, issue_link, open_install_window
 from sidecar.logging import AccessLog, Redactor, configure_logging
 from sidecar.storage import StoredState
-from sidecar.store import TokenStore
+from sidecar.stores import open_store
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -201,8 +201,7 @@ async def _authorize(settings: Settings, text: str) -> int:
               f"{portal_host}: authorize on the configured portal", file=sys.stderr)
         return EXIT_FAILED
     async with (
-        TokenStore(settings.db_path, portal=settings.portal, client_id=settings.client_id)
-        as store,
+        open_store(settings) as store,
         oauth_session() as http,
     ):
         tokens = Authorization(store, make_oauth(http, settings), settings)
@@ -232,8 +231,7 @@ def link_base(settings: Settings) -> str:
 
 async def _authorize_link(settings: Settings) -> int:
     try:
-        async with TokenStore(settings.db_path, portal=settings.portal,
-                              client_id=settings.client_id) as store:
+        async with open_store(settings) as store:
             secret = await issue_link(store)
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
@@ -246,8 +244,7 @@ async def _authorize_link(settings: Settings) -> int:
 
 async def _expect_install(settings: Settings, user_id: str | None) -> int:
     try:
-        async with TokenStore(settings.db_path, portal=settings.portal,
-                              client_id=settings.client_id) as store:
+        async with open_store(settings) as store:
             stored = await store.load()
             if stored.pair is None or stored.reauth_required:
                 print("bitrix-sidecar: no working authorization is held, so there is nothing "
@@ -289,12 +286,12 @@ async def _ensure_saved(tokens: Authorization, attempts: int = 20) -> None:
 
 async def _status(settings: Settings) -> int:
     try:
-        if not settings.db_path.exists():  # looking must not create the store
+        if not settings.db_url and not settings.db_path.exists():
+            # Looking must not create the store (a database's schema is made on connecting).
             info = describe(settings, StoredState(pair=None))
             info["note"] = f"no token store at {settings.db_path} yet"
         else:
-            async with TokenStore(settings.db_path, portal=settings.portal,
-                                  client_id=settings.client_id) as store:
+            async with open_store(settings) as store:
                 info = describe(settings, await store.load())
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
@@ -306,8 +303,7 @@ async def _status(settings: Settings) -> int:
 async def _token(settings: Settings) -> int:
     try:
         async with (
-            TokenStore(settings.db_path, portal=settings.portal,
-                       client_id=settings.client_id) as store,
+            open_store(settings) as store,
             oauth_session() as http,
         ):
             tokens = Authorization(store, make_oauth(http, settings), settings)

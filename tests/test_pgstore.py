@@ -4,10 +4,15 @@ for SQLite, plus several stores (as several sidecars) on one database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
+from sidecar.emulator import Emulator
 from sidecar.errors import StoreError
 from sidecar.grants import (
     install_window,
@@ -17,7 +22,9 @@ from sidecar.grants import (
     take_link,
 )
 from sidecar.pgstore import SCHEMA_VERSION, PgStore
+from tests.conftest import CLIENT_ID
 from tests.pg import Server
+from tests.processes import cli, get, running
 from tests.test_store import PORTAL, pair
 
 
@@ -253,3 +260,64 @@ class TestPassword:
         assert secret not in text
         assert f"{pg_server.role}@{pg_server.host}" in caught.value.description
         assert ("authentication" in text) if wrong == "password" else True
+
+
+class TestFleet:
+    async def test_three_sidecars_refresh_an_expired_token_once(
+        self, env: dict[str, str], pg_server: Server, pg_url: str, emulator: Emulator
+    ) -> None:
+        """Three `run` processes on one database, the token expired, 200 concurrent calls
+        spread over them: one refresh at the OAuth server, 200 answers 200."""
+        fleet_env = {**env, "SIDECAR_DB": pg_url, "SIDECAR_LOG_LEVEL": "debug"}
+        async with contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(running(
+                {**fleet_env, "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}))
+            others = [await stack.enter_async_context(running(fleet_env)) for _ in range(2)]
+            fleet = [first, *others]
+            for sidecar in fleet:
+                status, body = await get(f"{sidecar.admin}/status")
+                assert (status, body["state"]) == (200, "valid"), body
+            assert emulator.stats.token_requests["authorization_code"] == 1
+            emulator.expire_access_tokens()
+
+            async with aiohttp.ClientSession() as http:
+
+                async def call(n: int) -> int:
+                    base = fleet[n % 3].base
+                    async with http.get(f"{base}/rest/profile") as response:
+                        await response.read()
+                        return response.status
+
+                statuses = await asyncio.gather(*(call(n) for n in range(200)))
+            assert statuses == [200] * 200
+            assert emulator.stats.refresh_ok == 1
+            assert emulator.stats.token_requests["refresh_token"] == 1
+            for sidecar in fleet:
+                status, body = await get(f"{sidecar.admin}/status")
+                assert (status, body["state"]) == (200, "valid"), body
+        logs = "".join(line for sidecar in fleet for line in sidecar.lines)
+        assert pg_server.password not in logs
+
+    async def test_the_cli_reads_and_writes_the_database(
+        self, env: dict[str, str], pg_server: Server, pg_url: str, emulator: Emulator,
+        tmp_path: Path,
+    ) -> None:
+        """`authorize` and `status` on a URL from SIDECAR_DB_FILE; the password is never shown."""
+        (tmp_path / "db-url").write_text(pg_url + "\n")
+        cli_env = {k: v for k, v in env.items() if k != "SIDECAR_DB"}
+        cli_env["SIDECAR_DB_FILE"] = str(tmp_path / "db-url")
+        password = pg_server.password
+        code, out, err = await cli("status", env=cli_env)
+        assert code != 0
+        assert json.loads(out)["state"] != "valid"
+        code, out, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=cli_env)
+        assert code == 0, err
+        code, out, err = await cli("status", env=cli_env)
+        assert (code, json.loads(out)["state"]) == (0, "valid")
+        async with store(pg_url, portal=emulator.base_url, client_id=CLIENT_ID) as s:
+            assert (await s.load()).generation == 1
+        bad = {**cli_env, "SIDECAR_DB_FILE": "", "SIDECAR_DB": pg_url.replace(password, "x" * 12)}
+        code, out, err = await cli("status", env=bad)
+        assert code != 0
+        assert "authentication failed" in err
+        assert "x" * 12 not in err + out
