@@ -1,5 +1,5 @@
 """The ``bitrix-sidecar`` command: run, authorize, authorize-link, expect-install, status, token,
-emulator, demo."""
+migrate, emulator, demo."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from sidecar import __version__
 from sidecar.app import create_app, make_oauth, oauth_session, serve
 from sidecar.authinfo import authorize_url, code_hint, describe, iso
 from sidecar.authorization import Authorization
-from sidecar.config import OPTIONS, Settings, load_settings, parse_listen
+from sidecar.config import OPTIONS, Settings, load_settings, parse_db, parse_listen
 from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
 from sidecar.grants import ANY_USER, LINK_TTL, issue_link, open_install_window
 from sidecar.logging import AccessLog, Redactor, configure_logging
+from sidecar.pgstore import PgStore
 from sidecar.storage import StoredState
 from sidecar.stores import open_store
 
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the token's state as JSON (never a token); exit 1 unless usable")
     sub.add_parser("token", parents=[settings],
                    help="print the current access token, refreshing it first if it has expired")
+    move = sub.add_parser(
+        "migrate", parents=[settings],
+        help="copy the authorization from the SQLite store (SIDECAR_DB) into a PostgreSQL "
+        "database, so replicas share it without a new approval",
+    )
+    target = move.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", default=None, metavar="URL",
+                        help="the postgresql:// URL (the process list shows it: prefer --to-file)")
+    target.add_argument("--to-file", default=None, metavar="PATH",
+                        help="a file holding the postgresql:// URL")
+    move.add_argument("--force", action="store_true",
+                      help="replace a newer authorization the database already holds")
     health = sub.add_parser(
         "healthcheck",
         help="exit 0 if the running sidecar's admin listener answers /healthz (or /readyz)",
@@ -146,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(_expect_install(settings, ANY_USER if args.any_user else args.user_id))
     if args.command == "status":
         return _run(_status(settings))
+    if args.command == "migrate":
+        return _migrate(settings, args)
     return _run(_token(settings))
 
 
@@ -321,6 +336,86 @@ async def _token(settings: Settings) -> int:
         return EXIT_FAILED
     print(pair.access_token)
     return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Take the target URL from --to or --to-file (never repeating it) and move the pair."""
+    if settings.db_url:
+        print("bitrix-sidecar: migrate reads a SQLite store: set SIDECAR_DB to its file, "
+              "not to a URL", file=sys.stderr)
+        return EXIT_CONFIG
+    where = "--to"
+    text = args.to
+    if args.to_file is not None:
+        where = "--to-file"
+        try:
+            text = Path(args.to_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            print(f"bitrix-sidecar: --to-file: cannot read {args.to_file}: {reason}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        url = parse_db(text)
+    except ValueError as exc:
+        print(f"bitrix-sidecar: {where}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(url, str):
+        print(f"bitrix-sidecar: {where}: a postgresql:// URL is needed", file=sys.stderr)
+        return EXIT_CONFIG
+    return _run(_move(settings, url, force=args.force))
+
+
+async def _move(settings: Settings, url: str, *, force: bool) -> int:
+    """Copy the SQLite store's authorization into the database, both stores locked."""
+    if not settings.db_path.exists():
+        print(f"bitrix-sidecar: no token store at {settings.db_path}: nothing to move",
+              file=sys.stderr)
+        return EXIT_FAILED
+    target = PgStore(url, portal=settings.portal, client_id=settings.client_id)
+    try:
+        async with (
+            open_store(settings) as source,
+            target,
+            # The source's lock keeps a running sidecar from renewing while the pair is copied.
+            source.locked() as stored,
+            target.locked() as there,
+        ):
+            refusal = _move_refusal(stored, there, force=force)
+            if refusal:
+                print(f"bitrix-sidecar: {refusal}", file=sys.stderr)
+                return EXIT_FAILED
+            generation = stored.generation
+            if there.pair is not None and there.generation >= generation and force:
+                generation = there.generation + 1  # the replicas must see it as new
+            await target.put_state(stored, generation)
+    except SidecarError as exc:
+        print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        return EXIT_FAILED
+    assert stored.pair is not None
+    print(json.dumps({
+        "moved": True, "from": str(settings.db_path), "to": target.shown,
+        "portal": settings.portal, "client_id": settings.client_id,
+        "member_id": stored.pair.member_id, "generation": generation,
+        "state": describe(settings, stored)["state"],
+    }, indent=2))
+    return 0
+
+
+def _move_refusal(stored: StoredState, there: StoredState, *, force: bool) -> str:
+    """Say why the SQLite store's entry may not go into the database ('' when it may)."""
+    if stored.foreign:
+        return f"{stored.foreign}, not of the configured app and portal: nothing to move"
+    if stored.pair is None:
+        return "the SQLite store holds no token pair: nothing to move"
+    if there.pair is None or force:
+        return ""
+    if there.generation > stored.generation or (
+            there.generation == stored.generation and there.pair != stored.pair):
+        return (f"the database already holds an authorization of this app and portal "
+                f"(generation {there.generation}, the SQLite store's is {stored.generation}): "
+                "the replicas may have renewed it since; --force replaces it")
+    return ""
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

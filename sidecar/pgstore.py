@@ -276,6 +276,15 @@ class PgStore:
         await self._upsert({"last_error": error, "last_error_at": time.time(),
                             "reauth_required": reauth_required}, bump=False)
 
+    async def put_state(self, stored: StoredState, generation: int) -> None:
+        """Write a whole stored state at ``generation`` (inside ``locked()``; for ``migrate``)."""
+        pair = stored.pair
+        assert pair is not None
+        fields: dict[str, Any] = {name: getattr(pair, name) for name in _PAIR_FIELDS}
+        fields |= {"reauth_required": stored.reauth_required, "last_error": stored.last_error,
+                   "last_error_at": stored.last_error_at, "generation": generation}
+        await self._upsert(fields, bump=False)
+
     async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:
         columns = ["portal", "client_id", "updated_at", *fields]
         values = [self.portal, self.client_id, time.time(), *fields.values()]

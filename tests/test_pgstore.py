@@ -22,6 +22,7 @@ from sidecar.grants import (
     take_link,
 )
 from sidecar.pgstore import SCHEMA_VERSION, PgStore
+from sidecar.store import TokenStore
 from tests.conftest import CLIENT_ID
 from tests.pg import Server
 from tests.processes import cli, get, running
@@ -321,3 +322,81 @@ class TestFleet:
         assert code != 0
         assert "authentication failed" in err
         assert "x" * 12 not in err + out
+
+
+class TestMigrate:
+    async def test_a_sqlite_authorization_moves_in_and_serves_without_a_new_approval(
+        self, env: dict[str, str], pg_server: Server, pg_url: str, emulator: Emulator,
+        tmp_path: Path,
+    ) -> None:
+        """`migrate --to-file` copies the SQLite store's pair into the database (the password in
+        neither argv nor output); a `run` process on the URL then serves calls with it."""
+        code, out, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
+        assert code == 0, err
+        (tmp_path / "db-url").write_text(pg_url + "\n")
+        args = ("migrate", "--to-file", str(tmp_path / "db-url"))
+        assert not any(pg_server.password in arg for arg in args)
+        code, out, err = await cli(*args, env=env)
+        assert code == 0, err
+        assert pg_server.password not in out + err
+        moved = json.loads(out)
+        assert moved["moved"] is True
+        assert (moved["portal"], moved["generation"], moved["state"]) == (
+            emulator.base_url, 1, "valid")
+        assert moved["member_id"] == emulator.member_id
+        async with (
+            store(pg_url, portal=emulator.base_url, client_id=CLIENT_ID) as s,
+            TokenStore(Path(env["SIDECAR_DB"]), portal=emulator.base_url,
+                       client_id=CLIENT_ID) as sqlite,
+        ):
+            there, here = await s.load(), await sqlite.load()
+        assert there.pair is not None
+        assert (there.pair, there.generation) == (here.pair, here.generation)
+
+        async with running({**env, "SIDECAR_DB": pg_url}) as sidecar:
+            status, body = await get(f"{sidecar.base}/rest/profile")
+            assert status == 200, body
+            status, body = await get(f"{sidecar.admin}/status")
+            assert (status, body["state"]) == (200, "valid"), body
+        assert emulator.stats.token_requests["authorization_code"] == 1
+        assert emulator.stats.token_requests["refresh_token"] == 0
+
+    async def test_a_newer_authorization_in_the_database_is_kept_unless_forced(
+        self, env: dict[str, str], pg_server: Server, pg_url: str, emulator: Emulator,
+    ) -> None:
+        """The replicas renewed the pair since (a newer generation): migrate refuses and says
+        so; --force replaces it with a generation the replicas see as new."""
+        code, out, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
+        assert code == 0, err
+        code, out, err = await cli("migrate", "--to", pg_url, env=env)
+        assert code == 0, err
+        assert pg_server.password not in out + err
+        code, out, err = await cli("migrate", "--to", pg_url, env=env)
+        assert code == 0, err  # the same pair again: nothing newer is lost
+        async with (
+            store(pg_url, portal=emulator.base_url, client_id=CLIENT_ID) as s,
+            s.locked() as held,
+        ):
+            assert held.pair is not None
+            await s.save_pair(held.pair)  # generation 2, as a replica's renewal would
+        code, out, err = await cli("migrate", "--to", pg_url, env=env)
+        assert code == 1
+        assert out == ""
+        assert "already holds" in err
+        assert "generation 2" in err
+        assert "--force" in err
+        assert pg_server.password not in err
+        code, out, err = await cli("migrate", "--to", pg_url, "--force", env=env)
+        assert code == 0, err
+        assert json.loads(out)["generation"] == 3
+
+    async def test_nothing_to_move_and_a_url_source_are_refused(
+        self, env: dict[str, str], pg_url: str,
+    ) -> None:
+        """No SQLite store, or SIDECAR_DB already a URL: a clear refusal, nothing written."""
+        code, out, err = await cli("migrate", "--to", pg_url, env=env)
+        assert (code, out) == (1, "")
+        assert "nothing to move" in err
+        code, out, err = await cli("migrate", "--to", pg_url, env={**env, "SIDECAR_DB": pg_url})
+        assert code == 2
+        assert "SQLite" in err
