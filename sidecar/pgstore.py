@@ -8,9 +8,10 @@ dies: there is no lease that could expire while an OAuth call is still running. 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +32,11 @@ MIGRATION_LOCK = 0x5B1D_EC42
 # Long enough for another sidecar to finish a refresh (an OAuth round trip) under the lock.
 LOCK_TIMEOUT = "90s"
 CONNECT_TIMEOUT = 10.0
+# The channel every write notifies (payload: the row's new version) and the watches listen on.
+CHANNEL = "sidecar_authorization"
+# How often the listener checks its connection is alive, and waits before reconnecting.
+LISTEN_CHECK = 30.0
+LISTEN_RETRY = 5.0
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -294,11 +300,15 @@ class PgStore:
             columns.append("generation")
             values.append(1)
             updates.append("generation = sidecar_authorization.generation + 1")
+        # The NOTIFY rides in the same statement and is delivered when the transaction commits:
+        # the other sidecars' watches wake at once, at no extra round trip.
         sql = (
-            f"INSERT INTO sidecar_authorization ({', '.join(columns)}) "  # noqa: S608 - ours
+            "WITH written AS ("  # noqa: S608 - names and placeholders are ours
+            f"INSERT INTO sidecar_authorization ({', '.join(columns)}) "
             f"VALUES ({', '.join(f'${n}' for n in range(1, len(columns) + 1))}) "
             f"ON CONFLICT (portal, client_id) DO UPDATE SET {', '.join(updates)} "
-            "RETURNING generation"
+            "RETURNING generation, version) "
+            f"SELECT generation, pg_notify('{CHANNEL}', version::text) FROM written"
         )
         try:
             async with self._connection() as conn:
@@ -359,6 +369,37 @@ class PgStore:
         except _FAILURES as exc:
             raise self._error("read", exc) from None
         return None if detail is None else str(detail)
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever a sidecar commits a write, over a connection apart from the
+        pool; reconnect while that fails (the watch polls meanwhile). Runs until cancelled."""
+        while True:
+            try:
+                await self._listen_once(wake)
+            except (*_FAILURES, ValueError) as exc:
+                log.warning("token_store_listen_lost",
+                            error=self._error("listen", exc).description,
+                            detail="changes are picked up by polling until it reconnects")
+            await asyncio.sleep(LISTEN_RETRY)
+
+    async def _listen_once(self, wake: Callable[[], None]) -> None:
+        """Listen on one connection until it is lost."""
+        lost = asyncio.Event()
+        conn = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT,
+                                     server_settings={"application_name": "bitrix-sidecar"})
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(CHANNEL, lambda *_args: wake())
+            wake()  # whatever was committed while nobody listened
+            while not conn.is_closed():
+                # A peer gone without a word is not always noticed by the socket: ask now and then.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), LISTEN_CHECK)
+                if not lost.is_set():
+                    await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+        finally:
+            with contextlib.suppress(*_FAILURES):
+                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT)
 
     async def heal(self) -> bool:
         """Return False: a database is not deleted under us the way a file can be."""

@@ -7,6 +7,7 @@ second backend implements this interface and nothing else changes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,6 +72,11 @@ class PairStore(Protocol):
 
     async def data_version(self) -> int:
         """Return a number that moves whenever another writer commits (the watch polls it)."""
+        ...
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever a writer commits, until cancelled (or return at once where
+        the store cannot tell: the watch then polls alone)."""
         ...
 
     async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:

@@ -13,7 +13,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,9 @@ class TokenStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read token store: {exc}") from exc
         return int(row[0]) if row else 0
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Return at once: SQLite tells nobody of a commit, so the watch polls data_version."""
 
     async def load(self) -> StoredState:
         """Read the stored state."""

@@ -4,6 +4,7 @@ store refused that wait in memory for a write that succeeds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -96,10 +97,33 @@ class StoreSync:
         return True
 
     async def run(self) -> None:
-        """Notice pairs stored by other processes, and retry a save the store refused."""
+        """Notice pairs stored by other processes, and retry a save the store refused.
+
+        The store's notifications wake the watch at once; it polls every interval besides,
+        for a store that cannot notify and for notifications lost with a connection.
+        """
+        wake = asyncio.Event()
+        listener = asyncio.create_task(self._listen(wake), name="token-store-listen")
+        try:
+            await self._watch(wake)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self, wake: asyncio.Event) -> None:
+        try:
+            await self._store.listen(wake.set)
+        except Exception:
+            # Polling goes on: a failed listener costs speed, not correctness.
+            log.exception("token_store_listen_error")
+
+    async def _watch(self, wake: asyncio.Event) -> None:
         version = await self._store.data_version()
         while True:
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self._interval)
+            wake.clear()
             try:
                 if await self._store.heal():
                     await self._found_anew()

@@ -6,12 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 
+from sidecar.app import make_oauth, oauth_session
+from sidecar.authorization import Authorization
+from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.errors import StoreError
 from sidecar.grants import (
@@ -400,3 +405,43 @@ class TestMigrate:
         code, out, err = await cli("migrate", "--to", pg_url, env={**env, "SIDECAR_DB": pg_url})
         assert code == 2
         assert "SQLite" in err
+
+
+class TestNotify:
+    async def test_a_new_pair_reaches_another_sidecar_at_once(
+        self, pg_url: str, emulator: Emulator, make_settings: Callable[..., Settings],
+    ) -> None:
+        """One sidecar renews; the other, polling only every 10 s, adopts the new pair within
+        a second or two: only the commit's NOTIFY can wake it so soon."""
+        settings = make_settings(db_path=pg_url)
+        async with (
+            store(pg_url, portal=emulator.base_url, client_id=CLIENT_ID) as one_store,
+            store(pg_url, portal=emulator.base_url, client_id=CLIENT_ID) as two_store,
+            oauth_session() as http,
+        ):
+            one = Authorization(one_store, make_oauth(http, settings), settings,
+                                watch_interval=10.0)
+            two = Authorization(two_store, make_oauth(http, settings), settings,
+                                watch_interval=10.0)
+            await one.authorize(emulator.issue_code(CLIENT_ID))
+            await two.start()
+            assert two.life.stored.generation == 1
+            watch = asyncio.create_task(two.run_watch())
+            try:
+                await asyncio.sleep(0.5)  # the watch reads its first version, the listener connects
+                held = one.pair
+                assert held is not None
+                started = time.monotonic()
+                renewed = await one.refresh(held.access_token, trigger="test")
+                async with asyncio.timeout(3.0):
+                    while two.life.stored.generation != 2:
+                        two.renewal.changed.clear()  # set by every adoption
+                        await two.renewal.changed.wait()
+                took = time.monotonic() - started
+                assert two.pair == renewed
+                assert took < 2.0
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+                await one.aclose()
