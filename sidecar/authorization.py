@@ -177,6 +177,7 @@ class Authorization:
                         now=self._clock(), unsaved=self.unsaved) | {
             "refresh": self.renewal.status(),
             "store_writable": self.sync_state.writable,
+            "last_refresh_by": self.life.stored.last_refresh_by or None,
         }
 
     def readiness(self) -> tuple[bool, str]:
@@ -306,6 +307,8 @@ class Authorization:
                 # Whoever stored this pair, an install window opened for the one before it is
                 # no longer the operator's wish.
                 await self._store.drop_grants(INSTALL)
+                closed = (await self._store.fleet_episode(False, self._clock())
+                          if self._store.shared else None)
             sync.saved()
         except StoreError as exc:
             if consent is not Consent.OPERATOR:
@@ -314,7 +317,9 @@ class Authorization:
             sync.failed(exc, kept=True)
             sync.keep_unsaved(self.life.stored.generation)
             generation = self.life.stored.generation + 1
-        self.renewal.recovered()
+            closed = None
+        self.renewal.recovered(alert=None if not self._store.shared else closed is not None,
+                               since=closed)
         self._adopt(StoredState(pair=pair, generation=generation), trigger)
         if previous is not None and previous.user_id != pair.user_id:
             log.warning("authorization_user_changed", trigger=trigger, consent=consent.value,
@@ -414,6 +419,11 @@ class Authorization:
         adopted = False
         seen = self.life.stored.generation
         generation = seen
+        # Among replicas, who alerts: the one whose write opens (or closes) the shared episode,
+        # or first records that a person must act. None: this process decides alone.
+        alert: bool | None = None
+        opened = False
+        since: float | None = None
         try:
             async with self._store.locked() as stored:
                 seen = stored.generation
@@ -421,12 +431,18 @@ class Authorization:
                 if isinstance(outcome, OAuthError):
                     # A rejected app (bad id or secret) is a configuration error: it is not
                     # written down as final, so a restart with fixed settings tries again.
-                    await self._store.record_error(
-                        outcome.description,
-                        reauth_required=outcome.permanent and not client_error(outcome),
-                    )
+                    dead = outcome.permanent and not client_error(outcome)
+                    await self._store.record_error(outcome.description, reauth_required=dead)
+                    if self._store.shared:
+                        since = await self._store.fleet_episode(True, self._clock())
+                        opened = since is not None or (dead and not stored.reauth_required)
                 elif not adopted:
                     generation = await self._store.save_pair(outcome)
+                    if self._store.shared:
+                        since = await self._store.fleet_episode(False, self._clock())
+                        opened = since is not None
+            if self._store.shared:
+                alert = opened  # committed: the others see it from now on
         except StoreError as exc:
             if isinstance(outcome, TokenPair) and not adopted:
                 # The OAuth server has rotated the pair: the old refresh token is dead, so
@@ -452,16 +468,17 @@ class Authorization:
         if isinstance(outcome, OAuthError):
             self._metrics.refreshes.labels(
                 trigger=trigger, result="rejected" if outcome.permanent else "failed").inc()
-            self.renewal.failed(outcome, trigger)
+            self.renewal.failed(outcome, trigger, alert=alert)
             raise renewal_error(outcome, self._settings) from None
         if adopted:
             self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
             return outcome  # another process renewed it; adopted under the lock
         self.renewal.succeeded()
         self._metrics.refreshes.labels(trigger=trigger, result="ok").inc()
-        self.renewal.recovered()
+        self.renewal.recovered(alert=alert, since=since)
         previous = self.life.stored
-        self.life.refreshed(outcome, generation)
+        self.life.refreshed(outcome, generation,
+                            by=self._settings.replica if self._store.shared else "")
         self._adopted(previous, trigger, changed=True)
         log.info("token_refreshed", trigger=trigger, expires_at=iso(outcome.expires_at),
                  duration=round(self._clock() - started, 3))
@@ -506,7 +523,9 @@ class Authorization:
         previous = self.life.stored
         changed = self.life.adopt(stored)
         if changed and stored.pair is not None and not stored.reauth_required:
-            self.renewal.recovered()  # a new pair from anywhere ends a failure episode
+            # A new pair from anywhere ends a failure episode; among replicas, the one that
+            # stored it closed the shared episode and said so.
+            self.renewal.recovered(alert=False if self._store.shared else None)
         self._adopted(previous, source, changed=changed)
 
     def _adopted(self, previous: StoredState, source: str, *, changed: bool) -> None:

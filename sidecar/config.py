@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +377,9 @@ OPTIONS: tuple[Option, ...] = (
            "./bitrix-sidecar.db"),
     Option("SIDECAR_DB_FILE", "--db-file", "db_file",
            "file holding the postgresql:// URL (a Kubernetes Secret, say)"),
+    Option("SIDECAR_REPLICA_ID", "--replica-id", "replica_id",
+           "this sidecar's name among replicas sharing a PostgreSQL store (default: "
+           "hostname:pid); /status shows which replica renewed last"),
     Option("SIDECAR_REFRESH_INTERVAL", "--refresh-interval", "refresh_interval",
            "background refresh period; 0 = only when needed", _interval, "25m"),
     Option("SIDECAR_UPSTREAM_TIMEOUT", "--upstream-timeout", "upstream_timeout",
@@ -433,6 +438,7 @@ class Settings:
     db_path: Path = _default("db_path")  # noqa: RUF009 - immutable
     # A PostgreSQL store's URL, password and all; when set, db_path is not used.
     db_url: str = field(default="", repr=False)
+    replica_id: str = ""
     refresh_interval: float = _default("refresh_interval")
     upstream_timeout: float = _default("upstream_timeout")
     max_body: int = _default("max_body")
@@ -447,6 +453,11 @@ class Settings:
     def db_shown(self) -> str:
         """Name the store for people: the SQLite path, or the URL without its password."""
         return shown_db(self.db_url) if self.db_url else str(self.db_path)
+
+    @property
+    def replica(self) -> str:
+        """Name this sidecar among replicas: SIDECAR_REPLICA_ID, else hostname:pid."""
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def db_password(self) -> str:

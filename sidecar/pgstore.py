@@ -26,7 +26,7 @@ from sidecar.storage import StoredState, TokenPair
 
 log = structlog.get_logger("sidecar.pgstore")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Any fixed number: the advisory lock that lets one sidecar at a time migrate the schema.
 MIGRATION_LOCK = 0x5B1D_EC42
 # Long enough for another sidecar to finish a refresh (an OAuth round trip) under the lock.
@@ -78,6 +78,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    2: (
+        # The fleet's failure episode (one alert for all replicas) and who renewed last.
+        "ALTER TABLE sidecar_authorization ADD COLUMN failing_since DOUBLE PRECISION",
+        "ALTER TABLE sidecar_authorization ADD COLUMN last_refresh_by TEXT NOT NULL DEFAULT ''",
+    ),
 }
 
 _PAIR_FIELDS = ("access_token", "refresh_token", "expires_at", "scope", "member_id",
@@ -92,8 +97,12 @@ Connection = Any  # asyncpg.Connection (or its pool proxy); asyncpg ships no typ
 class PgStore:
     """Load and save the token pair of one app on one portal in a PostgreSQL database."""
 
-    def __init__(self, url: str, *, portal: str, client_id: str, max_size: int = 4) -> None:
+    shared = True  # every sidecar naming the database serves from it
+
+    def __init__(self, url: str, *, portal: str, client_id: str, max_size: int = 4,
+                 replica: str = "") -> None:
         self._url = url
+        self.replica = replica  # written as last_refresh_by with each pair
         self.shown = shown_db(url)  # the URL without its password, for messages
         self._secret = _password(url)
         self.portal = portal
@@ -223,6 +232,7 @@ class PgStore:
             reauth_required=bool(row["reauth_required"]),
             last_error=row["last_error"],
             last_error_at=row["last_error_at"],
+            last_refresh_by=row["last_refresh_by"],
         )
 
     @contextlib.asynccontextmanager
@@ -274,13 +284,32 @@ class PgStore:
     async def save_pair(self, pair: TokenPair) -> int:
         """Store a new pair, clearing any error; return the new generation."""
         fields: dict[str, Any] = {name: getattr(pair, name) for name in _PAIR_FIELDS}
-        fields |= {"reauth_required": False, "last_error": "", "last_error_at": None}
+        fields |= {"reauth_required": False, "last_error": "", "last_error_at": None,
+                   "last_refresh_by": self.replica}
         return await self._upsert(fields, bump=True)
 
     async def record_error(self, error: str, *, reauth_required: bool) -> None:
         """Remember the last failure (and whether a person must re-authorize) for status."""
         await self._upsert({"last_error": error, "last_error_at": time.time(),
                             "reauth_required": reauth_required}, bump=False)
+
+    async def fleet_episode(self, failing: bool, now: float) -> float | None:
+        """Inside ``locked()``: open (``failing``) or close the replicas' failure episode;
+        return when it started if this call opened or closed it, else None."""
+        try:
+            async with self._connection() as conn:
+                since = await conn.fetchval(
+                    "SELECT failing_since FROM sidecar_authorization "
+                    "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id)
+                if (since is not None) == failing:
+                    return None  # already as asked: someone else opened (or closed) it
+                await conn.execute(
+                    "UPDATE sidecar_authorization SET failing_since = $3 "
+                    "WHERE portal = $1 AND client_id = $2",
+                    self.portal, self.client_id, now if failing else None)
+        except _FAILURES as exc:
+            raise self._error("write", exc) from None
+        return now if failing else float(since)
 
     async def put_state(self, stored: StoredState, generation: int) -> None:
         """Write a whole stored state at ``generation`` (inside ``locked()``; for ``migrate``)."""

@@ -83,8 +83,11 @@ class Renewal:
             due = min(pair.obtained_at + interval, pair.expires_at - early)
         return max(due, self.last_attempt_at + MIN_GAP)
 
-    def failed(self, error: OAuthError, trigger: str) -> None:
-        """Record a failed renewal: back off, open or extend the episode, alert once."""
+    def failed(self, error: OAuthError, trigger: str, *, alert: bool | None = None) -> None:
+        """Record a failed renewal: back off, open or extend the episode, alert once.
+
+        ``alert``: whether this failure opens the replicas' shared episode (None: decide alone).
+        """
         life = self._life
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** life.failures)
         delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
@@ -95,9 +98,10 @@ class Renewal:
             log.info("token_refresh_outcome_ignored", trigger=trigger, error=error.error,
                      detail="the pair changed while the renewal ran")
             return
-        self.note_failure(error, trigger, retry_in=delay)
+        self.note_failure(error, trigger, retry_in=delay, alert=alert)
 
-    def note_failure(self, error: OAuthError, trigger: str, *, retry_in: float = 0.0) -> None:
+    def note_failure(self, error: OAuthError, trigger: str, *, retry_in: float = 0.0,
+                     alert: bool | None = None) -> None:
         """Tell metrics, the episode, alerts and the log of a failure ``Life`` has recorded."""
         life = self._life
         self._metrics.refresh_failing.set(1)
@@ -106,9 +110,10 @@ class Renewal:
         if self.episode is None:
             self.episode = Episode(first_failure_at=self._clock())
         self.episode.attempts += 1
-        if opened or (life.state.dead and not self.episode.reauth_alerted):
-            self._alert("token_refresh_failing" if opened else "token_reauthorization_required",
-                        error=error)
+        due = opened or (life.state.dead and not self.episode.reauth_alerted)
+        if due if alert is None else alert:
+            self._alert("token_refresh_failing" if opened or not life.state.dead
+                        else "token_reauthorization_required", error=error)
         self.changed.set()
         if life.state.dead:
             self.episode.reauth_alerted = True
@@ -120,14 +125,20 @@ class Renewal:
                     description=error.description, attempt=life.failures,
                     retry_in=round(retry_in, 1))
 
-    def recovered(self) -> None:
-        """Close an open failure episode after a success."""
+    def recovered(self, *, alert: bool | None = None, since: float | None = None) -> None:
+        """Close an open failure episode after a success.
+
+        ``alert``: whether this success closed the replicas' shared episode (begun at
+        ``since``); None: alert if this process had one open.
+        """
         self._metrics.refresh_failing.set(0)
         self._metrics.refresh_failures.set(0)
         self._metrics.reauthorization_required.set(0)
-        if self.episode is not None:
+        if self.episode is not None if alert is None else alert:
+            if self.episode is None:
+                self.episode = Episode(first_failure_at=since or self._clock())
             self._alert("token_refresh_recovered")
-            self.episode = None
+        self.episode = None
 
     def status(self) -> dict[str, Any]:
         """Describe the renewal for ``status``."""

@@ -108,9 +108,9 @@ class Life:
         """A renewal starts."""
         self.move(State.REFRESHING)
 
-    def refreshed(self, pair: TokenPair, generation: int) -> None:
-        """A renewal brought a new pair."""
-        self.stored = StoredState(pair=pair, generation=generation)
+    def refreshed(self, pair: TokenPair, generation: int, by: str = "") -> None:
+        """A renewal (of replica ``by``) brought a new pair."""
+        self.stored = StoredState(pair=pair, generation=generation, last_refresh_by=by)
         self.failures = 0
         self.move(State.VALID)
 

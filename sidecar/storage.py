@@ -45,6 +45,7 @@ class StoredState:
     last_error: str = ""
     last_error_at: float | None = None
     foreign: str = ""  # non-empty when the stored pair belongs to another portal or app
+    last_refresh_by: str = ""  # the replica whose renewal (or authorization) wrote the pair
 
 
 class PairStore(Protocol):
@@ -52,7 +53,10 @@ class PairStore(Protocol):
 
     ``save_pair``, ``record_error`` and ``drop_grants`` are called only inside ``locked()``:
     the lock is held across processes, so two writers never renew the same refresh token.
+    ``shared``: several sidecars serve from this store, so alerts go out once for all of them.
     """
+
+    shared: bool
 
     async def load(self) -> StoredState:
         """Read the stored state."""
@@ -77,6 +81,11 @@ class PairStore(Protocol):
     async def listen(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a writer commits, until cancelled (or return at once where
         the store cannot tell: the watch then polls alone)."""
+        ...
+
+    async def fleet_episode(self, failing: bool, now: float) -> float | None:
+        """Inside ``locked()``: open (``failing``) or close the failure episode the replicas
+        share; return when it started if this call opened or closed it, else None."""
         ...
 
     async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:

@@ -195,6 +195,12 @@ class TokenStore:
             raise StoreError(f"cannot read token store: {exc}") from exc
         return int(row[0]) if row else 0
 
+    shared = False  # one sidecar per file: it alerts by itself
+
+    async def fleet_episode(self, failing: bool, now: float) -> float | None:
+        """Return None: a single sidecar keeps its failure episode in memory."""
+        return None
+
     async def listen(self, wake: Callable[[], None]) -> None:
         """Return at once: SQLite tells nobody of a commit, so the watch polls data_version."""
 

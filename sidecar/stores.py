@@ -10,5 +10,6 @@ from sidecar.store import TokenStore
 def open_store(settings: Settings) -> TokenStore | PgStore:
     """Return the (unopened) store of ``settings``: enter it with ``async with``."""
     if settings.db_url:
-        return PgStore(settings.db_url, portal=settings.portal, client_id=settings.client_id)
+        return PgStore(settings.db_url, portal=settings.portal, client_id=settings.client_id,
+                       replica=settings.replica)
     return TokenStore(settings.db_path, portal=settings.portal, client_id=settings.client_id)

@@ -9,10 +9,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from sidecar.app import make_oauth, oauth_session
 from sidecar.authorization import Authorization
@@ -30,7 +32,7 @@ from sidecar.pgstore import SCHEMA_VERSION, PgStore
 from sidecar.store import TokenStore
 from tests.conftest import CLIENT_ID
 from tests.pg import Server
-from tests.processes import cli, get, running
+from tests.processes import Running, cli, get, running
 from tests.test_store import PORTAL, pair
 
 
@@ -445,3 +447,69 @@ class TestNotify:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
                 await one.aclose()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Wait for ``condition`` to hold, looking every 0.2 s; fail after ``seconds``."""
+    for _ in range(int(seconds / 0.2)):
+        if condition():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the condition did not come true in time")
+
+
+class TestFleetAlerts:
+    async def test_one_failing_and_one_recovered_alert_for_three_sidecars(
+        self, env: dict[str, str], pg_url: str, emulator: Emulator,
+    ) -> None:
+        """The OAuth server fails while three sidecars renew every 2 s: each of them fails,
+        the webhook gets one token_refresh_failing; after the fix, one recovered, and every
+        /status names the replica that renewed last."""
+        alerts: list[dict[str, Any]] = []
+
+        async def receive(request: web.Request) -> web.Response:
+            alerts.append(await request.json())
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/alerts", receive)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        fleet_env = {**env, "SIDECAR_DB": pg_url, "SIDECAR_REFRESH_INTERVAL": "2s",
+                     "SIDECAR_ALERT_WEBHOOK": f"http://127.0.0.1:{port}/alerts"}
+
+        def events(name: str) -> list[dict[str, Any]]:
+            return [alert for alert in alerts if alert["event"] == name]
+
+        def failed(sidecar: Running) -> bool:
+            return any(e["event"] == "token_refresh_failed" for e in sidecar.events())
+
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                fleet = [await stack.enter_async_context(running(
+                    {**fleet_env, "SIDECAR_REPLICA_ID": "replica-0",
+                     "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}))]
+                fleet += [await stack.enter_async_context(running(
+                    {**fleet_env, "SIDECAR_REPLICA_ID": f"replica-{n}"})) for n in (1, 2)]
+                emulator.oauth_failure = "500"
+                await until(lambda: all(failed(sidecar) for sidecar in fleet))
+                await asyncio.sleep(0.5)  # deliveries in flight
+                assert len(events("token_refresh_failing")) == 1, alerts
+                emulator.oauth_failure = None
+                await until(lambda: bool(events("token_refresh_recovered")))
+                await asyncio.sleep(3.0)  # the others adopt the pair; renewals go on
+                assert len(events("token_refresh_failing")) == 1, alerts
+                assert len(events("token_refresh_recovered")) == 1, alerts
+                renewers = set()
+                for sidecar in fleet:
+                    status, body = await get(f"{sidecar.admin}/status")
+                    assert status == 200, body
+                    renewers.add(body["last_refresh_by"])
+                assert renewers <= {"replica-0", "replica-1", "replica-2"}
+                assert None not in renewers
+        finally:
+            emulator.oauth_failure = None
+            await runner.cleanup()
