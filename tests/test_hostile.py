@@ -1,9 +1,9 @@
 """Hostile input over real loopback sockets, written byte for byte (no client cleans it up).
 
-Every malformed, oversized, smuggling, slow or odd request gets a clear 4xx (Bitrix24's
-``{"error", "error_description"}`` shape where the sidecar's handler answers; aiohttp's own HTTP
-parser refuses some requests before the handler with a plain-text 400, which is accepted here as
-"4xx and not forwarded"), nothing reaches the emulator but ``/rest/<method>`` (the emulator below
+Every malformed, oversized, smuggling, slow or odd request gets a clear 4xx in Bitrix24's
+``{"error", "error_description"}`` shape (also where aiohttp's own HTTP parser refuses a request
+before the handler: ``DeadlineHandler.handle_error``; only aiohttp's router still answers a few
+targets in plain text), nothing reaches the emulator but ``/rest/<method>`` (the emulator below
 records every HTTP request it receives, on any path), and the sidecar keeps serving others.
 
 The last test checks that across everything this file sent, no token, refresh token or client
