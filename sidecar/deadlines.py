@@ -35,7 +35,13 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from sidecar.errors import RequestTimeout, SidecarError
+from sidecar.errors import (
+    BadRequest,
+    BodyTooLarge,
+    InternalError,
+    RequestTimeout,
+    SidecarError,
+)
 from sidecar.lanecheck import missing_deadline_internals
 from sidecar.laneparse import HttpDate, head_bytes
 from sidecar.replies import error_reply
@@ -53,6 +59,15 @@ BACKSTOP = 5.0
 # After this many connections closed since the most open (and half of them gone), the
 # allocator is asked to give freed memory back to the system (see DeadlineServer._trim).
 TRIM_AFTER = 128
+# What aiohttp's own server answers, in the sidecar's words.
+_PROTOCOL_ERRORS: dict[int, type[SidecarError]] = {
+    400: BadRequest, 413: BodyTooLarge, 500: InternalError,
+}
+_PROTOCOL_TEXT = {
+    400: "the request is not valid HTTP/1.1 and was not read",
+    413: "the request is too large",
+    500: "the sidecar failed unexpectedly; its log has the details",
+}
 log = structlog.get_logger("sidecar.deadlines")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -237,6 +252,24 @@ class DeadlineHandler(RequestHandler):
     __slots__ = ("_admitted", "_next_since", "_overdue", "_unread", "request", "server",
                  "since")
 
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Answer what aiohttp itself refuses (a request its parser cannot read, a crash) in
+        Bitrix24's shape, as every other error of the sidecar; the connection closes."""
+        plain = super().handle_error(request, status, exc, message)  # its log, its checks
+        error = _PROTOCOL_ERRORS.get(status)
+        if error is None:
+            return plain
+        # Named, never quoted: the parser's message may repeat the request's bytes.
+        reason = type(exc).__name__ if exc is not None else "unreadable"
+        reply = error_reply(error(f"{_PROTOCOL_TEXT[status]} ({reason})"))
+        response = web.Response(status=reply.status, body=reply.body,
+                                headers=CIMultiDict(reply.headers))
+        response.force_close()
+        return response
     def __init__(self, manager: DeadlineServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.server: DeadlineServer | None = manager

@@ -645,3 +645,58 @@ async def test_wheel_installs_and_runs_as_in_the_image(
             await proc.wait()
     # Read-only root filesystem: nothing was written into the installed environment.
     assert files_under(venv) == installed
+
+
+# -- the scaled-out overlay ---------------------------------------------------------------------
+
+
+REPLICATED = K8S.parent / "k8s-replicated"
+
+
+@pytest.fixture(scope="module")
+def replicated() -> list[Doc]:
+    """Return the rendered overlay of several replicas on PostgreSQL."""
+    return kustomize(REPLICATED)
+
+
+class TestReplicatedOverlay:
+    def test_three_replicas_rolled_one_at_a_time(self, replicated: list[Doc]) -> None:
+        """replicas: 3, RollingUpdate that never drops below three, a PDB of one at a time."""
+        spec = only(replicated, "Deployment")["spec"]
+        assert spec["replicas"] == 3
+        assert spec["strategy"] == {"type": "RollingUpdate",
+                                    "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        pdb = only(replicated, "PodDisruptionBudget")["spec"]
+        assert pdb["maxUnavailable"] == 1
+        labels = spec["template"]["metadata"]["labels"]
+        assert pdb["selector"]["matchLabels"].items() <= labels.items()
+
+    def test_no_volume_ties_a_pod_to_a_node(self, replicated: list[Doc]) -> None:
+        """No PersistentVolumeClaim, no store volume, no SIDECAR_DB file path."""
+        assert [d for d in replicated if d["kind"] == "PersistentVolumeClaim"] == []
+        pod = only(replicated, "Deployment")["spec"]["template"]["spec"]
+        assert "persistentVolumeClaim" not in str(pod["volumes"])
+        [sidecar] = [c for c in pod["initContainers"] if c["name"] == "bitrix-sidecar"]
+        names = {e["name"] for e in sidecar["env"]}
+        assert "SIDECAR_DB" not in names
+        assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+
+    def test_the_database_address_is_a_file_from_a_secret(self, replicated: list[Doc]) -> None:
+        """SIDECAR_DB_FILE names a file in the Secret's volume, mounted read-only in the
+        sidecar alone: the password is in no variable and no other container."""
+        pod = only(replicated, "Deployment")["spec"]["template"]["spec"]
+        [sidecar] = [c for c in pod["initContainers"] if c["name"] == "bitrix-sidecar"]
+        env = {e["name"]: e.get("value") for e in sidecar["env"]}
+        path = Path(env["SIDECAR_DB_FILE"])
+        [mount] = [m for m in sidecar["volumeMounts"] if m["mountPath"] == str(path.parent)]
+        assert mount["readOnly"] is True
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "bitrix-sidecar-db"
+        assert volume["secret"]["items"] == [{"key": "url", "path": path.name}]
+        for container in pod["containers"]:
+            assert all(m["name"] != mount["name"] for m in container.get("volumeMounts", []))
+
+    def test_the_base_is_unchanged_for_one_replica(self, base: list[Doc]) -> None:
+        """The single-replica base keeps its claim and its SQLite store."""
+        assert only(base, "PersistentVolumeClaim")
+        assert only(base, "Deployment")["spec"]["replicas"] == 1

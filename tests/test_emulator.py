@@ -807,3 +807,13 @@ async def test_issued_secrets_lists_codes_and_tokens(portal: Client, emu: Emulat
     code = emu.issue_code(APP_ID)
     pair = await (await exchange(portal, code)).json()
     assert emu.issued_secrets() == [code, pair["access_token"], pair["refresh_token"]]
+
+
+async def test_a_lead_added_after_seeded_ones_gets_a_new_id(portal: Client, emu: Emulator) -> None:
+    """Leads stored directly (the emulator's --leads) are not overwritten by crm.lead.add."""
+    for n in (1, 2, 3):
+        emu.leads[n] = {"ID": str(n), "TITLE": f"Lead {n}", "STATUS_ID": "NEW"}
+    token = (await tokens(portal, emu))["access_token"]
+    status, body = await call(portal, "crm.lead.add", token, fields={"TITLE": "New"})
+    assert (status, body["result"]) == (200, 4)
+    assert emu.leads[1]["TITLE"] == "Lead 1"

@@ -1,9 +1,9 @@
 """Hostile input over real loopback sockets, written byte for byte (no client cleans it up).
 
-Every malformed, oversized, smuggling, slow or odd request gets a clear 4xx (Bitrix24's
-``{"error", "error_description"}`` shape where the sidecar's handler answers; aiohttp's own HTTP
-parser refuses some requests before the handler with a plain-text 400, which is accepted here as
-"4xx and not forwarded"), nothing reaches the emulator but ``/rest/<method>`` (the emulator below
+Every malformed, oversized, smuggling, slow or odd request gets a clear 4xx in Bitrix24's
+``{"error", "error_description"}`` shape (also where aiohttp's own HTTP parser refuses a request
+before the handler: ``DeadlineHandler.handle_error``; only aiohttp's router still answers a few
+targets in plain text), nothing reaches the emulator but ``/rest/<method>`` (the emulator below
 records every HTTP request it receives, on any path), and the sidecar keeps serving others.
 
 The last test checks that across everything this file sent, no token, refresh token or client
@@ -152,12 +152,12 @@ class Answer:
 
     @property
     def by_aiohttp(self) -> bool:
-        """Say whether aiohttp itself answered (parser or router), before the sidecar's handler.
+        """Say whether aiohttp's server answered (parser or router), before the sidecar's handler.
 
-        The handler stamps every answer with X-Request-ID; aiohttp's own answers are plain text.
+        The handler stamps every answer with X-Request-ID; what aiohttp's parser refuses is
+        answered in Bitrix's shape too (DeadlineHandler.handle_error), its router in plain text.
         """
-        return "X-Request-ID" not in self.headers and self.headers.get(
-            "Content-Type", "").startswith("text/plain")
+        return "X-Request-ID" not in self.headers
 
     def bitrix_error(self) -> tuple[str, str]:
         """Return ``error`` and ``error_description``, asserting Bitrix24's error shape."""
@@ -475,6 +475,9 @@ class TestHostileRequests:
         assert answer.status == case.status, answer
         if case.by == PARSER:
             assert answer.by_aiohttp, answer
+            if answer.status in (400, 413):  # a refusal of aiohttp's parser: still our shape
+                assert answer.bitrix_error()[0] in ("SIDECAR_BAD_REQUEST",
+                                                    "SIDECAR_BODY_TOO_LARGE"), answer
         elif case.by == RELAYED:
             assert "X-Request-ID" in answer.headers, answer
             assert not answer.headers.get("Content-Type", "").startswith("application/json")

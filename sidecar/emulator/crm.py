@@ -242,8 +242,9 @@ class Crm:
     def _lead_add(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Create a lead; the result is its new integer ID."""
         fields = _fields_param(params)
-        lead_id = self._next_lead_id
-        self._next_lead_id += 1
+        # Past any lead stored directly (the emulator's --leads, a test's fixture) too.
+        lead_id = max(self._next_lead_id, max(self.leads, default=0) + 1)
+        self._next_lead_id = lead_id + 1
         now = iso(self.clock())
         user = str(caller.user_id)
         lead: dict[str, Any] = {
