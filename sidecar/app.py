@@ -34,6 +34,8 @@ from sidecar.limits import Gate
 from sidecar.logging import AccessLog, Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
+from sidecar.pgbucket import PgBucket
+from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
 from sidecar.proxy import Proxy
 from sidecar.rules import HostPolicy
@@ -240,9 +242,16 @@ def create_app(
             addresses = Addresses(settings.rest_base)
             coalescer = Coalescer(tokens, pool, addresses, metrics,
                                   time_limit=settings.upstream_timeout)
+            shared = None
+            if isinstance(store, PgStore) and settings.rate > 0:
+                # One budget for every sidecar on this database.
+                shared = PgBucket(store, rate=settings.rate, burst=settings.burst,
+                                  metrics=metrics)
+                await shared.start()
             gate = tokens.gate = Gate(
                 rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
-                coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send)
+                coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
+                shared=shared)
             proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses,
                                        access_log=access_log)
             checks = Admission(on_refused=metrics.install_checks_refused.inc)
@@ -274,6 +283,8 @@ def create_app(
                 for task in tasks:
                     await cancel_and_wait(task)
                 await gate.aclose()
+                if shared is not None:
+                    await shared.aclose()
                 await pool.close()
                 await tokens.aclose()
                 await alerts.drain()

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -64,6 +65,34 @@ class LeakyBucket:
         """The portal says the bucket is full: believe it."""
         self._drain()
         self.level = max(self.level, float(self.burst))
+
+
+class SharedBucket(Protocol):
+    """A bucket several sidecars share (sidecar/pgbucket.py): each departure takes its slot
+    there, at the cost of a round trip, so the gate awaits it."""
+
+    rate: float
+    on_pause: Callable[[str, float], None] | None
+
+    async def take_now(self) -> bool:
+        """Take a slot if one is free at once."""
+        ...
+
+    async def reserve(self) -> float:
+        """Take the next slot; return the seconds until it is due."""
+        ...
+
+    def wait_estimate(self) -> float:
+        """Return the seconds until a slot is free, as last seen."""
+        ...
+
+    def fill(self) -> None:
+        """The portal says its bucket is full."""
+        ...
+
+    def share_pause(self, method: str, seconds: float) -> None:
+        """Tell the others that ``method`` is paused."""
+        ...
 
 
 @dataclass(eq=False)
@@ -123,6 +152,7 @@ class Gate:
         metrics: Metrics,
         send_batch: BatchSender | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedBucket | None = None,
     ) -> None:
         self.enabled = rate > 0
         self.coalesce = coalesce and self.enabled and send_batch is not None
@@ -137,6 +167,11 @@ class Gate:
         self._paused: dict[str, float] = {}  # method -> monotonic time its pause ends
         self._send_batch = send_batch
         self._batches: set[asyncio.Task[None]] = set()  # ours: awaited in aclose()
+        # With a fleet, departures take their slots from the shared bucket instead; the local
+        # one (in-process, no I/O) serves a single sidecar.
+        self._shared = shared if self.enabled else None
+        if self._shared is not None:
+            self._shared.on_pause = self._pause_here
 
     # -- entering ----------------------------------------------------------------------------
 
@@ -158,8 +193,13 @@ class Gate:
             return None
         await self._wait_for_method(method)
         now = self._clock()
-        if not self._queue and now >= self._backoff_until and self._bucket.wait_time() == 0:
-            self._bucket.take()
+        if self._shared is None:
+            if not self._queue and now >= self._backoff_until and self._bucket.wait_time() == 0:
+                self._bucket.take()
+                self._metrics.batch_size.observe(1)
+                self._metrics.queue_wait.observe(0)
+                return None
+        elif not self._queue and now >= self._backoff_until and await self._shared.take_now():
             self._metrics.batch_size.observe(1)
             self._metrics.queue_wait.observe(0)
             return None
@@ -201,8 +241,10 @@ class Gate:
             departures = math.ceil((lines + 1) / MAX_GROUP) + (ahead - lines)
         else:
             departures = ahead + 1
-        start = max(self._bucket.wait_time(), self._backoff_until - self._clock())
-        return start + (departures - 1) / self._bucket.rate
+        bucket = self._bucket if self._shared is None else self._shared
+        wait = self._bucket.wait_time() if self._shared is None else self._shared.wait_estimate()
+        start = max(wait, self._backoff_until - self._clock())
+        return start + (departures - 1) / bucket.rate
 
     async def _wait_for_method(self, method: str) -> None:
         until = self._paused.get(method)
@@ -231,6 +273,8 @@ class Gate:
     def limited(self) -> None:
         """The portal answered 503 QUERY_LIMIT_EXCEEDED: our bucket was out of step."""
         self._bucket.fill()
+        if self._shared is not None:
+            self._shared.fill()
         self._backoff = min(BACKOFF_MAX, max(BACKOFF_START, self._backoff * BACKOFF_FACTOR))
         self._backoff_until = self._clock() + self._backoff
         self._metrics.upstream_limited.labels(error="QUERY_LIMIT_EXCEEDED").inc()
@@ -243,6 +287,12 @@ class Gate:
 
     def pause(self, method: str, seconds: float) -> None:
         """Hold calls to ``method`` for ``seconds`` (its time budget is used up or nearly)."""
+        self._pause_here(method, seconds)
+        if self._shared is not None:
+            self._shared.share_pause(method, seconds)
+
+    def _pause_here(self, method: str, seconds: float) -> None:
+        """Hold calls to ``method`` in this sidecar (another may have seen the portal's 429)."""
         until = self._clock() + seconds
         if until > self._paused.get(method, 0.0):
             self._paused[method] = until
@@ -256,7 +306,8 @@ class Gate:
 
     def _kick(self) -> None:
         if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._run(), name="rate-limit-pump")
+            run = self._run() if self._shared is None else self._run_shared(self._shared)
+            self._pump = asyncio.create_task(run, name="rate-limit-pump")
 
     async def _run(self) -> None:
         while self._queue:
@@ -269,16 +320,35 @@ class Gate:
             if not group:
                 continue
             self._bucket.take()
-            now = self._clock()
-            for waiter in group:
-                self._metrics.queue_wait.observe(now - waiter.enqueued)
-            self._metrics.batch_size.observe(len(group))
-            if len(group) == 1:
-                group[0].future.set_result(None)
-            else:
-                task = asyncio.create_task(self._send(group), name="coalesced-batch")
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
+            self._depart(group)
+
+    async def _run_shared(self, shared: SharedBucket) -> None:
+        """Reserve the fleet's next slot, wait for it, then gather what waits by then."""
+        while self._queue:
+            backoff = self._backoff_until - self._clock()
+            if backoff > 0:
+                await asyncio.sleep(backoff)
+                continue
+            wait = await shared.reserve()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            group = self._next_group()  # empty if every caller left: the slot goes unused
+            self._metrics.queue_depth.set(len(self._queue))
+            if group:
+                self._depart(group)
+
+    def _depart(self, group: list[Waiter]) -> None:
+        """Send a group that has its slot: one call goes itself, more go as one batch."""
+        now = self._clock()
+        for waiter in group:
+            self._metrics.queue_wait.observe(now - waiter.enqueued)
+        self._metrics.batch_size.observe(len(group))
+        if len(group) == 1:
+            group[0].future.set_result(None)
+        else:
+            task = asyncio.create_task(self._send(group), name="coalesced-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     def _next_group(self) -> list[Waiter]:
         """Take the head of the queue, and with it up to 49 more coalescible calls."""

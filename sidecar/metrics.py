@@ -112,6 +112,15 @@ class Metrics:
             "bitrix_sidecar_install_checks_refused",
             "Install payloads refused 503 because too many were being checked (app.info) "
             "at once.", registry=r)
+        self.shared_budget_available = Gauge(
+            "bitrix_sidecar_shared_budget_available",
+            "1 while the fleet's shared rate budget (PostgreSQL) is reachable; 0 while this "
+            "sidecar falls back to its local share (always 1 with SQLite).", registry=r)
+        self.shared_budget_available.set(1)
+        self.fleet_replicas = Gauge(
+            "bitrix_sidecar_fleet_replicas",
+            "Sidecars seen on the shared database in the last 30 s (1 with SQLite).", registry=r)
+        self.fleet_replicas.set(1)
         info = Gauge("bitrix_sidecar_build_info", "Version of the running sidecar.",
                      ["version"], registry=r)
         info.labels(version=__version__).set(1)

@@ -26,7 +26,7 @@ from sidecar.storage import StoredState, TokenPair
 
 log = structlog.get_logger("sidecar.pgstore")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Any fixed number: the advisory lock that lets one sidecar at a time migrate the schema.
 MIGRATION_LOCK = 0x5B1D_EC42
 # Long enough for another sidecar to finish a refresh (an OAuth round trip) under the lock.
@@ -83,6 +83,36 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sidecar_authorization ADD COLUMN failing_since DOUBLE PRECISION",
         "ALTER TABLE sidecar_authorization ADD COLUMN last_refresh_by TEXT NOT NULL DEFAULT ''",
     ),
+    # The fleet's shared rate budget (sidecar/pgbucket.py).
+    3: (
+        """
+        CREATE TABLE sidecar_rate (
+            portal TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            -- GCRA: the theoretical arrival time (epoch seconds, the server's clock).
+            tat DOUBLE PRECISION NOT NULL DEFAULT 0,
+            PRIMARY KEY (portal, client_id)
+        )
+        """,
+        """
+        CREATE TABLE sidecar_pauses (
+            portal TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            method TEXT NOT NULL,
+            until DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (portal, client_id, method)
+        )
+        """,
+        """
+        CREATE TABLE sidecar_replicas (
+            portal TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            last_seen DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (portal, client_id, replica)
+        )
+        """,
+    ),
 }
 
 _PAIR_FIELDS = ("access_token", "refresh_token", "expires_at", "scope", "member_id",
@@ -90,6 +120,7 @@ _PAIR_FIELDS = ("access_token", "refresh_token", "expires_at", "scope", "member_
                 "application_token", "obtained_at")
 # What a failure of the database or of the way to it looks like from asyncpg.
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+FAILURES = _FAILURES  # for the shared rate budget, which uses this store's pool
 
 Connection = Any  # asyncpg.Connection (or its pool proxy); asyncpg ships no type information
 
@@ -154,6 +185,10 @@ class PgStore:
         if self._pool is None:
             raise StoreError("token store is not open")
         return self._pool
+
+    def failure(self, doing: str, exc: BaseException) -> StoreError:
+        """Describe a failure to reach the database, naming it without its password."""
+        return self._error(doing, exc)
 
     async def _migrate(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

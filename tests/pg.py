@@ -25,12 +25,34 @@ class Server:
     port: int
     role: str
     password: str
+    folder: Path | None = None  # its data directory's parent, for stop() and start()
 
     def url(self, database: str, *, password: str | None = None, port: int | None = None) -> str:
         """Return a postgresql:// URL for ``database`` (a wrong password or port on request)."""
         secret = self.password if password is None else password
         return (f"postgresql://{self.role}:{secret}@{self.host}:{port or self.port}"
                 f"/{database}")
+
+
+    def stop(self) -> None:
+        """Stop the server at once (as a crash would), keeping its data."""
+        assert self.folder is not None
+        _as_postgres("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+
+    def start(self) -> None:
+        """Start the stopped server again on the same port."""
+        assert self.folder is not None
+        _start(self.folder, self.port)
+
+
+def _start(folder: Path, port: int) -> None:
+    options = (f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' "
+               "-c fsync=off -c max_connections=200")
+    started = _as_postgres("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "log"), "-w",
+                           "-t", "30", "-o", options, "start", check=False)
+    if started.returncode != 0:
+        log = (folder / "log").read_text() if (folder / "log").exists() else ""
+        raise RuntimeError(f"PostgreSQL did not start: {started.stderr}\n{log}")
 
 
 def _as_postgres(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -74,15 +96,9 @@ def postgresql() -> Iterator[Server]:
                      "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
         pwfile.unlink()
         port = _free_port()
-        options = (f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' "
-                   "-c fsync=off -c max_connections=200")
-        started = _as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w",
-                               "-t", "30", "-o", options, "start", check=False)
         try:
-            if started.returncode != 0:
-                log = (folder / "log").read_text() if (folder / "log").exists() else ""
-                raise RuntimeError(f"PostgreSQL did not start: {started.stderr}\n{log}")
-            yield Server("127.0.0.1", port, ROLE, password)
+            _start(folder, port)
+            yield Server("127.0.0.1", port, ROLE, password, folder)
         finally:
             _as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop",
                          check=False)

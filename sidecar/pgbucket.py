@@ -1,0 +1,269 @@
+"""The fleet's one rate budget: every sidecar on one PostgreSQL database takes its departures
+from one row, so together they stay under the portal's limit.
+
+The row keeps a GCRA "theoretical arrival time" (``tat``, epoch seconds on the server's clock):
+a departure moves it to ``greatest(tat, now) + 1/rate`` in one ``UPDATE``, and fits while
+``tat - now`` stays within the burst. A single call or a coalesced batch is one departure.
+Pauses after OPERATION_TIME_LIMIT go to a table the others read every second, and each sidecar
+keeps a heartbeat row so that, with the database away, it knows its share: rate and burst
+divided by the replicas it last saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from sidecar.limits import LeakyBucket
+from sidecar.metrics import Metrics
+from sidecar.pgstore import FAILURES, PgStore
+
+log = structlog.get_logger("sidecar.pgbucket")
+
+TICK = 1.0  # how often pauses are read, the heartbeat written and a lost database tried again
+WINDOW = 30.0  # a replica seen within this many seconds counts towards the fleet
+FORGET = 3600.0  # heartbeat rows older than this are deleted
+TIMEOUT = 3.0  # one round trip longer than this counts as the database being away
+
+# One statement: take a slot if one is free now (or always, with $5), and say how far ahead of
+# now the row's clock stands after it. A refused take reports where a take would leave it.
+_TAKE = """
+WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS t),
+u AS (
+    UPDATE sidecar_rate r SET tat = greatest(r.tat, c.t) + $3
+    FROM c
+    WHERE r.portal = $1 AND r.client_id = $2
+      AND ($5 OR greatest(r.tat, c.t) + $3 - c.t <= $4)
+    RETURNING r.tat - c.t AS ahead
+)
+SELECT true AS taken, ahead FROM u
+UNION ALL
+SELECT false, greatest(r.tat, c.t) + $3 - c.t FROM sidecar_rate r, c
+WHERE r.portal = $1 AND r.client_id = $2 AND NOT EXISTS (SELECT 1 FROM u)
+"""
+_FILL = """
+UPDATE sidecar_rate SET tat = greatest(tat, extract(epoch FROM clock_timestamp())::float8 + $3)
+WHERE portal = $1 AND client_id = $2
+"""
+_ROW = ("INSERT INTO sidecar_rate (portal, client_id) VALUES ($1, $2) "
+        "ON CONFLICT (portal, client_id) DO NOTHING")
+_PAUSE = """
+INSERT INTO sidecar_pauses (portal, client_id, method, until)
+VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp())::float8 + $4)
+ON CONFLICT (portal, client_id, method) DO UPDATE SET until = greatest(sidecar_pauses.until,
+                                                                       excluded.until)
+"""
+_PAUSES = """
+SELECT method, until - extract(epoch FROM clock_timestamp())::float8 AS remaining
+FROM sidecar_pauses WHERE portal = $1 AND client_id = $2
+  AND until > extract(epoch FROM clock_timestamp())::float8
+"""
+_HEARTBEAT = """
+INSERT INTO sidecar_replicas (portal, client_id, replica, last_seen)
+VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp())::float8)
+ON CONFLICT (portal, client_id, replica) DO UPDATE SET last_seen = excluded.last_seen
+"""
+_REPLICAS = """
+SELECT count(*) FROM sidecar_replicas WHERE portal = $1 AND client_id = $2
+  AND last_seen > extract(epoch FROM clock_timestamp())::float8 - $3
+"""
+_FORGET = """
+DELETE FROM sidecar_replicas WHERE portal = $1 AND client_id = $2
+  AND last_seen < extract(epoch FROM clock_timestamp())::float8 - $3
+"""
+
+
+def replica_name() -> str:
+    """Name this process among the fleet: host, pid and a random tag (pids repeat in pods)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class PgBucket:
+    """The shared bucket of one authorization, with a local share while PostgreSQL is away."""
+
+    def __init__(
+        self,
+        store: PgStore,
+        *,
+        rate: float,
+        burst: int,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        tick: float = TICK,
+        window: float = WINDOW,
+        timeout: float = TIMEOUT,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._tick = tick
+        self._window = window
+        self._timeout = timeout
+        self._interval = 1.0 / rate
+        # The same 100 ms of drain in hand as the local bucket: requests from several hosts
+        # reach the portal with some jitter.
+        self._tolerance = (burst - min(0.5, rate * 0.1)) / rate
+        self.replica = replica_name()
+        self.replicas = 1
+        self.available = True
+        self._local: LeakyBucket | None = None  # the local share, while the database is away
+        self._free_at = 0.0  # when the next slot is free, as last seen (for queue estimates)
+        self.on_pause: Callable[[str, float], None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Make the row, write the first heartbeat and start the loop; a database away at start
+        is survived on the local share."""
+        await self._refresh()
+        self._loop_task = asyncio.create_task(self._loop(), name="shared-budget")
+
+    async def aclose(self) -> None:
+        """Stop the loop and the writes under way; leave the fleet."""
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.available:
+            with contextlib.suppress(*FAILURES):
+                async with asyncio.timeout(self._timeout):
+                    await self._store.pool.execute(
+                        "DELETE FROM sidecar_replicas WHERE portal = $1 AND client_id = $2 "
+                        "AND replica = $3", self._store.portal, self._store.client_id,
+                        self.replica)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        """Heartbeat, count the fleet, adopt the others' pauses; notice the database's return."""
+        store = self._store
+        try:
+            async with asyncio.timeout(self._timeout), store.pool.acquire() as conn:
+                await conn.execute(_ROW, store.portal, store.client_id)
+                await conn.execute(_HEARTBEAT, store.portal, store.client_id, self.replica)
+                await conn.execute(_FORGET, store.portal, store.client_id, FORGET)
+                seen = await conn.fetchval(_REPLICAS, store.portal, store.client_id,
+                                           self._window)
+                pauses = await conn.fetch(_PAUSES, store.portal, store.client_id)
+        except FAILURES as exc:
+            self._lost(exc)
+            return
+        self.replicas = max(1, int(seen or 0))
+        self._metrics.fleet_replicas.set(self.replicas)
+        if not self.available:
+            self._restored()
+        if self.on_pause is not None:
+            for row in pauses:
+                self.on_pause(str(row["method"]), float(row["remaining"]))
+
+    def _lost(self, exc: BaseException) -> None:
+        if not self.available:
+            return
+        self.available = False
+        share = self.burst / self.replicas
+        self._local = LeakyBucket(self.rate / self.replicas, max(1, int(share)), self._clock)
+        # It went away under load, maybe with the portal's bucket full: start from full.
+        self._local.fill()
+        self._metrics.shared_budget_available.set(0)
+        log.warning("shared_budget_unavailable", error=str(self._store.failure("reach", exc)),
+                    store=self._store.shown, replicas=self.replicas,
+                    local_rate=round(self.rate / self.replicas, 3))
+
+    def _restored(self) -> None:
+        self.available = True
+        self._local = None
+        self._metrics.shared_budget_available.set(1)
+        log.info("shared_budget_restored", store=self._store.shown, replicas=self.replicas)
+
+    # -- the gate's side ---------------------------------------------------------------------
+
+    async def take_now(self) -> bool:
+        """Take a slot if one is free at once; False leaves the bucket as it was."""
+        if self._local is not None:
+            if self._local.wait_time() > 0:
+                return False
+            self._local.take()
+            return True
+        row = await self._take(force=False)
+        if row is None:
+            return await self.take_now()
+        return bool(row[0])
+
+    async def reserve(self) -> float:
+        """Take the next slot, free now or later; return the seconds until it is due."""
+        if self._local is not None:
+            wait = self._local.wait_time()
+            self._local.take()
+            return wait
+        row = await self._take(force=True)
+        if row is None:
+            return await self.reserve()
+        return max(0.0, float(row[1]) - self._tolerance)
+
+    async def _take(self, *, force: bool) -> tuple[bool, float] | None:
+        """One round trip to the row; None if the database is away (the local share answers)."""
+        store = self._store
+        try:
+            async with asyncio.timeout(self._timeout):
+                row = await store.pool.fetchrow(_TAKE, store.portal, store.client_id,
+                                                self._interval, self._tolerance, force)
+                if row is None:  # the row went missing (a database restored from scratch)
+                    await store.pool.execute(_ROW, store.portal, store.client_id)
+                    row = await store.pool.fetchrow(_TAKE, store.portal, store.client_id,
+                                                    self._interval, self._tolerance, force)
+        except FAILURES as exc:
+            self._lost(exc)
+            return None
+        taken, ahead = bool(row["taken"]), float(row["ahead"])
+        self._free_at = self._clock() + max(0.0, ahead - self._tolerance)
+        return taken, ahead
+
+    def wait_estimate(self) -> float:
+        """Return the seconds until a slot is free, as last seen (no round trip)."""
+        if self._local is not None:
+            return self._local.wait_time()
+        return max(0.0, self._free_at - self._clock())
+
+    def fill(self) -> None:
+        """The portal says its bucket is full: fill the fleet's."""
+        if self._local is not None:
+            self._local.fill()
+            return
+        self._free_at = max(self._free_at, self._clock() + self._interval)
+        store = self._store
+        self._spawn(self._write(_FILL, store.portal, store.client_id, self.burst * self._interval))
+
+    def share_pause(self, method: str, seconds: float) -> None:
+        """Tell the fleet that ``method`` is paused for ``seconds``."""
+        if self._local is not None:
+            return
+        store = self._store
+        self._spawn(self._write(_PAUSE, store.portal, store.client_id, method, seconds))
+
+    async def _write(self, sql: str, *args: Any) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._store.pool.execute(sql, *args)
+        except FAILURES as exc:
+            self._lost(exc)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name="shared-budget-write")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
