@@ -123,8 +123,15 @@ class Authorization:
         self.renewal = Renewal(self.life, settings, self._metrics,
                                alerts or Alerter(None, "", self._metrics), clock)
         self.sync_state = StoreSync(store, self.life, self._adopt, self._metrics,
-                                    watch_interval)
+                                    watch_interval, shown=settings.db_shown,
+                                    on_back=self._store_back)
         self._refresh_task: asyncio.Task[TokenPair] | None = None
+        # A renewal found the store's lock out of reach (no renewal without it): retried as
+        # soon as the store answers, not after the backoff.
+        self._lockless = False
+        # The access token the portal refused while no renewal could be made ('' if none):
+        # with the store away, the held token no longer serves.
+        self._refused = ""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -173,12 +180,30 @@ class Authorization:
         state = self.life.state
         if state is State.REFRESHING and self.life.failures:
             state = State.FAILING  # a retry after failures: still failing until it succeeds
+        sync = self.sync_state
+        pair = self.life.pair
         return describe(self._settings, self.life.stored, state=state,
                         now=self._clock(), unsaved=self.unsaved) | {
             "refresh": self.renewal.status(),
-            "store_writable": self.sync_state.writable,
+            "store_writable": sync.writable,
             "last_refresh_by": self.life.stored.last_refresh_by or None,
+            # Serving, but on the held token alone: no renewal until the store answers.
+            "degraded": not sync.store_ok,
+            "store": {
+                "name": sync.shown,
+                "available": sync.store_ok,
+                "unavailable_since": iso(sync.down_since),
+                "error": shown_error(sync.last_error, self._settings) or None,
+                "serving_until": (iso(pair.expires_at - EXPIRY_SKEW)
+                                  if not sync.store_ok and self._held_serves() and pair
+                                  else None),
+            },
         }
+
+    def _held_serves(self) -> bool:
+        """Say whether the held token can still be sent (unexpired, not refused meanwhile)."""
+        pair = self.current()
+        return pair is not None and pair.access_token != self._refused
 
     def readiness(self) -> tuple[bool, str]:
         """Say whether calls can be served now, and if not, why (never calls Bitrix24).
@@ -194,12 +219,45 @@ class Authorization:
                            "then restart")
         if state is State.REAUTHORIZATION_REQUIRED:
             return False, "reauthorization_required: a person must authorize the app again"
+        if not self.sync_state.store_ok and self._store.shared:
+            return self._away_readiness()
         if self.current() is None and self.life.failures:
             return False, ("expired: renewing the token fails: "
                            f"{shown_error(self.life.stored.last_error, self._settings)}")
         if not self.sync_state.writable:
             return False, "store_unwritable: the token store cannot be written"
         return True, "ok"
+
+    def _away_readiness(self) -> tuple[bool, str]:
+        """Readiness while the shared database is away: ready as long as the held token serves.
+
+        Every replica of the fleet is in the same plight, so taking this one out of service
+        would only turn calls its token can still serve into failures.
+        """
+        shown = self.sync_state.shown
+        pair = self.life.pair
+        assert pair is not None
+        if self._held_serves():
+            until = iso(pair.expires_at - EXPIRY_SKEW)
+            saved = (" (a renewed pair waits in memory to be written)"
+                     if self.sync_state.unsaved else "")
+            return True, (f"degraded: the token database {shown} is unreachable: serving with "
+                          f"the held token until {until}{saved}; no renewal until it answers")
+        why = ("was refused by the portal" if pair.access_token == self._refused
+               else f"expired at {iso(pair.expires_at)}")
+        return False, (f"token_database_unreachable: the token database {shown} is unreachable "
+                       f"and the held token {why}: no renewal without the database's lock; "
+                       "renewed as soon as it answers")
+
+    def _store_back(self) -> None:
+        """The store answers again: a renewal its absence held back may go at once."""
+        self._refused = ""
+        if self._lockless and self.life.failures and self.life.state is State.FAILING:
+            self.life.next_attempt_at = self._clock()
+            log.info("token_renewal_resumed", store=self.sync_state.shown,
+                     detail="the token store answers again: the held-back renewal goes now")
+        self._lockless = False
+        self.renewal.changed.set()
 
     def _raise_if_unusable(self) -> None:
         error = unusable(self.life.state, self.life.pair is not None,
@@ -451,12 +509,19 @@ class Authorization:
                 sync.keep_unsaved(seen)
                 generation = seen + 1
             elif not isinstance(outcome, OAuthError):
-                # No lock, so no renewal: back off as from any transient failure.
+                # No lock, so no renewal (one without it could spend the single-use refresh
+                # token another replica is spending): back off as from any passing failure,
+                # and go again as soon as the store answers.
                 sync.failed(exc, kept=False)
-                self.renewal.failed(OAuthError(f"token store unavailable: {exc.description}",
-                                               error="store_unavailable", permanent=False),
+                self._lockless = True
+                if trigger == "auth_error":
+                    self._refused = stale_access
+                why = f"no renewal without the token store's lock: {exc.description}"
+                self.renewal.failed(OAuthError(why, error="store_unavailable", permanent=False),
                                     trigger)
-                raise
+                raise TokenUnavailable(
+                    f"the token must be renewed, but {why}; renewed as soon as the store "
+                    "answers") from None
             else:
                 sync.failed(exc, kept=False)
         else:

@@ -240,4 +240,7 @@ def configure_logging(
     root.setLevel(max(numeric, logging.INFO))  # aiohttp's debug chatter is not ours to show
     # Our own access-log event replaces aiohttp's.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # While PostgreSQL is away asyncpg warns, with a traceback, at every attempt to refill its
+    # pool; the token store warns once per outage, naming the database, and says when it is over.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     return redactor

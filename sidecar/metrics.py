@@ -91,6 +91,12 @@ class Metrics:
             "Token answers and install events naming another portal (scheme, host or port) "
             "than the authorized one, by source (refresh, exchange, install); never followed.",
             ["source"], registry=r)
+        self.store_available = Gauge(
+            "bitrix_sidecar_store_available",
+            "1 while the token store (the SQLite file or the PostgreSQL database) answers; 0 "
+            "while it does not: the held token serves, no renewal without its lock.",
+            registry=r)
+        self.store_available.set(1)
         self.store_errors = Counter(
             "bitrix_sidecar_store_errors", "Token store reads or writes that failed.",
             registry=r)

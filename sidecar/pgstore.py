@@ -437,16 +437,28 @@ class PgStore:
     async def listen(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a sidecar commits a write, over a connection apart from the
         pool; reconnect while that fails (the watch polls meanwhile). Runs until cancelled."""
+        listening = [False]  # whether the last connection got as far as listening
+        told = False  # the loss was logged, and no connection listened since
         while True:
+            listening[0] = False
             try:
-                await self._listen_once(wake)
+                await self._listen_once(wake, listening)
             except (*_FAILURES, ValueError) as exc:
-                log.warning("token_store_listen_lost",
-                            error=self._error("listen", exc).description,
-                            detail="changes are picked up by polling until it reconnects")
+                if listening[0]:
+                    told = False
+                if not told:
+                    # Once per loss: the attempts every LISTEN_RETRY s are quiet. Info, not a
+                    # warning: an outage of the database is the watch's warning to give.
+                    log.info("token_store_listen_lost",
+                             error=self._error("listen", exc).description,
+                             detail="changes are picked up by polling until it reconnects")
+                    told = True
+            else:
+                if listening[0]:
+                    told = False
             await asyncio.sleep(LISTEN_RETRY)
 
-    async def _listen_once(self, wake: Callable[[], None]) -> None:
+    async def _listen_once(self, wake: Callable[[], None], listening: list[bool]) -> None:
         """Listen on one connection until it is lost."""
         lost = asyncio.Event()
         conn = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT,
@@ -454,6 +466,8 @@ class PgStore:
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(CHANNEL, lambda *_args: wake())
+            listening[0] = True
+            log.debug("token_store_listening", store=self.shown)
             wake()  # whatever was committed while nobody listened
             while not conn.is_closed():
                 # A peer gone without a word is not always noticed by the socket: ask now and then.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import structlog
@@ -23,15 +24,21 @@ class StoreSync:
     """Whether the held pair is in the store, and the watch that keeps it so."""
 
     def __init__(self, store: PairStore, life: Life, adopt: Adopt, metrics: Metrics,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, *, shown: str = "the token store",
+                 on_back: Callable[[], None] = lambda: None) -> None:
         self._store = store
         self._life = life
         self._adopt = adopt  # how the owner takes a stored entry in (with its side effects)
         self._metrics = metrics
         self._interval = interval
+        self.shown = shown  # the store's name for people (a URL without its password)
+        self._on_back = on_back  # told when the store answers again after an outage
         self.store_ok = True
+        self.down_since: float | None = None  # when the current outage began (wall clock)
+        self.last_error = ""  # the outage's first error, without secrets
         self.unsaved = False  # the held pair is newer than what the store holds
         self._unsaved_base = 0  # the stored generation an unsaved pair was renewed from
+        metrics.store_available.set(1)
 
     @property
     def writable(self) -> bool:
@@ -46,21 +53,38 @@ class StoreSync:
     def saved(self) -> None:
         """A write went through."""
         self.unsaved = False
-        self.store_ok = True
+        self.reachable()
 
     def reachable(self) -> None:
-        """The store answered (a lock was taken)."""
+        """The store answered (a lock was taken): an outage, if any, is over."""
+        if self.store_ok:
+            return
         self.store_ok = True
+        since, self.down_since, self.last_error = self.down_since, None, ""
+        self._metrics.store_available.set(1)
+        log.info("token_store_recovered", store=self.shown,
+                 outage=round(time.time() - since, 1) if since is not None else None)
+        self._on_back()
 
     def failed(self, exc: StoreError, *, kept: bool) -> None:
-        """A store operation failed; ``kept``: a new pair waits in memory."""
-        self.store_ok = False
+        """A store operation failed; ``kept``: a new pair waits in memory.
+
+        The first failure of an outage warns; later ones are only counted, until the store
+        answers again (one warning per outage, however long it lasts).
+        """
         self._metrics.store_errors.inc()
+        if self.store_ok:
+            self.store_ok = False
+            self.down_since = time.time()
+            self.last_error = exc.description
+            self._metrics.store_available.set(0)
+            log.warning("token_store_unavailable", store=self.shown, error=exc.description,
+                        detail="calls are served with the held token while it is valid; no "
+                        "renewal without the store's lock; retried every "
+                        f"{self._interval:g} s")
         if kept:
-            log.error("token_store_write_failed", error=exc.description,
+            log.error("token_store_write_failed", store=self.shown, error=exc.description,
                       detail="the new pair is kept in memory and saved when the store allows")
-        else:
-            log.error("token_store_unavailable", error=exc.description)
 
     def newer_in_store(self, stored: StoredState) -> bool:
         """Say whether ``stored`` (read under the lock) was written by someone else since."""
@@ -91,9 +115,9 @@ class StoreSync:
                 self._adopt(stored, "store")
                 return True
             generation = await self._store.save_pair(pair)
-        self.saved()
         self._life.saved_as(generation)
-        log.info("token_store_write_recovered", generation=generation)
+        log.info("token_store_write_recovered", store=self.shown, generation=generation)
+        self.saved()
         return True
 
     async def run(self) -> None:
@@ -119,10 +143,13 @@ class StoreSync:
             log.exception("token_store_listen_error")
 
     async def _watch(self, wake: asyncio.Event) -> None:
-        version = await self._store.data_version()
+        version: int | None = None  # unknown until the store answers
+        first = True
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self._interval)
+            if not first:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self._interval)
+            first = False
             wake.clear()
             try:
                 if await self._store.heal():
@@ -130,15 +157,16 @@ class StoreSync:
                 if self.unsaved:
                     await self.save_unsaved()
                 current = await self._store.data_version()
-                if current != version:
+                if version is None:
+                    version = current
+                elif current != version:
                     version = current
                     await self.sync()
                 if not self.store_ok and not self.unsaved:
                     # A write failed earlier: probe until the lock can be taken again.
                     async with self._store.locked():
                         pass
-                    self.store_ok = True
-                    log.info("token_store_recovered")
+                    self.reachable()
             except StoreError as exc:
                 if self.store_ok:
                     self.failed(exc, kept=self.unsaved)

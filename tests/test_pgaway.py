@@ -1,0 +1,217 @@
+"""PostgreSQL unavailable: a real `run` process keeps serving with the token it holds, never
+renews without the row lock, says so naming the database, and recovers by itself.
+
+Each test stops and starts a PostgreSQL server of its own (the session's is shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from sidecar.config import shown_db
+from sidecar.emulator import Emulator
+from tests.conftest import CLIENT_ID
+from tests.pg import Server, postgresql
+from tests.processes import Running, get, running
+
+# How long the database stays away under load (the issue says 30 s; shorter keeps the suite
+# quick, and nothing in the sidecar depends on the length).
+OUTAGE = 10.0
+# Steady load: this many clients, each calling one after another with this pause.
+CLIENTS = 4
+PAUSE = 0.05
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 30.0) -> None:
+    """Wait for ``check`` to hold, looking every 0.2 s; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.2)
+
+
+async def metric(sidecar: Running, name: str) -> float:
+    """Read one unlabelled metric from the admin listener."""
+    async with aiohttp.ClientSession() as http, http.get(f"{sidecar.admin}/metrics") as reply:
+        text = await reply.text()
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+async def status_of(sidecar: Running) -> dict[str, Any]:
+    """Return /status's body."""
+    code, body = await get(f"{sidecar.admin}/status")
+    assert code == 200, body
+    return body
+
+
+def level(event: dict[str, Any]) -> str:
+    """Return a log event's level, whichever key the renderer used."""
+    return str(event.get("level") or event.get("log_level") or "")
+
+
+def stopped(server: Server) -> Awaitable[None]:
+    """Stop the server in a thread, so the emulator in this loop keeps answering."""
+    return asyncio.to_thread(server.stop)
+
+
+def started(server: Server) -> Awaitable[None]:
+    """Start the server again in a thread."""
+    return asyncio.to_thread(server.start)
+
+
+async def start_sidecar(stack: contextlib.AsyncExitStack, env: dict[str, str],
+                        emulator: Emulator, url: str) -> Running:
+    """Run one sidecar on ``url`` that exchanges a code at start-up, and wait until valid."""
+    sidecar = await stack.enter_async_context(running(
+        {**env, "SIDECAR_DB": url, "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}))
+    assert (await status_of(sidecar))["state"] == "valid"
+    return sidecar
+
+
+class TestDatabaseAway:
+    async def test_serves_through_an_outage_and_recovers(
+        self, env: dict[str, str], emulator: Emulator
+    ) -> None:
+        """PostgreSQL stopped under a steady load: every call answers 200 with the held token;
+        /readyz stays ready with a reason naming the database (no password), /status is
+        degraded, the metric reads 0, one warning is logged; once the server is back the
+        sidecar recovers by itself (metric 1, status back, renewals work again)."""
+        with postgresql() as server:
+            url = server.url("postgres")
+            shown = shown_db(url)
+            async with contextlib.AsyncExitStack() as stack:
+                sidecar = await start_sidecar(stack, env, emulator, url)
+                assert await metric(sidecar, "bitrix_sidecar_store_available") == 1
+                done = asyncio.Event()
+                answers: list[tuple[int, str]] = []
+
+                async def client(http: aiohttp.ClientSession) -> None:
+                    while not done.is_set():
+                        async with http.get(f"{sidecar.base}/rest/profile") as reply:
+                            answers.append((reply.status, await reply.text()))
+                        await asyncio.sleep(PAUSE)
+
+                async with aiohttp.ClientSession() as http:
+                    load = [asyncio.create_task(client(http)) for _ in range(CLIENTS)]
+                    try:
+                        await asyncio.sleep(1.0)
+                        before = len(answers)
+                        began = time.monotonic()
+                        await stopped(server)
+
+                        async def noticed() -> bool:
+                            return (await status_of(sidecar))["degraded"] is True
+
+                        await until(noticed, 15)
+                        code, ready = await get(f"{sidecar.admin}/readyz")
+                        assert (code, ready["ready"]) == (200, True), ready
+                        assert shown in ready["reason"], ready
+                        assert "unreachable" in ready["reason"]
+                        assert "serving with the held token until" in ready["reason"]
+                        status = await status_of(sidecar)
+                        assert status["state"] == "valid"
+                        assert status["store"]["name"] == shown
+                        assert status["store"]["available"] is False
+                        assert status["store"]["unavailable_since"]
+                        assert status["store"]["serving_until"]
+                        assert await metric(sidecar, "bitrix_sidecar_store_available") == 0
+                        texts = str(ready) + str(status)
+                        assert server.password not in texts
+
+                        await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - began)))
+                        during = len(answers) - before
+                        await started(server)
+
+                        async def recovered() -> bool:
+                            return (await status_of(sidecar))["store"]["available"] is True
+
+                        await until(recovered, 30)
+                        await asyncio.sleep(1.0)
+                    finally:
+                        done.set()
+                        await asyncio.gather(*load)
+                assert during > 20, "the load went on during the outage"
+                failures = [answer for answer in answers if answer[0] != 200]
+                assert not failures, failures[:3]
+
+                status = await status_of(sidecar)
+                assert status["degraded"] is False
+                assert status["store"]["unavailable_since"] is None
+                code, ready = await get(f"{sidecar.admin}/readyz")
+                assert (code, ready["reason"]) == (200, "ok"), ready
+                assert await metric(sidecar, "bitrix_sidecar_store_available") == 1
+
+                # Renewals work again, through the lock, without a restart.
+                emulator.expire_access_tokens()
+                async with aiohttp.ClientSession() as http, http.get(
+                        f"{sidecar.base}/rest/profile") as reply:
+                    assert reply.status == 200, await reply.text()
+                assert emulator.stats.token_requests["refresh_token"] == 1
+
+                events = sidecar.events()
+                warnings = [e for e in events if level(e) == "warning"]
+                assert [e["event"] for e in warnings] == ["token_store_unavailable"], warnings
+                assert shown in warnings[0]["store"]
+                assert any(e["event"] == "token_store_recovered" for e in events)
+                assert server.password not in "".join(sidecar.lines)
+
+    async def test_no_renewal_without_the_lock(
+        self, env: dict[str, str], emulator: Emulator
+    ) -> None:
+        """The token expires while PostgreSQL is away: the sidecar does not refresh (the
+        OAuth server sees no request), answers 503 in the Bitrix shape naming the database,
+        is not ready; when the database returns it renews once by itself."""
+        with postgresql() as server:
+            url = server.url("postgres")
+            shown = shown_db(url)
+            async with contextlib.AsyncExitStack() as stack:
+                sidecar = await start_sidecar(stack, env, emulator, url)
+                await stopped(server)
+
+                async def noticed() -> bool:
+                    return (await status_of(sidecar))["degraded"] is True
+
+                await until(noticed, 15)
+                emulator.expire_access_tokens()
+                async with aiohttp.ClientSession() as http:
+                    for _ in range(5):
+                        async with http.get(f"{sidecar.base}/rest/profile") as reply:
+                            body = await reply.json(content_type=None)
+                            assert reply.status == 503, body
+                        assert body["error"] == "SIDECAR_TOKEN_UNAVAILABLE", body
+                        assert shown in body["error_description"], body
+                        assert "lock" in body["error_description"], body
+                        assert server.password not in str(body)
+                        await asyncio.sleep(0.5)
+                assert emulator.stats.token_requests["refresh_token"] == 0
+                code, ready = await get(f"{sidecar.admin}/readyz")
+                assert (code, ready["ready"]) == (503, False), ready
+                assert shown in ready["reason"], ready
+                assert "refused" in ready["reason"], ready
+                assert emulator.stats.token_requests["refresh_token"] == 0
+
+                await started(server)
+
+                async def renewed() -> bool:
+                    return emulator.stats.token_requests["refresh_token"] >= 1
+
+                await until(renewed, 30)
+                async with aiohttp.ClientSession() as http, http.get(
+                        f"{sidecar.base}/rest/profile") as reply:
+                    assert reply.status == 200, await reply.text()
+                await asyncio.sleep(2.0)
+                assert emulator.stats.token_requests["refresh_token"] == 1
+                status = await status_of(sidecar)
+                assert (status["state"], status["degraded"]) == ("valid", False), status
+                code, ready = await get(f"{sidecar.admin}/readyz")
+                assert (code, ready["reason"]) == (200, "ok"), ready
+                assert server.password not in "".join(sidecar.lines)
