@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from sidecar.config import shown_db
 from sidecar.emulator import Emulator
@@ -215,3 +216,64 @@ class TestDatabaseAway:
                 code, ready = await get(f"{sidecar.admin}/readyz")
                 assert (code, ready["reason"]) == (200, "ok"), ready
                 assert server.password not in "".join(sidecar.lines)
+
+    async def test_a_pair_renewed_as_the_database_goes_is_kept_and_written(
+        self, env: dict[str, str], emulator: Emulator
+    ) -> None:
+        """The database stops while a renewal holds the lock and waits on a slow OAuth server:
+        the rotated pair (the old refresh token is spent) serves from memory, readiness says
+        it waits to be written, and it is written as soon as the database is back; no second
+        renewal."""
+        with postgresql() as server:
+            url = server.url("postgres")
+            async with contextlib.AsyncExitStack() as stack:
+                sidecar = await start_sidecar(stack, env, emulator, url)
+                before = await stored_access(url)
+                emulator.oauth_slow_seconds = 3.0
+                emulator.oauth_failure = "slow"
+                emulator.expire_access_tokens()
+                async with aiohttp.ClientSession() as http:
+
+                    async def call() -> tuple[int, str]:
+                        async with http.get(f"{sidecar.base}/rest/profile") as reply:
+                            return reply.status, await reply.text()
+
+                    pending = asyncio.create_task(call())
+
+                    async def asked() -> bool:
+                        return emulator.stats.token_requests["refresh_token"] == 1
+
+                    await until(asked, 10)
+                    await stopped(server)  # while the OAuth answer is on its way
+                    code, text = await pending
+                    assert code == 200, text
+                    emulator.oauth_failure = None
+                    assert (await call())[0] == 200
+                    status = await status_of(sidecar)
+                    assert (status["unsaved"], status["degraded"]) == (True, True), status
+                    code, ready = await get(f"{sidecar.admin}/readyz")
+                    assert (code, ready["ready"]) == (200, True), ready
+                    assert "waits in memory" in ready["reason"], ready
+
+                    await started(server)
+
+                    async def written() -> bool:
+                        return (await status_of(sidecar))["unsaved"] is False
+
+                    await until(written, 30)
+                    assert (await call())[0] == 200
+                after = await stored_access(url)
+                assert after != before
+                assert emulator.stats.token_requests["refresh_token"] == 1
+                events = [e["event"] for e in sidecar.events()]
+                assert "token_store_write_failed" in events
+                assert "token_store_write_recovered" in events
+
+
+async def stored_access(url: str) -> str:
+    """Return the access token the database holds."""
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SELECT access_token FROM sidecar_authorization"))
+    finally:
+        await conn.close()
