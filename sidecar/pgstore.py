@@ -437,28 +437,21 @@ class PgStore:
     async def listen(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a sidecar commits a write, over a connection apart from the
         pool; reconnect while that fails (the watch polls meanwhile). Runs until cancelled."""
-        listening = [False]  # whether the last connection got as far as listening
-        told = False  # the loss was logged, and no connection listened since
+        told = [False]  # a loss was logged, and no connection has listened since
         while True:
-            listening[0] = False
             try:
-                await self._listen_once(wake, listening)
+                await self._listen_once(wake, told)
             except (*_FAILURES, ValueError) as exc:
-                if listening[0]:
-                    told = False
-                if not told:
+                if not told[0]:
                     # Once per loss: the attempts every LISTEN_RETRY s are quiet. Info, not a
                     # warning: an outage of the database is the watch's warning to give.
                     log.info("token_store_listen_lost",
                              error=self._error("listen", exc).description,
                              detail="changes are picked up by polling until it reconnects")
-                    told = True
-            else:
-                if listening[0]:
-                    told = False
+                    told[0] = True
             await asyncio.sleep(LISTEN_RETRY)
 
-    async def _listen_once(self, wake: Callable[[], None], listening: list[bool]) -> None:
+    async def _listen_once(self, wake: Callable[[], None], told: list[bool]) -> None:
         """Listen on one connection until it is lost."""
         lost = asyncio.Event()
         conn = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT,
@@ -466,8 +459,9 @@ class PgStore:
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(CHANNEL, lambda *_args: wake())
-            listening[0] = True
-            log.debug("token_store_listening", store=self.shown)
+            if told[0]:
+                log.info("token_store_listen_restored", store=self.shown)
+                told[0] = False
             wake()  # whatever was committed while nobody listened
             while not conn.is_closed():
                 # A peer gone without a word is not always noticed by the socket: ask now and then.

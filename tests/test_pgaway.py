@@ -163,6 +163,16 @@ class TestDatabaseAway:
                 assert [e["event"] for e in warnings] == ["token_store_unavailable"], warnings
                 assert shown in warnings[0]["store"]
                 assert any(e["event"] == "token_store_recovered" for e in events)
+
+                def told(name: str) -> list[dict[str, Any]]:
+                    return [e for e in sidecar.events() if e["event"] == name]
+
+                async def listening() -> bool:
+                    return bool(told("token_store_listen_restored"))
+
+                # The listening connection comes back too (it retries every 5 s).
+                await until(listening, 15)
+                assert len(told("token_store_listen_lost")) == 1
                 assert server.password not in "".join(sidecar.lines)
 
     async def test_no_renewal_without_the_lock(
