@@ -98,6 +98,7 @@ async def fleet(portal: str, db: str, count: int, code: str | None = None,
             await stack.enter_async_context(
                 process(sys.executable, "-m", "sidecar", "run", env=env))
             await wait_port(port)
+            await wait_port(admin)
             await ready(f"http://127.0.0.1:{admin}")
             bases.append(f"http://127.0.0.1:{port}")
         yield bases
