@@ -556,11 +556,15 @@ class Authorization:
 
         Returns the outcome and whether it was adopted from the store.
         """
-        if self.sync_state.newer_in_store(stored):
+        newer = self.sync_state.newer_in_store(stored)
+        if newer:
             self._adopt(stored, "store")
-            fresh = self.current()
-            if fresh is not None and fresh.access_token != stale_access:
-                return fresh, True
+        # Another replica's pair may also have arrived (NOTIFY, polling) while this one waited
+        # for the lock: refreshing again would spend a renewal the fleet does not need.
+        fresh = self.current()
+        if fresh is not None and fresh.access_token != stale_access:
+            return fresh, True
+        if newer:
             self._raise_if_unusable()
         pair = self.life.pair
         assert pair is not None
