@@ -21,7 +21,6 @@ What each library sends (read from its source):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,7 +32,7 @@ from aiohttp.test_utils import TestClient
 
 from sidecar.app import create_app
 from sidecar.emulator import Emulator
-from tests.conftest import CLIENT_ID, Certificate, tokens_of
+from tests.conftest import CLIENT_ID, Certificate, pipe, tokens_of
 
 Client = TestClient[web.Request, web.Application]
 
@@ -241,20 +240,6 @@ class TestBitrix24Rest:
 # -- b24pysdk --------------------------------------------------------------------------------
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy bytes one way until end of stream, then close the writing side."""
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
-
-
 @pytest.fixture
 async def tls_port(sidecar: Client, certificate: Certificate) -> AsyncIterator[int]:
     """Terminate TLS on a loopback port and relay the plain bytes to the sidecar."""
@@ -268,7 +253,7 @@ async def tls_port(sidecar: Client, certificate: Certificate) -> AsyncIterator[i
         tasks.add(task)
         try:
             side_r, side_w = await asyncio.open_connection("127.0.0.1", sidecar.port)
-            await asyncio.gather(_pipe(client_r, side_w), _pipe(side_r, client_w))
+            await asyncio.gather(pipe(client_r, side_w), pipe(side_r, client_w))
         finally:
             tasks.discard(task)
 

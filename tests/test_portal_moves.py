@@ -9,7 +9,6 @@ points, and, for https, a TLS terminator on loopback sits in front of the emulat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
@@ -24,7 +23,7 @@ from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.errors import Refused
 from sidecar.store import TokenStore
-from tests.conftest import CLIENT_ID, Certificate, tokens_of
+from tests.conftest import CLIENT_ID, Certificate, pipe, tokens_of
 from tests.test_operations import scrape, value
 
 Client = TestClient[web.Request, web.Application]
@@ -198,23 +197,9 @@ class TlsFront:
                 writer.transport.abort()
                 return
             side_r, side_w = await asyncio.open_connection("127.0.0.1", self._target)
-            await asyncio.gather(_pipe(reader, side_w), _pipe(side_r, writer))
+            await asyncio.gather(pipe(reader, side_w), pipe(side_r, writer))
         finally:
             self._tasks.discard(task)
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy bytes one way until end of stream, then close the writing side."""
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
 
 
 class TestNoDowngrade:
