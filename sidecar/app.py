@@ -25,7 +25,7 @@ from sidecar.authflow import INSTALL_MAX_BODY, AuthFlow, Handler, Where
 from sidecar.authorization import Authorization
 from sidecar.clientkey import AdminHosts
 from sidecar.coalescer import Coalescer
-from sidecar.config import Listen, Settings, is_loopback
+from sidecar.config import Listen, Settings, is_loopback, oauth_timeout
 from sidecar.deadlines import DeadlineRunner, Deadlines
 from sidecar.errors import NotFound, Refused, SidecarError
 from sidecar.fastlane import ProxyRunner
@@ -88,6 +88,7 @@ class Lifecycle:
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
+BUDGET = web.AppKey("budget", PgBucket)  # the fleet's shared rate budget, with PostgreSQL
 # Install payloads are a few KiB; the admin listener reads no body at all.
 OAUTH_MAX_BODY = INSTALL_MAX_BODY
 ADMIN_MAX_BODY = 1024
@@ -189,7 +190,7 @@ def make_oauth(session: aiohttp.ClientSession, settings: Settings,
         token_url=settings.token_url,
         client_id=settings.client_id,
         client_secret=settings.client_secret,
-        timeout=min(settings.upstream_timeout, 30.0),
+        timeout=oauth_timeout(settings),
         redactor=redactor,
     )
 
@@ -248,6 +249,7 @@ def create_app(
                 shared = PgBucket(store, rate=settings.rate, burst=settings.burst,
                                   metrics=metrics)
                 await shared.start()
+                app[BUDGET] = shared
             gate = tokens.gate = Gate(
                 rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
                 coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
@@ -373,13 +375,25 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
             ready, reason = False, "starting"
         else:
             ready, reason = proxy_app[TOKENS].readiness()
+            budget = proxy_app.get(BUDGET)
+            away = budget.degraded() if budget is not None else ""
+            if away:
+                # Served on a local share: ready (every replica is in the same plight), but
+                # the reason says so.
+                reason = (f"{reason}; {away}" if reason.startswith("degraded")
+                          else f"degraded: {away}" if ready else f"{reason}; {away}")
         return web.json_response({"ready": ready, "reason": reason},
                                  status=200 if ready else 503)
 
     async def status(_: web.Request) -> web.Response:
         if TOKENS not in proxy_app:
             return web.json_response({"state": "starting"}, status=503)
-        return web.json_response(proxy_app[TOKENS].status())
+        status = proxy_app[TOKENS].status()
+        budget = proxy_app.get(BUDGET)
+        if budget is not None:
+            status["rate_budget"] = budget.status()
+            status["degraded"] = status["degraded"] or not budget.available
+        return web.json_response(status)
 
     async def not_found(request: web.Request) -> web.Response:
         return error_response(NotFound(

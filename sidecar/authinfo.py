@@ -18,7 +18,7 @@ from sidecar.errors import (
 from sidecar.logging import scrub
 from sidecar.oauth import client_error
 from sidecar.states import State
-from sidecar.storage import StoredState
+from sidecar.storage import MOVED, StoredState
 
 # How each state reads in ``status``; "expired" is told apart by the clock, not by a state.
 _SHOWN = {
@@ -130,6 +130,8 @@ def unusable(state: State, has_pair: bool, last_error: str,
             f"({last_error or 'no detail'}): check BITRIX_CLIENT_ID and the "
             "client secret, and that the app is still installed on the portal, then restart"
         )
+    if state is State.REAUTHORIZATION_REQUIRED and last_error.startswith(MOVED):
+        return ReauthorizationRequired(f"this sidecar's token store was {last_error}")
     if state is State.REAUTHORIZATION_REQUIRED:
         return ReauthorizationRequired(
             "the OAuth server refused to renew the token "

@@ -39,7 +39,7 @@ from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient, client_error, origin, origin_text
 from sidecar.renewal import Renewal, run_schedule
 from sidecar.states import Life, State
-from sidecar.storage import PairStore, StoredState, TokenPair
+from sidecar.storage import MOVED, PairStore, StoredState, TokenPair
 from sidecar.storesync import StoreSync
 
 if TYPE_CHECKING:
@@ -122,9 +122,10 @@ class Authorization:
         self.life = Life()
         self.renewal = Renewal(self.life, settings, self._metrics,
                                alerts or Alerter(None, "", self._metrics), clock)
+        self._watch_interval = watch_interval
         self.sync_state = StoreSync(store, self.life, self._adopt, self._metrics,
                                     watch_interval, shown=settings.db_shown,
-                                    on_back=self._store_back)
+                                    on_back=self._store_back, on_written=self._written)
         self._refresh_task: asyncio.Task[TokenPair] | None = None
         # A renewal found the store's lock out of reach (no renewal without it): retried as
         # soon as the store answers, not after the backoff.
@@ -217,6 +218,9 @@ class Authorization:
         if state is State.CLIENT_REJECTED:
             return False, ("client_rejected: check BITRIX_CLIENT_ID and the client secret, "
                            "then restart")
+        if state is State.REAUTHORIZATION_REQUIRED and self.life.stored.last_error.startswith(
+                MOVED):
+            return False, f"moved: the authorization was {self.life.stored.last_error}"
         if state is State.REAUTHORIZATION_REQUIRED:
             return False, "reauthorization_required: a person must authorize the app again"
         if not self.sync_state.store_ok and self._store.shared:
@@ -249,13 +253,24 @@ class Authorization:
                        f"and the held token {why}: no renewal without the database's lock; "
                        "renewed as soon as it answers")
 
+    def _written(self, since: float | None) -> None:
+        """A pair held in memory while the store was away has been written; ``since``: the
+        fleet's failure episode it closed (None: there was none)."""
+        self.renewal.recovered(alert=since is not None if self._store.shared else None,
+                               since=since)
+
     def _store_back(self) -> None:
         """The store answers again: a renewal its absence held back may go at once."""
         self._refused = ""
         if self._lockless and self.life.failures and self.life.state is State.FAILING:
-            self.life.next_attempt_at = self._clock()
+            # A replica holding a pair renewed while the database was away writes it within
+            # one watch interval of the database's return; the others give it two before
+            # renewing, so that none spends the refresh token that pair has replaced.
+            grace = 2 * self._watch_interval if self._store.shared else 0.0
+            self.life.next_attempt_at = self._clock() + grace
             log.info("token_renewal_resumed", store=self.sync_state.shown,
-                     detail="the token store answers again: the held-back renewal goes now")
+                     detail="the token store answers again: the held-back renewal goes "
+                     + (f"in {grace:g} s" if grace else "now"))
         self._lockless = False
         self.renewal.changed.set()
 
@@ -517,13 +532,20 @@ class Authorization:
                 if trigger == "auth_error":
                     self._refused = stale_access
                 why = f"no renewal without the token store's lock: {exc.description}"
+                # Among replicas the database's absence is each one's own, and told by
+                # readiness, a metric and a warning: the fleet's alerts are the authorization's
+                # (one per episode, recorded in the database), so this opens none.
                 self.renewal.failed(OAuthError(why, error="store_unavailable", permanent=False),
-                                    trigger)
+                                    trigger, alert=False if self._store.shared else None)
                 raise TokenUnavailable(
                     f"the token must be renewed, but {why}; renewed as soon as the store "
                     "answers") from None
             else:
                 sync.failed(exc, kept=False)
+                if self._store.shared and not outcome.permanent:
+                    # Unrecorded in the fleet's episode: the next attempt, with the database
+                    # back, records it and alerts once for all replicas.
+                    alert = False
         else:
             if not adopted and isinstance(outcome, TokenPair):
                 sync.saved()

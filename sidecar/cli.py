@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Sequence
@@ -27,7 +28,7 @@ from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
 from sidecar.grants import ANY_USER, LINK_TTL, issue_link, open_install_window
 from sidecar.logging import AccessLog, Redactor, configure_logging
 from sidecar.pgstore import PgStore
-from sidecar.storage import StoredState
+from sidecar.storage import MOVED, StoredState
 from sidecar.stores import open_store
 
 EXIT_CONFIG = 2
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--to", default=None, metavar="URL",
                         help="the postgresql:// URL (the process list shows it: prefer --to-file)")
     target.add_argument("--to-file", default=None, metavar="PATH",
-                        help="a file holding the postgresql:// URL")
+                        help="a file holding the postgresql:// URL ('-': read it from "
+                        "standard input)")
     move.add_argument("--force", action="store_true",
                       help="replace a newer authorization the database already holds")
     health = sub.add_parser(
@@ -349,7 +351,8 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     if args.to_file is not None:
         where = "--to-file"
         try:
-            text = Path(args.to_file).read_text(encoding="utf-8").strip()
+            text = (sys.stdin.readline() if args.to_file == "-"
+                    else Path(args.to_file).read_text(encoding="utf-8")).strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
             print(f"bitrix-sidecar: --to-file: cannot read {args.to_file}: {reason}",
@@ -389,6 +392,13 @@ async def _move(settings: Settings, url: str, *, force: bool) -> int:
             if there.pair is not None and there.generation >= generation and force:
                 generation = there.generation + 1  # the replicas must see it as new
             await target.put_state(stored, generation)
+            # The SQLite store no longer renews: a sidecar still running on it (the single
+            # replica being moved) takes this in within a second and stops, rather than
+            # spending the refresh token the fleet now holds. Written after the database's
+            # commit (the blocks close inner first), so a failed copy marks nothing.
+            await source.record_error(f"{MOVED} {target.shown} by 'bitrix-sidecar migrate' at "
+                                      f"{iso(time.time())}: run the sidecar on the database",
+                                      reauth_required=True)
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
         return EXIT_FAILED
@@ -408,6 +418,8 @@ def _move_refusal(stored: StoredState, there: StoredState, *, force: bool) -> st
         return f"{stored.foreign}, not of the configured app and portal: nothing to move"
     if stored.pair is None:
         return "the SQLite store holds no token pair: nothing to move"
+    if stored.reauth_required and stored.last_error.startswith(MOVED):
+        return f"the SQLite store's authorization was already {stored.last_error}"
     if there.pair is None or force:
         return ""
     if there.generation > stored.generation or (

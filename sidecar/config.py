@@ -377,6 +377,10 @@ OPTIONS: tuple[Option, ...] = (
            "./bitrix-sidecar.db"),
     Option("SIDECAR_DB_FILE", "--db-file", "db_file",
            "file holding the postgresql:// URL (a Kubernetes Secret, say)"),
+    Option("SIDECAR_DB_TIMEOUT", "--db-timeout", "db_timeout",
+           "longest a PostgreSQL store's command may take before the database counts as "
+           "unreachable (a lock holder silent for longer than a renewal plus this loses its "
+           "lock)", _positive(parse_duration), "10s"),
     Option("SIDECAR_REPLICA_ID", "--replica-id", "replica_id",
            "this sidecar's name among replicas sharing a PostgreSQL store (default: "
            "hostname:pid); /status shows which replica renewed last"),
@@ -400,6 +404,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_LOG_LEVEL", "--log-level", "log_level", "debug, info, warning, error",
            _choice(LOG_LEVELS), "info"),
 )
+
+
+def oauth_timeout(settings: Settings) -> float:
+    """Return the longest one call to the OAuth server may take."""
+    return min(settings.upstream_timeout, 30.0)
 
 
 def _default(dest: str) -> Any:
@@ -438,6 +447,7 @@ class Settings:
     db_path: Path = _default("db_path")  # noqa: RUF009 - immutable
     # A PostgreSQL store's URL, password and all; when set, db_path is not used.
     db_url: str = field(default="", repr=False)
+    db_timeout: float = _default("db_timeout")
     replica_id: str = ""
     refresh_interval: float = _default("refresh_interval")
     upstream_timeout: float = _default("upstream_timeout")

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from sidecar.authinfo import iso
 from sidecar.limits import LeakyBucket
 from sidecar.metrics import Metrics
 from sidecar.pgstore import FAILURES, PgStore
@@ -118,6 +119,10 @@ class PgBucket:
         self.available = True
         self._local: LeakyBucket | None = None  # the local share, while the database is away
         self._free_at = 0.0  # when the next slot is free, as last seen (for queue estimates)
+        self.away_since: float | None = None  # wall clock: when the local share began
+        # Pauses begun while the database was away (method -> until, this clock): the fleet is
+        # told of those still running when it returns.
+        self._unshared: dict[str, float] = {}
         self.on_pause: Callable[[str, float], None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,8 +144,8 @@ class PgBucket:
                     await task
         if self.available:
             with contextlib.suppress(*FAILURES):
-                async with asyncio.timeout(self._timeout):
-                    await self._store.pool.execute(
+                async with asyncio.timeout(self._timeout), self._conn() as conn:
+                    await conn.execute(
                         "DELETE FROM sidecar_replicas WHERE portal = $1 AND client_id = $2 "
                         "AND replica = $3", self._store.portal, self._store.client_id,
                         self.replica)
@@ -154,7 +159,7 @@ class PgBucket:
         """Heartbeat, count the fleet, adopt the others' pauses; notice the database's return."""
         store = self._store
         try:
-            async with asyncio.timeout(self._timeout), store.pool.acquire() as conn:
+            async with asyncio.timeout(self._timeout), self._conn() as conn:
                 await conn.execute(_ROW, store.portal, store.client_id)
                 await conn.execute(_HEARTBEAT, store.portal, store.client_id, self.replica)
                 await conn.execute(_FORGET, store.portal, store.client_id, FORGET)
@@ -176,6 +181,7 @@ class PgBucket:
         if not self.available:
             return
         self.available = False
+        self.away_since = time.time()
         share = self.burst / self.replicas
         self._local = LeakyBucket(self.rate / self.replicas, max(1, int(share)), self._clock)
         # It went away under load, maybe with the portal's bucket full: start from full.
@@ -187,9 +193,37 @@ class PgBucket:
 
     def _restored(self) -> None:
         self.available = True
+        self.away_since = None
         self._local = None
         self._metrics.shared_budget_available.set(1)
         log.info("shared_budget_restored", store=self._store.shown, replicas=self.replicas)
+        now = self._clock()
+        pauses, self._unshared = self._unshared, {}
+        for method, until in pauses.items():
+            if until > now:
+                self.share_pause(method, until - now)
+
+    def status(self) -> dict[str, Any]:
+        """Describe the budget for /status."""
+        local = self._local is not None
+        return {
+            "shared": True,
+            "available": self.available,
+            "replicas": self.replicas,
+            "rate": self.rate,
+            "burst": self.burst,
+            # While the database is away: this replica's share of the fleet's budget.
+            "local_rate": round(self.rate / self.replicas, 3) if local else None,
+            "unavailable_since": iso(self.away_since),
+        }
+
+    def degraded(self) -> str:
+        """Say why the budget is not the fleet's one ('' while it is)."""
+        if self.available:
+            return ""
+        return (f"the shared rate budget in {self._store.shown} is unreachable: this replica "
+                f"sends at most {self.rate / self.replicas:.3g} requests/s, its share of "
+                f"{self.rate:g}/s among the {self.replicas} replicas last seen")
 
     # -- the gate's side ---------------------------------------------------------------------
 
@@ -220,13 +254,13 @@ class PgBucket:
         """One round trip to the row; None if the database is away (the local share answers)."""
         store = self._store
         try:
-            async with asyncio.timeout(self._timeout):
-                row = await store.pool.fetchrow(_TAKE, store.portal, store.client_id,
-                                                self._interval, self._tolerance, force)
+            async with asyncio.timeout(self._timeout), self._conn() as conn:
+                row = await conn.fetchrow(_TAKE, store.portal, store.client_id,
+                                          self._interval, self._tolerance, force)
                 if row is None:  # the row went missing (a database restored from scratch)
-                    await store.pool.execute(_ROW, store.portal, store.client_id)
-                    row = await store.pool.fetchrow(_TAKE, store.portal, store.client_id,
-                                                    self._interval, self._tolerance, force)
+                    await conn.execute(_ROW, store.portal, store.client_id)
+                    row = await conn.fetchrow(_TAKE, store.portal, store.client_id,
+                                              self._interval, self._tolerance, force)
         except FAILURES as exc:
             self._lost(exc)
             return None
@@ -250,18 +284,25 @@ class PgBucket:
         self._spawn(self._write(_FILL, store.portal, store.client_id, self.burst * self._interval))
 
     def share_pause(self, method: str, seconds: float) -> None:
-        """Tell the fleet that ``method`` is paused for ``seconds``."""
+        """Tell the fleet that ``method`` is paused for ``seconds`` (once it can be told)."""
         if self._local is not None:
+            until = self._clock() + seconds
+            self._unshared[method] = max(until, self._unshared.get(method, 0.0))
             return
         store = self._store
         self._spawn(self._write(_PAUSE, store.portal, store.client_id, method, seconds))
 
     async def _write(self, sql: str, *args: Any) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._store.pool.execute(sql, *args)
+            async with asyncio.timeout(self._timeout), self._conn() as conn:
+                await conn.execute(sql, *args)
         except FAILURES as exc:
             self._lost(exc)
+
+    def _conn(self) -> Any:
+        """A pooled connection whose wait and release have this bucket's deadline (a release
+        without one can hang on a connection the network has silently dropped)."""
+        return self._store.pool.acquire(timeout=self._timeout)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work, name="shared-budget-write")

@@ -29,9 +29,17 @@ log = structlog.get_logger("sidecar.pgstore")
 SCHEMA_VERSION = 3
 # Any fixed number: the advisory lock that lets one sidecar at a time migrate the schema.
 MIGRATION_LOCK = 0x5B1D_EC42
-# Long enough for another sidecar to finish a refresh (an OAuth round trip) under the lock.
-LOCK_TIMEOUT = "90s"
+# The longest one command may take (SIDECAR_DB_TIMEOUT): past it the database counts as away.
+# Every query, every wait for a pooled connection and every release has a deadline, so a
+# database gone silent (a partition, no RST) is noticed in seconds, never waited on forever.
+TIMEOUT = 10.0
+# How long a lock holder may sit silent inside its transaction (a renewal's OAuth round trip
+# plus TIMEOUT) before PostgreSQL ends its session and frees the lock for the others. Without
+# it, a holder cut off by the network would hold the lock until TCP gives up (hours).
+HOLD = 40.0
 CONNECT_TIMEOUT = 10.0
+# The server probes a silent client's socket after this long idle (then every 10 s, 3 times).
+KEEPALIVE_IDLE = 30
 # The channel every write notifies (payload: the row's new version) and the watches listen on.
 CHANNEL = "sidecar_authorization"
 # How often the listener checks its connection is alive, and waits before reconnecting.
@@ -131,8 +139,12 @@ class PgStore:
     shared = True  # every sidecar naming the database serves from it
 
     def __init__(self, url: str, *, portal: str, client_id: str, max_size: int = 4,
-                 replica: str = "") -> None:
+                 replica: str = "", timeout: float = TIMEOUT, hold: float = HOLD) -> None:
         self._url = url
+        self.timeout = timeout
+        self._hold = hold
+        # A waiter gives up once the holder has had its whole time and a command's besides.
+        self._lock_wait = hold + timeout
         self.replica = replica  # written as last_refresh_by with each pair
         self.shown = shown_db(url)  # the URL without its password, for messages
         self._secret = _password(url)
@@ -160,9 +172,9 @@ class PgStore:
         """Connect (a small pool) and create or migrate the schema."""
         try:
             self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=self._max_size, timeout=CONNECT_TIMEOUT,
-                server_settings={"application_name": "bitrix-sidecar",
-                                 "lock_timeout": LOCK_TIMEOUT},
+                self._url, min_size=1, max_size=self._max_size,
+                timeout=min(CONNECT_TIMEOUT, self.timeout), command_timeout=self.timeout,
+                server_settings=self.session_settings(),
             )
             await self._migrate()
         except StoreError:
@@ -172,12 +184,30 @@ class PgStore:
             await self.close()
             raise self._error("open", exc) from None
 
+    def session_settings(self) -> dict[str, str]:
+        """Settings for every session: deadlines on the server's side too."""
+        return {
+            "application_name": "bitrix-sidecar",
+            "lock_timeout": f"{round(self._lock_wait * 1000)}ms",
+            "idle_in_transaction_session_timeout": f"{round(self._hold * 1000)}ms",
+            # A client gone without a word (its host off the network) is noticed by the server.
+            "tcp_keepalives_idle": str(KEEPALIVE_IDLE),
+            "tcp_keepalives_interval": "10",
+            "tcp_keepalives_count": "3",
+        }
+
+    def acquire(self) -> Any:
+        """A pooled connection (``async with``), waited for and released within the deadline."""
+        return self.pool.acquire(timeout=self.timeout)
+
     async def close(self) -> None:
         """Close the pool; safe to call twice."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            with contextlib.suppress(*_FAILURES):
-                await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), self.timeout)
+            except _FAILURES:
+                pool.terminate()
 
     @property
     def pool(self) -> Any:
@@ -191,7 +221,7 @@ class PgStore:
         return self._error(doing, exc)
 
     async def _migrate(self) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.acquire() as conn, conn.transaction():
             # One sidecar at a time: several starting at once would race on CREATE TABLE.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(
@@ -217,7 +247,7 @@ class PgStore:
         if held is not None:
             yield held
             return
-        async with self.pool.acquire() as conn:
+        async with self.acquire() as conn:
             yield conn
 
     async def data_version(self) -> int:
@@ -241,8 +271,10 @@ class PgStore:
 
     async def _load(self, conn: Connection, *, lock: bool) -> StoredState:
         sql = "SELECT * FROM sidecar_authorization WHERE portal = $1 AND client_id = $2"
+        # Waiting for the lock may take as long as a renewal by another sidecar.
         row = await conn.fetchrow(f"{sql} FOR UPDATE" if lock else sql,
-                                  self.portal, self.client_id)
+                                  self.portal, self.client_id,
+                                  timeout=self._lock_wait + self.timeout if lock else None)
         if row is None:
             return StoredState(pair=None)
         pair = None
@@ -280,7 +312,7 @@ class PgStore:
         if self._held.get() is not None:
             raise StoreError("the token store's lock is already held by this task")
         try:
-            conn = await self.pool.acquire()
+            conn = await self.pool.acquire(timeout=self.timeout)
         except _FAILURES as exc:
             raise self._error("lock", exc) from None
         try:
@@ -291,7 +323,8 @@ class PgStore:
                 await conn.execute(
                     "INSERT INTO sidecar_authorization (portal, client_id, updated_at) "
                     "VALUES ($1, $2, $3) ON CONFLICT (portal, client_id) DO NOTHING",
-                    self.portal, self.client_id, time.time())
+                    self.portal, self.client_id, time.time(),
+                    timeout=self._lock_wait + self.timeout)
                 stored = await self._load(conn, lock=True)
             except _FAILURES as exc:
                 with contextlib.suppress(*_FAILURES):
@@ -314,7 +347,7 @@ class PgStore:
                 raise self._error("write", exc) from None
         finally:
             with contextlib.suppress(*_FAILURES):
-                await self.pool.release(conn)
+                await self.pool.release(conn, timeout=self.timeout)
 
     async def save_pair(self, pair: TokenPair) -> int:
         """Store a new pair, clearing any error; return the new generation."""
@@ -352,7 +385,9 @@ class PgStore:
         assert pair is not None
         fields: dict[str, Any] = {name: getattr(pair, name) for name in _PAIR_FIELDS}
         fields |= {"reauth_required": stored.reauth_required, "last_error": stored.last_error,
-                   "last_error_at": stored.last_error_at, "generation": generation}
+                   "last_error_at": stored.last_error_at, "generation": generation,
+                   # A fresh start: no failure episode of the fleet is open for this pair.
+                   "failing_since": None, "last_refresh_by": stored.last_refresh_by}
         await self._upsert(fields, bump=False)
 
     async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:
@@ -454,8 +489,9 @@ class PgStore:
     async def _listen_once(self, wake: Callable[[], None], told: list[bool]) -> None:
         """Listen on one connection until it is lost."""
         lost = asyncio.Event()
-        conn = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT,
-                                     server_settings={"application_name": "bitrix-sidecar"})
+        conn = await asyncpg.connect(self._url, timeout=min(CONNECT_TIMEOUT, self.timeout),
+                                     command_timeout=self.timeout,
+                                     server_settings=self.session_settings())
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(CHANNEL, lambda *_args: wake())
@@ -468,10 +504,12 @@ class PgStore:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(lost.wait(), LISTEN_CHECK)
                 if not lost.is_set():
-                    await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+                    await conn.execute("SELECT 1", timeout=self.timeout)
         finally:
-            with contextlib.suppress(*_FAILURES):
-                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT)
+            try:
+                await asyncio.wait_for(conn.close(), self.timeout)
+            except _FAILURES:
+                conn.terminate()
 
     async def heal(self) -> bool:
         """Return False: a database is not deleted under us the way a file can be."""

@@ -35,6 +35,10 @@ class TokenPair:
         return self.expires_at - (time.time() if now is None else now)
 
 
+# How ``migrate`` marks the SQLite store it moved an authorization out of (its last error).
+MOVED = "moved to"
+
+
 @dataclass(frozen=True)
 class StoredState:
     """What the store holds: the pair (if any, and if it belongs to this portal and app)."""

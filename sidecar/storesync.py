@@ -25,7 +25,8 @@ class StoreSync:
 
     def __init__(self, store: PairStore, life: Life, adopt: Adopt, metrics: Metrics,
                  interval: float = 1.0, *, shown: str = "the token store",
-                 on_back: Callable[[], None] = lambda: None) -> None:
+                 on_back: Callable[[], None] = lambda: None,
+                 on_written: Callable[[float | None], None] = lambda since: None) -> None:
         self._store = store
         self._life = life
         self._adopt = adopt  # how the owner takes a stored entry in (with its side effects)
@@ -33,6 +34,7 @@ class StoreSync:
         self._interval = interval
         self.shown = shown  # the store's name for people (a URL without its password)
         self._on_back = on_back  # told when the store answers again after an outage
+        self._on_written = on_written  # told when a pair held in memory has been written
         self.store_ok = True
         self.down_since: float | None = None  # when the current outage began (wall clock)
         self.last_error = ""  # the outage's first error, without secrets
@@ -88,8 +90,9 @@ class StoreSync:
 
     def newer_in_store(self, stored: StoredState) -> bool:
         """Say whether ``stored`` (read under the lock) was written by someone else since."""
-        return (not self.unsaved and stored.generation != self._life.stored.generation
-                and not lost(stored, self._life.stored))
+        held = self._life.stored
+        return not self.unsaved and not lost(stored, held) and (
+            stored.generation != held.generation or _died(stored, held))
 
     async def sync(self) -> None:
         """Adopt whatever another process stored since we last looked."""
@@ -99,7 +102,8 @@ class StoreSync:
         if lost(stored, self._life.stored):
             return  # the store was emptied and made anew: ours goes back in, not the other way
         held = self._life.stored
-        if stored.generation != held.generation or stored.pair != held.pair:
+        if stored.generation != held.generation or stored.pair != held.pair or _died(stored,
+                                                                                     held):
             self._adopt(stored, "store")
 
     async def save_unsaved(self) -> bool:
@@ -115,9 +119,14 @@ class StoreSync:
                 self._adopt(stored, "store")
                 return True
             generation = await self._store.save_pair(pair)
+            # A replica that failed meanwhile (it spent the refresh token ours replaced) may
+            # have opened the fleet's failure episode: this pair closes it.
+            closed = (await self._store.fleet_episode(False, time.time())
+                      if self._store.shared else None)
         self._life.saved_as(generation)
         log.info("token_store_write_recovered", store=self.shown, generation=generation)
         self.saved()
+        self._on_written(closed)
         return True
 
     async def run(self) -> None:
@@ -184,3 +193,9 @@ class StoreSync:
             await self.sync()
         elif not self._life.state.dead:  # a dead pair is not worth writing back
             self.keep_unsaved(stored.generation)
+
+
+def _died(stored: StoredState, held: StoredState) -> bool:
+    """Say whether another process recorded the held pair as dead (no new generation comes
+    with that: an uninstall, a refresh token found spent, a store moved away)."""
+    return stored.reauth_required and not held.reauth_required and stored.pair == held.pair

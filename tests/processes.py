@@ -15,13 +15,16 @@ import aiohttp
 Env = dict[str, str]
 
 
-async def cli(*args: str, env: Env) -> tuple[int, str, str]:
-    """Run ``python -m sidecar ARGS`` to the end; return exit code, stdout and stderr."""
+async def cli(*args: str, env: Env, stdin: str | None = None) -> tuple[int, str, str]:
+    """Run ``python -m sidecar ARGS`` to the end (``stdin`` on its standard input); return
+    exit code, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", *args, env=env,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    out, err = await asyncio.wait_for(
+        proc.communicate(None if stdin is None else stdin.encode()), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 

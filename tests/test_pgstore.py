@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +369,53 @@ class TestMigrate:
         assert emulator.stats.token_requests["authorization_code"] == 1
         assert emulator.stats.token_requests["refresh_token"] == 0
 
+    async def test_a_running_sqlite_sidecar_stops_renewing_once_moved(
+        self, env: dict[str, str], pg_server: Server, pg_url: str, emulator: Emulator,
+    ) -> None:
+        """The single replica still runs on the SQLite store while `migrate --to-file -`
+        (the URL on standard input, as `kubectl exec -i` passes it) moves its authorization:
+        it takes the move in within seconds, stops serving and never renews again, so the
+        refresh token the fleet now holds is spent by nobody else; readiness and the calls'
+        503 say where the authorization went. A second migrate is refused."""
+        code, out, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
+        assert code == 0, err
+        async with running(env) as old:
+            status, body = await get(f"{old.base}/rest/profile")
+            assert status == 200, body
+            code, out, err = await cli("migrate", "--to-file", "-", env=env,
+                                       stdin=pg_url + "\n")
+            assert code == 0, err
+            assert pg_server.password not in out + err
+            shown = json.loads(out)["to"]
+            assert shown in pg_url.replace(f":{pg_server.password}", "")
+
+            deadline = time.monotonic() + 10
+            while True:
+                status, ready = await get(f"{old.admin}/readyz")
+                if status == 503:
+                    break
+                assert time.monotonic() < deadline, ready
+                await asyncio.sleep(0.2)
+            assert ready["reason"].startswith("moved: the authorization was moved to "), ready
+            assert shown in ready["reason"]
+            emulator.expire_access_tokens()
+            status, body = await get(f"{old.base}/rest/profile")
+            assert status == 503, body
+            assert "moved to" in body["error_description"], body
+            await asyncio.sleep(2.0)  # its schedule would have renewed the expired token
+            assert emulator.stats.token_requests["refresh_token"] == 0
+            assert pg_server.password not in "".join(old.lines)
+
+            # The fleet renews the pair it was given.
+            async with running({**env, "SIDECAR_DB": pg_url}) as new:
+                status, body = await get(f"{new.base}/rest/profile")
+                assert status == 200, body
+            assert emulator.stats.token_requests["refresh_token"] == 1
+        code, out, err = await cli("migrate", "--to-file", "-", env=env, stdin=pg_url)
+        assert code == 1
+        assert "already moved to" in err, err
+        assert pg_server.password not in out + err
+
     async def test_a_newer_authorization_in_the_database_is_kept_unless_forced(
         self, env: dict[str, str], pg_server: Server, pg_url: str, emulator: Emulator,
     ) -> None:
@@ -375,17 +423,17 @@ class TestMigrate:
         so; --force replaces it with a generation the replicas see as new."""
         code, out, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
         assert code == 0, err
-        code, out, err = await cli("migrate", "--to", pg_url, env=env)
-        assert code == 0, err
-        assert pg_server.password not in out + err
-        code, out, err = await cli("migrate", "--to", pg_url, env=env)
-        assert code == 0, err  # the same pair again: nothing newer is lost
+        async with TokenStore(Path(env["SIDECAR_DB"]), portal=emulator.base_url,
+                              client_id=CLIENT_ID) as sqlite:
+            here = (await sqlite.load()).pair
+        assert here is not None
         async with (
             store(pg_url, portal=emulator.base_url, client_id=CLIENT_ID) as s,
-            s.locked() as held,
+            s.locked(),
         ):
-            assert held.pair is not None
-            await s.save_pair(held.pair)  # generation 2, as a replica's renewal would
+            # What the replicas would hold had they renewed twice (generation 2).
+            await s.save_pair(replace(here, access_token="renewed-1"))
+            await s.save_pair(replace(here, access_token="renewed-2"))
         code, out, err = await cli("migrate", "--to", pg_url, env=env)
         assert code == 1
         assert out == ""
