@@ -270,3 +270,37 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         writer.close()
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await writer.wait_closed()
+
+
+@dataclass
+class AlertSink:
+    """A real webhook on loopback that keeps every alert posted to it."""
+
+    url: str
+    alerts: list[dict[str, Any]]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Return the alerts whose event is ``name``."""
+        return [alert for alert in self.alerts if alert["event"] == name]
+
+
+@pytest.fixture
+async def alert_sink() -> AsyncIterator[AlertSink]:
+    """Serve a webhook for SIDECAR_ALERT_WEBHOOK; collect what arrives."""
+    alerts: list[dict[str, Any]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        alerts.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/alerts", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield AlertSink(f"http://127.0.0.1:{port}/alerts", alerts)
+    finally:
+        await runner.cleanup()
