@@ -63,6 +63,9 @@ class TestSilentDatabase:
 
                 holder = asyncio.create_task(hold())
                 await asyncio.wait_for(holding.wait(), 10)
+                # A second connection, made and back in the pool: a command on it must not
+                # wait for an answer that never comes.
+                await far.data_version()
                 hole.silence()
                 began = time.monotonic()
                 async with near.locked():
@@ -71,7 +74,7 @@ class TestSilentDatabase:
 
                 began = time.monotonic()
                 with pytest.raises(StoreError) as caught:
-                    await far.data_version()
+                    await asyncio.wait_for(far.data_version(), 10)
                 assert time.monotonic() - began < TIMEOUT * 3 + 1
                 assert pg_server.password not in caught.value.description
 
