@@ -129,7 +129,7 @@ class Authorization:
         self._refresh_task: asyncio.Task[TokenPair] | None = None
         # A renewal found the store's lock out of reach (no renewal without it): retried as
         # soon as the store answers, not after the backoff.
-        self._lockless = False
+        self._held_back = False
         # The access token the portal refused while no renewal could be made ('' if none):
         # with the store away, the held token no longer serves.
         self._refused = ""
@@ -262,7 +262,7 @@ class Authorization:
     def _store_back(self) -> None:
         """The store answers again: a renewal its absence held back may go at once."""
         self._refused = ""
-        if self._lockless and self.life.failures and self.life.state is State.FAILING:
+        if self._held_back and self.life.failures and self.life.state is State.FAILING:
             # A replica holding a pair renewed while the database was away writes it within
             # one watch interval of the database's return; the others give it two before
             # renewing, so that none spends the refresh token that pair has replaced.
@@ -271,7 +271,7 @@ class Authorization:
             log.info("token_renewal_resumed", store=self.sync_state.shown,
                      detail="the token store answers again: the held-back renewal goes "
                      + (f"in {grace:g} s" if grace else "now"))
-        self._lockless = False
+        self._held_back = False
         self.renewal.changed.set()
 
     def _raise_if_unusable(self) -> None:
@@ -488,6 +488,11 @@ class Authorization:
         started = self._clock()
         self.renewal.attempted(started)
         sync = self.sync_state
+        if self._store.shared and not sync.store_ok:
+            # The watch tries the database every interval and lets this renewal go once it
+            # answers, after a replica holding an unwritten pair has had time to write it:
+            # taking the lock now could spend the refresh token that pair replaced.
+            raise self._lockless(sync.last_error, stale_access, trigger)
         outcome: TokenPair | OAuthError | None = None
         adopted = False
         seen = self.life.stored.generation
@@ -528,18 +533,7 @@ class Authorization:
                 # token another replica is spending): back off as from any passing failure,
                 # and go again as soon as the store answers.
                 sync.failed(exc, kept=False)
-                self._lockless = True
-                if trigger == "auth_error":
-                    self._refused = stale_access
-                why = f"no renewal without the token store's lock: {exc.description}"
-                # Among replicas the database's absence is each one's own, and told by
-                # readiness, a metric and a warning: the fleet's alerts are the authorization's
-                # (one per episode, recorded in the database), so this opens none.
-                self.renewal.failed(OAuthError(why, error="store_unavailable", permanent=False),
-                                    trigger, alert=False if self._store.shared else None)
-                raise TokenUnavailable(
-                    f"the token must be renewed, but {why}; renewed as soon as the store "
-                    "answers") from None
+                raise self._lockless(exc.description, stale_access, trigger) from None
             else:
                 sync.failed(exc, kept=False)
                 if self._store.shared and not outcome.permanent:
@@ -570,6 +564,20 @@ class Authorization:
         log.info("token_refreshed", trigger=trigger, expires_at=iso(outcome.expires_at),
                  duration=round(self._clock() - started, 3))
         return outcome
+
+    def _lockless(self, error: str, stale_access: str, trigger: str) -> TokenUnavailable:
+        """Record a renewal held back for want of the store's lock; return the callers' error."""
+        self._held_back = True
+        if trigger == "auth_error":
+            self._refused = stale_access
+        why = f"no renewal without the token store's lock: {error}"
+        # Among replicas the database's absence is each one's own, and told by readiness, a
+        # metric and a warning: the fleet's alerts are the authorization's (one per episode,
+        # recorded in the database), so this opens none.
+        self.renewal.failed(OAuthError(why, error="store_unavailable", permanent=False),
+                            trigger, alert=False if self._store.shared else None)
+        return TokenUnavailable(
+            f"the token must be renewed, but {why}; renewed as soon as the store answers")
 
     async def _refresh_locked(
         self, stored: StoredState, stale_access: str

@@ -125,7 +125,7 @@ class PgBucket:
         self._unshared: dict[str, float] = {}
         self.on_pause: Callable[[str, float], None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
 
     # -- life --------------------------------------------------------------------------------
 
@@ -172,6 +172,13 @@ class PgBucket:
         self.replicas = max(1, int(seen or 0))
         self._metrics.fleet_replicas.set(self.replicas)
         if not self.available:
+            # The row has not moved while the replicas sent on their shares, so it would offer
+            # a whole burst the portal's bucket may not have: it starts from full, as the
+            # shares did, and a tick fuller, for the others still sending on theirs until they
+            # notice too. Written before the first take from it.
+            if not await self._write(_FILL, store.portal, store.client_id,
+                                     self.burst * self._interval + self._tick):
+                return
             self._restored()
         if self.on_pause is not None:
             for row in pauses:
@@ -197,6 +204,7 @@ class PgBucket:
         self._local = None
         self._metrics.shared_budget_available.set(1)
         log.info("shared_budget_restored", store=self._store.shown, replicas=self.replicas)
+        self._free_at = self._clock() + self._tolerance
         now = self._clock()
         pauses, self._unshared = self._unshared, {}
         for method, until in pauses.items():
@@ -292,19 +300,22 @@ class PgBucket:
         store = self._store
         self._spawn(self._write(_PAUSE, store.portal, store.client_id, method, seconds))
 
-    async def _write(self, sql: str, *args: Any) -> None:
+    async def _write(self, sql: str, *args: Any) -> bool:
+        """Run one write; return whether it went through."""
         try:
             async with asyncio.timeout(self._timeout), self._conn() as conn:
                 await conn.execute(sql, *args)
         except FAILURES as exc:
             self._lost(exc)
+            return False
+        return True
 
     def _conn(self) -> Any:
         """A pooled connection whose wait and release have this bucket's deadline (a release
         without one can hang on a connection the network has silently dropped)."""
         return self._store.pool.acquire(timeout=self._timeout)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, bool]) -> None:
         task = asyncio.create_task(work, name="shared-budget-write")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
