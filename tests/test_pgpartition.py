@@ -13,6 +13,7 @@ import time
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 import pytest
 
 from sidecar.config import shown_db
@@ -20,7 +21,7 @@ from sidecar.emulator import Emulator
 from sidecar.errors import StoreError
 from sidecar.pgstore import PgStore
 from tests.blackhole import Blackhole
-from tests.conftest import CLIENT_ID
+from tests.conftest import CLIENT_ID, AlertSink
 from tests.pg import Server
 from tests.processes import get, running
 from tests.test_pgaway import status_of, until
@@ -143,6 +144,57 @@ class TestSilentDatabase:
                 assert set(answers) == {200}, answers
                 assert emulator.stats.token_requests["refresh_token"] == 1
                 assert pg_server.password not in "".join(sidecar.lines)
+
+    async def test_a_pair_written_late_closes_the_fleets_failure_episode(
+        self, env: dict[str, str], emulator: Emulator, pg_server: Server, pg_url: str,
+        alert_sink: AlertSink,
+    ) -> None:
+        """A renewal's commit is cut off, so its rotated pair waits in memory; meanwhile the
+        fleet's episode is opened in the database (as by another replica that failed and
+        alerted). Once the pair is written it closes that episode: one recovered alert."""
+        async with Blackhole(pg_server.port) as hole:
+            url = through(pg_server, pg_url, hole)
+            async with running({**env, "SIDECAR_DB": url, "SIDECAR_DB_TIMEOUT": "1s",
+                                "SIDECAR_UPSTREAM_TIMEOUT": "5s",
+                                "SIDECAR_ALERT_WEBHOOK": alert_sink.url,
+                                "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}) as sidecar:
+                emulator.oauth_slow_seconds = 2.0
+                emulator.oauth_failure = "slow"
+                emulator.expire_access_tokens()
+                async with aiohttp.ClientSession() as http:
+                    pending = asyncio.create_task(http.get(f"{sidecar.base}/rest/profile"))
+
+                    async def asked() -> bool:
+                        return emulator.stats.token_requests["refresh_token"] == 1
+
+                    await until(asked, 10)
+                    hole.silence()  # the commit will never arrive
+                    async with await pending as reply:
+                        assert reply.status == 200, await reply.text()
+                emulator.oauth_failure = None
+                assert (await status_of(sidecar))["unsaved"] is True
+                conn = await asyncpg.connect(pg_url)
+                try:
+                    # Waits until the server ends the silent holder's session.
+                    await conn.execute("UPDATE sidecar_authorization SET failing_since = $1",
+                                       time.time() - 60)
+                finally:
+                    await conn.close()
+                hole.restore()
+
+                async def written() -> bool:
+                    return (await status_of(sidecar))["unsaved"] is False
+
+                await until(written, 30)
+                await asyncio.sleep(0.5)  # the alert's delivery
+                assert [a["event"] for a in alert_sink.alerts] == ["token_refresh_recovered"]
+                conn = await asyncpg.connect(pg_url)
+                try:
+                    assert await conn.fetchval(
+                        "SELECT failing_since FROM sidecar_authorization") is None
+                finally:
+                    await conn.close()
+                assert emulator.stats.token_requests["refresh_token"] == 1
 
 
 async def _answers(store: PgStore) -> bool:
