@@ -22,7 +22,7 @@ import structlog
 from sidecar.config import shown_db
 from sidecar.errors import StoreError
 from sidecar.logging import scrub
-from sidecar.storage import StoredState, TokenPair
+from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
 
 log = structlog.get_logger("sidecar.pgstore")
 
@@ -123,9 +123,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-_PAIR_FIELDS = ("access_token", "refresh_token", "expires_at", "scope", "member_id",
-                "client_endpoint", "server_endpoint", "domain", "user_id", "status",
-                "application_token", "obtained_at")
 # What a failure of the database or of the way to it looks like from asyncpg.
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 FAILURES = _FAILURES  # for the shared rate budget, which uses this store's pool
@@ -277,24 +274,8 @@ class PgStore:
                                   timeout=self._lock_wait + self.timeout if lock else None)
         if row is None:
             return StoredState(pair=None)
-        pair = None
-        if row["access_token"] and row["refresh_token"]:
-            pair = TokenPair(
-                access_token=row["access_token"],
-                refresh_token=row["refresh_token"],
-                expires_at=float(row["expires_at"] or 0.0),
-                scope=row["scope"],
-                member_id=row["member_id"],
-                client_endpoint=row["client_endpoint"],
-                server_endpoint=row["server_endpoint"],
-                domain=row["domain"],
-                user_id=row["user_id"],
-                status=row["status"],
-                application_token=row["application_token"],
-                obtained_at=float(row["obtained_at"] or 0.0),
-            )
         return StoredState(
-            pair=pair,
+            pair=pair_from_row(row),
             generation=int(row["generation"]),
             reauth_required=bool(row["reauth_required"]),
             last_error=row["last_error"],
@@ -351,7 +332,7 @@ class PgStore:
 
     async def save_pair(self, pair: TokenPair) -> int:
         """Store a new pair, clearing any error; return the new generation."""
-        fields: dict[str, Any] = {name: getattr(pair, name) for name in _PAIR_FIELDS}
+        fields: dict[str, Any] = {name: getattr(pair, name) for name in PAIR_FIELDS}
         fields |= {"reauth_required": False, "last_error": "", "last_error_at": None,
                    "last_refresh_by": self.replica}
         return await self._upsert(fields, bump=True)
@@ -383,7 +364,7 @@ class PgStore:
         """Write a whole stored state at ``generation`` (inside ``locked()``; for ``migrate``)."""
         pair = stored.pair
         assert pair is not None
-        fields: dict[str, Any] = {name: getattr(pair, name) for name in _PAIR_FIELDS}
+        fields: dict[str, Any] = {name: getattr(pair, name) for name in PAIR_FIELDS}
         fields |= {"reauth_required": stored.reauth_required, "last_error": stored.last_error,
                    "last_error_at": stored.last_error_at, "generation": generation,
                    # A fresh start: no failure episode of the fleet is open for this pair.

@@ -7,10 +7,10 @@ second backend implements this interface and nothing else changes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,22 @@ class TokenPair:
     def expires_in(self, now: float | None = None) -> float:
         """Return the seconds left before the access token expires."""
         return self.expires_at - (time.time() if now is None else now)
+
+
+# The pair's columns, in both stores' tables: named as TokenPair's fields.
+PAIR_FIELDS = ("access_token", "refresh_token", "expires_at", "scope", "member_id",
+               "client_endpoint", "server_endpoint", "domain", "user_id", "status",
+               "application_token", "obtained_at")
+
+
+def pair_from_row(row: Mapping[str, Any]) -> TokenPair | None:
+    """Return the pair a store's row holds (None without both tokens)."""
+    if not (row["access_token"] and row["refresh_token"]):
+        return None
+    values = {name: row[name] for name in PAIR_FIELDS}
+    values["expires_at"] = float(values["expires_at"] or 0.0)
+    values["obtained_at"] = float(values["obtained_at"] or 0.0)
+    return TokenPair(**values)
 
 
 # How ``migrate`` marks the SQLite store it moved an authorization out of (its last error).

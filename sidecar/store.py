@@ -21,7 +21,7 @@ import aiosqlite
 import structlog
 
 from sidecar.errors import StoreError
-from sidecar.storage import StoredState, TokenPair
+from sidecar.storage import StoredState, TokenPair, pair_from_row
 
 log = structlog.get_logger("sidecar.store")
 
@@ -222,24 +222,8 @@ class TokenStore:
         foreign = ""
         if data["portal"] != self.portal or data["client_id"] != self.client_id:
             foreign = f"the store holds a token of {data['client_id']} on {data['portal']}"
-        pair = None
-        if data["access_token"] and data["refresh_token"] and not foreign:
-            pair = TokenPair(
-                access_token=data["access_token"],
-                refresh_token=data["refresh_token"],
-                expires_at=float(data["expires_at"] or 0.0),
-                scope=data["scope"],
-                member_id=data["member_id"],
-                client_endpoint=data["client_endpoint"],
-                server_endpoint=data["server_endpoint"],
-                domain=data["domain"],
-                user_id=data["user_id"],
-                status=data["status"],
-                application_token=data["application_token"],
-                obtained_at=float(data["obtained_at"] or 0.0),
-            )
         return StoredState(
-            pair=pair,
+            pair=None if foreign else pair_from_row(data),
             generation=int(data["generation"]),
             reauth_required=bool(data["reauth_required"]) and not foreign,
             last_error="" if foreign else data["last_error"],

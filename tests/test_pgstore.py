@@ -10,12 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from sidecar.app import make_oauth, oauth_session
 from sidecar.authorization import Authorization
@@ -31,7 +29,7 @@ from sidecar.grants import (
 )
 from sidecar.pgstore import SCHEMA_VERSION, PgStore
 from sidecar.store import TokenStore
-from tests.conftest import CLIENT_ID
+from tests.conftest import CLIENT_ID, AlertSink
 from tests.pg import Server
 from tests.processes import Running, cli, get, running
 from tests.test_store import PORTAL, pair
@@ -508,29 +506,15 @@ async def until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
 
 class TestFleetAlerts:
     async def test_one_failing_and_one_recovered_alert_for_three_sidecars(
-        self, env: dict[str, str], pg_url: str, emulator: Emulator,
+        self, env: dict[str, str], pg_url: str, emulator: Emulator, alert_sink: AlertSink,
     ) -> None:
         """The OAuth server fails while three sidecars renew every 2 s: each of them fails,
         the webhook gets one token_refresh_failing; after the fix, one recovered, and every
         /status names the replica that renewed last."""
-        alerts: list[dict[str, Any]] = []
-
-        async def receive(request: web.Request) -> web.Response:
-            alerts.append(await request.json())
-            return web.Response(status=204)
-
-        app = web.Application()
-        app.router.add_post("/alerts", receive)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        alerts = alert_sink.alerts
+        events = alert_sink.events
         fleet_env = {**env, "SIDECAR_DB": pg_url, "SIDECAR_REFRESH_INTERVAL": "2s",
-                     "SIDECAR_ALERT_WEBHOOK": f"http://127.0.0.1:{port}/alerts"}
-
-        def events(name: str) -> list[dict[str, Any]]:
-            return [alert for alert in alerts if alert["event"] == name]
+                     "SIDECAR_ALERT_WEBHOOK": alert_sink.url}
 
         def failed(sidecar: Running) -> bool:
             return any(e["event"] == "token_refresh_failed" for e in sidecar.events())
@@ -560,4 +544,3 @@ class TestFleetAlerts:
                 assert None not in renewers
         finally:
             emulator.oauth_failure = None
-            await runner.cleanup()
