@@ -1,4 +1,4 @@
-"""A real PostgreSQL 15 server for the test session, run as the ``postgres`` user on loopback."""
+"""A real PostgreSQL server (13 or newer) for the test session, as the ``postgres`` user."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _bin() -> Path:
+    """Debian's server binaries: the newest version installed (13 or newer), else 15's place."""
+    found = sorted((int(path.parent.parent.name), path.parent)
+                   for path in Path("/usr/lib/postgresql").glob("*/bin/initdb")
+                   if path.parent.parent.name.isdigit() and int(path.parent.parent.name) >= 13)
+    return found[-1][1] if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = _bin()
 ROLE = "sidecar"
 
 
