@@ -216,7 +216,8 @@ def create_app(
     redactor.add(settings.client_secret, permanent=True)
     redactor.add(settings.client_key, permanent=True)
     redactor.add(settings.alert_webhook, permanent=True)
-    redactor.add(settings.db_password, permanent=True)
+    for password in settings.db_passwords:
+        redactor.add(password, permanent=True)
     app = web.Application(client_max_size=settings.max_body, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
     metrics = app[METRICS] = Metrics()

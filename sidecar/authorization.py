@@ -528,6 +528,8 @@ class Authorization:
                 sync.failed(exc, kept=True)
                 sync.keep_unsaved(seen)
                 generation = seen + 1
+                if self._store.shared:
+                    alert = False  # the write, when it goes through, closes the fleet's episode
             elif not isinstance(outcome, OAuthError):
                 # No lock, so no renewal (one without it could spend the single-use refresh
                 # token another replica is spending): back off as from any passing failure,

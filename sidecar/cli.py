@@ -376,31 +376,34 @@ async def _move(settings: Settings, url: str, *, force: bool) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     target = PgStore(url, portal=settings.portal, client_id=settings.client_id)
+    copied = False  # the database has committed the pair
     try:
-        async with (
-            open_store(settings) as source,
-            target,
-            # The source's lock keeps a running sidecar from renewing while the pair is copied.
-            source.locked() as stored,
-            target.locked() as there,
-        ):
-            refusal = _move_refusal(stored, there, force=force)
-            if refusal:
-                print(f"bitrix-sidecar: {refusal}", file=sys.stderr)
-                return EXIT_FAILED
-            generation = stored.generation
-            if there.pair is not None and there.generation >= generation and force:
-                generation = there.generation + 1  # the replicas must see it as new
-            await target.put_state(stored, generation)
-            # The SQLite store no longer renews: a sidecar still running on it (the single
-            # replica being moved) takes this in within a second and stops, rather than
-            # spending the refresh token the fleet now holds. Written after the database's
-            # commit (the blocks close inner first), so a failed copy marks nothing.
-            await source.record_error(f"{MOVED} {target.shown} by 'bitrix-sidecar migrate' at "
-                                      f"{iso(time.time())}: run the sidecar on the database",
-                                      reauth_required=True)
+        # The source's lock keeps a running sidecar from renewing while the pair is copied.
+        async with open_store(settings) as source, target, source.locked() as stored:
+            async with target.locked() as there:
+                refusal = _move_refusal(stored, there, force=force)
+                if refusal:
+                    print(f"bitrix-sidecar: {refusal}", file=sys.stderr)
+                    return EXIT_FAILED
+                generation = stored.generation
+                if there.pair is not None and there.generation >= generation and force:
+                    generation = there.generation + 1  # the replicas must see it as new
+                await target.put_state(stored, generation)
+                # The SQLite store no longer renews: a sidecar still running on it (the single
+                # replica being moved) takes this in within a second and stops, rather than
+                # spending the refresh token the fleet now holds. It commits after the
+                # database (this block closes first), so a failed copy marks nothing.
+                await source.record_error(
+                    f"{MOVED} {target.shown} by 'bitrix-sidecar migrate' at "
+                    f"{iso(time.time())}: run the sidecar on the database", reauth_required=True)
+            copied = True
     except SidecarError as exc:
         print(f"bitrix-sidecar: {exc.description}", file=sys.stderr)
+        if copied:
+            print(f"bitrix-sidecar: the database {target.shown} holds the authorization now, "
+                  f"but {settings.db_path} could not be marked as moved: stop any sidecar "
+                  "running on it at once (it would spend the refresh token the database's "
+                  "sidecars hold) and do not use it again", file=sys.stderr)
         return EXIT_FAILED
     assert stored.pair is not None
     print(json.dumps({
@@ -420,14 +423,12 @@ def _move_refusal(stored: StoredState, there: StoredState, *, force: bool) -> st
         return "the SQLite store holds no token pair: nothing to move"
     if stored.reauth_required and stored.last_error.startswith(MOVED):
         return f"the SQLite store's authorization was already {stored.last_error}"
-    if there.pair is None or force:
+    if there.pair is None or force or there.pair == stored.pair:
         return ""
-    if there.generation > stored.generation or (
-            there.generation == stored.generation and there.pair != stored.pair):
-        return (f"the database already holds an authorization of this app and portal "
-                f"(generation {there.generation}, the SQLite store's is {stored.generation}): "
-                "the replicas may have renewed it since; --force replaces it")
-    return ""
+    # Two chains' generations say nothing of which is newer: any other pair is kept.
+    return (f"the database already holds another authorization of this app and portal "
+            f"(generation {there.generation}, the SQLite store's is {stored.generation}): "
+            "the replicas may have renewed it since; --force replaces it")
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

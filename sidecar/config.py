@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sidecar.errors import ConfigError
 
@@ -406,6 +406,15 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def url_passwords(url: str) -> tuple[str, ...]:
+    """Return a URL's password as written (percent-encoded) and as the driver sends it."""
+    try:
+        written = urlsplit(url).password or ""
+    except ValueError:
+        return ()
+    return tuple(sorted({written, unquote(written)} - {""}))
+
+
 def oauth_timeout(settings: Settings) -> float:
     """Return the longest one call to the OAuth server may take."""
     return min(settings.upstream_timeout, 30.0)
@@ -470,9 +479,9 @@ class Settings:
         return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
-    def db_password(self) -> str:
-        """Return the PostgreSQL URL's password ('' if none), for the redactor."""
-        return (urlsplit(self.db_url).password or "") if self.db_url else ""
+    def db_passwords(self) -> tuple[str, ...]:
+        """Return the PostgreSQL URL's password as written and decoded, for the redactor."""
+        return url_passwords(self.db_url)
 
     @property
     def rest_base(self) -> str:

@@ -14,12 +14,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
 
-from sidecar.config import shown_db
+from sidecar.config import shown_db, url_passwords
 from sidecar.errors import StoreError
 from sidecar.logging import scrub
 from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
@@ -144,7 +143,7 @@ class PgStore:
         self._lock_wait = hold + timeout
         self.replica = replica  # written as last_refresh_by with each pair
         self.shown = shown_db(url)  # the URL without its password, for messages
-        self._secret = _password(url)
+        self._secrets = url_passwords(url)
         self.portal = portal
         self.client_id = client_id
         self._max_size = max_size
@@ -162,7 +161,7 @@ class PgStore:
 
     def _error(self, doing: str, exc: BaseException) -> StoreError:
         """A StoreError naming the database without its password."""
-        detail = scrub(str(exc) or type(exc).__name__, self._secret) if self._secret else str(exc)
+        detail = scrub(str(exc) or type(exc).__name__, *self._secrets)
         return StoreError(f"cannot {doing} token store {self.shown}: {detail}")
 
     async def open(self) -> None:
@@ -495,10 +494,3 @@ class PgStore:
     async def heal(self) -> bool:
         """Return False: a database is not deleted under us the way a file can be."""
         return False
-
-
-def _password(url: str) -> str:
-    try:
-        return urlsplit(url).password or ""
-    except ValueError:
-        return ""

@@ -133,6 +133,20 @@ class PairStore(Protocol):
         ...
 
 
+def older(stored: StoredState, held: StoredState) -> bool:
+    """Say whether the store went back to a pair older than ours (a database restored from a
+    backup, or failed over to a standby that missed commits): its refresh token is spent, ours
+    is the live one.
+
+    A newer pair always comes with a higher generation, except from a store made anew (a new
+    authorization then starts again at 1): obtained later than ours, it is newer all the same.
+    """
+    if stored.pair is None or held.pair is None or stored.pair == held.pair:
+        return False
+    return (stored.generation <= held.generation
+            and stored.pair.obtained_at < held.pair.obtained_at)
+
+
 def lost(stored: StoredState, held: StoredState) -> bool:
     """Say whether the store came back empty (deleted and recreated) while we hold a pair."""
     return stored.pair is None and stored.generation == 0 and held.pair is not None

@@ -13,7 +13,7 @@ import structlog
 from sidecar.errors import StoreError
 from sidecar.metrics import Metrics
 from sidecar.states import Life
-from sidecar.storage import PairStore, StoredState, lost
+from sidecar.storage import PairStore, StoredState, lost, older
 
 log = structlog.get_logger("sidecar.storesync")
 
@@ -91,17 +91,27 @@ class StoreSync:
     def newer_in_store(self, stored: StoredState) -> bool:
         """Say whether ``stored`` (read under the lock) was written by someone else since."""
         held = self._life.stored
-        return not self.unsaved and not lost(stored, held) and (
-            stored.generation != held.generation or _died(stored, held))
+        return (not self.unsaved and not lost(stored, held) and not older(stored, held) and (
+            stored.generation != held.generation or stored.pair != held.pair
+            or _died(stored, held)))
 
     async def sync(self) -> None:
         """Adopt whatever another process stored since we last looked."""
         if self.unsaved:
             return  # ours is newer than the store's; save_unsaved() will write it
         stored = await self._store.load()
-        if lost(stored, self._life.stored):
-            return  # the store was emptied and made anew: ours goes back in, not the other way
         held = self._life.stored
+        if lost(stored, held) or older(stored, held):
+            # The store was emptied and made anew, or went back to an older pair: ours goes
+            # back in (the watch writes it), not the other way.
+            if not self._life.state.dead:
+                self._metrics.store_errors.inc()
+                log.error("token_store_went_back", store=self.shown,
+                          stored_generation=stored.generation, held_generation=held.generation,
+                          detail="the store lost the newest pair (restored from a backup, or "
+                          "made anew); the pair held here is written back")
+                self.keep_unsaved(stored.generation)
+            return
         if stored.generation != held.generation or stored.pair != held.pair or _died(stored,
                                                                                      held):
             self._adopt(stored, "store")
@@ -112,7 +122,9 @@ class StoreSync:
         if not self.unsaved or pair is None:
             return True
         async with self._store.locked() as stored:
-            if stored.generation != self._unsaved_base and not lost(stored, self._life.stored):
+            held = self._life.stored
+            if (stored.generation != self._unsaved_base and not lost(stored, held)
+                    and not older(stored, held)):
                 # Someone stored a pair after ours was renewed (a new authorization): theirs
                 # is newer than ours, so it wins.
                 self.unsaved = False

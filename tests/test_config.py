@@ -247,9 +247,17 @@ class TestDatabase:
         url = self.URL.replace("postgresql", scheme, 1)
         settings = load_settings({**BASE, "SIDECAR_DB": url})
         assert settings.db_url == url
-        assert settings.db_password == "pg-pass-0123456789"
+        assert settings.db_passwords == ("pg-pass-0123456789",)
         assert settings.db_shown == f"{scheme.lower()}://sidecar@db.internal:5433/tokens"
         assert "pg-pass" not in repr(settings)
+
+    def test_a_percent_encoded_password_is_hidden_in_both_forms(self) -> None:
+        """The URL carries 'p@ss/word' as 'p%40ss%2Fword'; the driver sends it decoded, so an
+        error may quote either: the redactor learns both."""
+        url = "postgresql://sidecar:p%40ss%2Fword@db.internal/tokens"
+        settings = load_settings({**BASE, "SIDECAR_DB": url})
+        assert set(settings.db_passwords) == {"p%40ss%2Fword", "p@ss/word"}
+        assert "p%40ss" not in settings.db_shown
 
     def test_the_url_is_read_from_a_file(self, tmp_path: Path) -> None:
         """SIDECAR_DB_FILE gives the URL (a Kubernetes Secret), without its newline."""

@@ -366,6 +366,51 @@ class TestDatabaseAway:
                 assert not alert_sink.alerts, alert_sink.alerts
 
 
+class TestDatabaseGoesBack:
+    async def test_a_restored_or_emptied_database_gets_the_live_pair_back(
+        self, env: dict[str, str], emulator: Emulator, pg_url: str
+    ) -> None:
+        """The database goes back to an older pair (restored from a backup taken before the
+        last renewal): the sidecar does not take that pair in (its refresh token is spent)
+        but writes the live one back, and serves on; the same when the row is gone (a
+        database made anew). No renewal with a spent token, no re-authorization."""
+        async with contextlib.AsyncExitStack() as stack:
+            sidecar = await start_sidecar(stack, env, emulator, pg_url)
+            conn = await asyncpg.connect(pg_url)
+            stack.push_async_callback(conn.close)
+            backup = await conn.fetchrow("SELECT * FROM sidecar_authorization")
+            emulator.expire_access_tokens()
+            async with aiohttp.ClientSession() as http:
+
+                async def call() -> int:
+                    async with http.get(f"{sidecar.base}/rest/profile") as reply:
+                        return reply.status
+
+                assert await call() == 200  # renewed: generation 2
+                live = await stored_access(pg_url)
+                assert live != backup["access_token"]
+                await conn.execute(
+                    "UPDATE sidecar_authorization SET access_token = $1, refresh_token = $2, "
+                    "expires_at = $3, obtained_at = $4, generation = $5, version = version + 1",
+                    backup["access_token"], backup["refresh_token"], backup["expires_at"],
+                    backup["obtained_at"], backup["generation"])
+
+                async def written_back() -> bool:
+                    return await stored_access(pg_url) == live
+
+                await until(written_back, 10)
+                assert await call() == 200
+                await conn.execute("DELETE FROM sidecar_authorization")
+                await until(written_back, 10)
+                assert await call() == 200
+            assert emulator.stats.token_requests["refresh_token"] == 1
+            assert emulator.stats.refresh_rejected == 0
+            status = await status_of(sidecar)
+            assert (status["state"], status["unsaved"]) == ("valid", False), status
+            events = [e["event"] for e in sidecar.events()]
+            assert events.count("token_store_went_back") == 2, events
+
+
 async def stored_access(url: str) -> str:
     """Return the access token the database holds."""
     conn = await asyncpg.connect(url)
