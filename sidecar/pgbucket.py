@@ -73,9 +73,14 @@ VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp())::float8)
 ON CONFLICT (portal, client_id, replica) DO UPDATE SET last_seen = excluded.last_seen
 """
 _REPLICAS = """
-SELECT count(*) FROM sidecar_replicas WHERE portal = $1 AND client_id = $2
+SELECT count(*) AS seen,
+       count(*) FILTER (WHERE last_seen > extract(epoch FROM clock_timestamp())::float8 - $4)
+         AS fresh
+FROM sidecar_replicas WHERE portal = $1 AND client_id = $2
   AND last_seen > extract(epoch FROM clock_timestamp())::float8 - $3
 """
+# A replica whose heartbeat is older than this many ticks is taken to be on its local share.
+STALE_TICKS = 3
 _FORGET = """
 DELETE FROM sidecar_replicas WHERE portal = $1 AND client_id = $2
   AND last_seen < extract(epoch FROM clock_timestamp())::float8 - $3
@@ -111,6 +116,10 @@ class PgBucket:
         self._window = window
         self._timeout = timeout
         self._interval = 1.0 / rate
+        # The interval this replica's takes from the row cost: longer while some replicas are
+        # seen to be cut off (on their local shares, which the row does not count).
+        self._cost = self._interval
+        self.fresh = 1
         # The same 100 ms of drain in hand as the local bucket: requests from several hosts
         # reach the portal with some jitter.
         self._tolerance = (burst - min(0.5, rate * 0.1)) / rate
@@ -163,13 +172,17 @@ class PgBucket:
                 await conn.execute(_ROW, store.portal, store.client_id)
                 await conn.execute(_HEARTBEAT, store.portal, store.client_id, self.replica)
                 await conn.execute(_FORGET, store.portal, store.client_id, FORGET)
-                seen = await conn.fetchval(_REPLICAS, store.portal, store.client_id,
-                                           self._window)
+                counts = await conn.fetchrow(_REPLICAS, store.portal, store.client_id,
+                                             self._window, STALE_TICKS * self._tick)
                 pauses = await conn.fetch(_PAUSES, store.portal, store.client_id)
         except FAILURES as exc:
             self._lost(exc)
             return
-        self.replicas = max(1, int(seen or 0))
+        self.replicas = max(1, int(counts["seen"] or 0))
+        self.fresh = min(self.replicas, max(1, int(counts["fresh"] or 0)))
+        # The replicas gone quiet send on their shares (rate / replicas each): the ones still
+        # on the row leave that much of it unused, so the fleet stays under the portal's limit.
+        self._cost = self._interval * self.replicas / self.fresh
         self._metrics.fleet_replicas.set(self.replicas)
         if not self.available:
             # The row has not moved while the replicas sent on their shares, so it would offer
@@ -218,6 +231,9 @@ class PgBucket:
             "shared": True,
             "available": self.available,
             "replicas": self.replicas,
+            # Replicas seen lately but silent now (cut off, on their shares): the others take
+            # correspondingly less from the row.
+            "replicas_silent": self.replicas - self.fresh,
             "rate": self.rate,
             "burst": self.burst,
             # While the database is away: this replica's share of the fleet's budget.
@@ -264,11 +280,11 @@ class PgBucket:
         try:
             async with asyncio.timeout(self._timeout), self._conn() as conn:
                 row = await conn.fetchrow(_TAKE, store.portal, store.client_id,
-                                          self._interval, self._tolerance, force)
+                                          self._cost, self._tolerance, force)
                 if row is None:  # the row went missing (a database restored from scratch)
                     await conn.execute(_ROW, store.portal, store.client_id)
                     row = await conn.fetchrow(_TAKE, store.portal, store.client_id,
-                                              self._interval, self._tolerance, force)
+                                              self._cost, self._tolerance, force)
         except FAILURES as exc:
             self._lost(exc)
             return None

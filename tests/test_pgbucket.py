@@ -105,6 +105,37 @@ class TestFleetBudget:
 
 
 class TestDatabaseAway:
+    async def test_the_others_leave_a_silent_replicas_share_unused(self, pg_url: str) -> None:
+        """One replica is cut off (its heartbeat stops, it sends on its local share): the ones
+        still on the row take correspondingly less from it, so the fleet stays under the
+        portal's limit; when it beats again, the full rate is back."""
+        metrics = Metrics()
+        async with PgStore(pg_url, portal=PORTAL, client_id="local.1") as store:
+            beat = ("INSERT INTO sidecar_replicas VALUES ($1, 'local.1', 'other', "
+                    "extract(epoch FROM clock_timestamp())) ON CONFLICT (portal, client_id, "
+                    "replica) DO UPDATE SET last_seen = excluded.last_seen")
+            bucket = PgBucket(store, rate=10, burst=1, metrics=metrics, tick=0.2)
+            await bucket.start()  # makes the tables' rows
+            try:
+                async with store.acquire() as conn:
+                    await conn.execute(beat, PORTAL)
+
+                async def steps() -> list[float]:
+                    await asyncio.sleep(0.25)  # a tick: the bucket counts the fleet again
+                    waits = [await bucket.reserve() for _ in range(5)]
+                    return [b - a for a, b in itertools.pairwise(waits)]
+
+                assert all(abs(step - 0.1) < 0.02 for step in await steps())
+                await asyncio.sleep(0.8)  # 'other' misses more than three beats
+                assert bucket.status()["replicas_silent"] == 1
+                assert all(abs(step - 0.2) < 0.02 for step in await steps())
+                async with store.acquire() as conn:
+                    await conn.execute(beat, PORTAL)
+                assert all(abs(step - 0.1) < 0.02 for step in await steps())
+                assert bucket.status()["replicas_silent"] == 0
+            finally:
+                await bucket.aclose()
+
     async def test_local_share_while_the_database_is_away(self) -> None:
         """PostgreSQL stopped: the bucket answers from a local share (rate and burst over the
         replicas last seen), warns once naming the database, sets the metric to 0; when the
