@@ -94,6 +94,11 @@ def _retrieve(task: asyncio.Task[TokenPair]) -> None:
         log.error("token_refresh_crashed", error=repr(exc))
 
 
+# At exit, how long (and how often) a pair held only in memory is offered to the store.
+EXIT_SAVE = 15.0
+EXIT_SAVE_PAUSE = 1.0
+
+
 class Authorization:
     """Hold one pair and renew it: one refresh at a time, across tasks and processes."""
 
@@ -470,13 +475,26 @@ class Authorization:
         if task is not None and not task.done():
             log.info("waiting_for_refresh_before_exit")
             await asyncio.wait({task}, timeout=wait_seconds)
-        if self.unsaved:
+        # The pair in memory is the only live one: keep trying a store that is away for a
+        # while (a pod drained during a database outage), within the pod's grace period.
+        deadline = time.monotonic() + EXIT_SAVE
+        told = False
+        while self.unsaved:
             try:
                 await self.save_unsaved()
             except StoreError as exc:
-                log.error("token_lost_at_exit", error=exc.description,
-                          detail="the newest pair could not be saved; a person may have to "
-                          "authorize the app again")
+                if time.monotonic() + EXIT_SAVE_PAUSE > deadline:
+                    log.error("token_lost_at_exit", error=exc.description,
+                              detail="the newest pair could not be saved; a person may have "
+                              "to authorize the app again")
+                    return
+                if not told:
+                    log.warning("token_save_retrying_at_exit", error=exc.description,
+                                detail=f"the newest pair is held only here: the store is "
+                                f"tried again every {EXIT_SAVE_PAUSE:g} s for up to "
+                                f"{EXIT_SAVE:g} s")
+                    told = True
+                await asyncio.sleep(EXIT_SAVE_PAUSE)
 
     async def _refresh(self, stale_access: str, trigger: str) -> TokenPair:
         try:

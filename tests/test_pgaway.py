@@ -307,6 +307,43 @@ class TestDatabaseAway:
                 assert "token_store_write_failed" in events
                 assert "token_store_write_recovered" in events
 
+    async def test_a_pair_held_only_in_memory_is_written_at_exit_once_it_can_be(
+        self, env: dict[str, str], emulator: Emulator
+    ) -> None:
+        """SIGTERM while the renewed pair waits in memory and the database is away: the
+        sidecar keeps offering it to the database until it returns (within its grace), writes
+        it and exits 0; the pair is not lost."""
+        with postgresql() as server:
+            url = server.url("postgres")
+            async with contextlib.AsyncExitStack() as stack:
+                sidecar = await start_sidecar(stack, env, emulator, url)
+                before = await stored_access(url)
+                emulator.oauth_slow_seconds = 2.0
+                emulator.oauth_failure = "slow"
+                emulator.expire_access_tokens()
+                async with aiohttp.ClientSession() as http:
+                    pending = asyncio.create_task(http.get(f"{sidecar.base}/rest/profile"))
+
+                    async def asked() -> bool:
+                        return emulator.stats.token_requests["refresh_token"] == 1
+
+                    await until(asked, 10)
+                    await stopped(server)
+                    async with await pending as reply:
+                        assert reply.status == 200, await reply.text()
+                assert (await status_of(sidecar))["unsaved"] is True
+                stopping = asyncio.create_task(sidecar.stop())
+                await asyncio.sleep(3.0)
+                assert not stopping.done(), "it waits for the database"
+                await started(server)
+                assert await asyncio.wait_for(stopping, 30) == 0
+                events = [e["event"] for e in sidecar.events()]
+                assert "token_save_retrying_at_exit" in events
+                assert "token_store_write_recovered" in events
+                assert "token_lost_at_exit" not in events
+            assert await stored_access(url) != before
+            assert emulator.stats.token_requests["refresh_token"] == 1
+
     async def test_the_replica_holding_an_unwritten_pair_goes_first(
         self, env: dict[str, str], emulator: Emulator, alert_sink: AlertSink
     ) -> None:
