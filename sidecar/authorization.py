@@ -37,7 +37,7 @@ from sidecar.errors import (
 from sidecar.grants import INSTALL
 from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient, client_error, origin, origin_text
-from sidecar.renewal import Renewal, run_schedule
+from sidecar.renewal import BACKOFF_MAX, Renewal, run_schedule
 from sidecar.states import Life, State
 from sidecar.storage import MOVED, PairStore, StoredState, TokenPair
 from sidecar.storesync import StoreSync
@@ -92,6 +92,14 @@ def _retrieve(task: asyncio.Task[TokenPair]) -> None:
         exc, SidecarError
     ):
         log.error("token_refresh_crashed", error=repr(exc))
+
+
+class HeldBack(OAuthError):
+    """Another replica's renewal failed moments ago: this one waits for the fleet's retry."""
+
+    def __init__(self, description: str, retry_at: float) -> None:
+        super().__init__(description, error="refresh_failing", permanent=False)
+        self.retry_at = retry_at
 
 
 # At exit, how long (and how often) a pair held only in memory is offered to the store.
@@ -511,6 +519,7 @@ class Authorization:
             # answers, after a replica holding an unwritten pair has had time to write it:
             # taking the lock now could spend the refresh token that pair replaced.
             raise self._lockless(sync.last_error, stale_access, trigger)
+        delay: float | None = None  # the fleet's retry, after a failure
         outcome: TokenPair | OAuthError | None = None
         adopted = False
         seen = self.life.stored.generation
@@ -524,13 +533,19 @@ class Authorization:
             async with self._store.locked() as stored:
                 seen = stored.generation
                 outcome, adopted = await self._refresh_locked(stored, stale_access)
-                if isinstance(outcome, OAuthError):
+                if isinstance(outcome, HeldBack):
+                    delay = min(BACKOFF_MAX, max(0.0, outcome.retry_at - self._clock()))
+                elif isinstance(outcome, OAuthError):
                     # A rejected app (bad id or secret) is a configuration error: it is not
                     # written down as final, so a restart with fixed settings tries again.
                     dead = outcome.permanent and not client_error(outcome)
                     await self._store.record_error(outcome.description, reauth_required=dead)
                     if self._store.shared:
-                        since = await self._store.fleet_episode(True, self._clock())
+                        # The fleet's next try: the replicas that queued on the lock meanwhile
+                        # wait for it rather than asking the OAuth server each in turn.
+                        delay = self.renewal.backoff()
+                        now = self._clock()
+                        since = await self._store.fleet_episode(True, now, retry_at=now + delay)
                         opened = since is not None or (dead and not stored.reauth_required)
                 elif not adopted:
                     generation = await self._store.save_pair(outcome)
@@ -567,9 +582,10 @@ class Authorization:
                 sync.reachable()
         assert outcome is not None
         if isinstance(outcome, OAuthError):
-            self._metrics.refreshes.labels(
-                trigger=trigger, result="rejected" if outcome.permanent else "failed").inc()
-            self.renewal.failed(outcome, trigger, alert=alert)
+            result = ("waited" if isinstance(outcome, HeldBack)
+                      else "rejected" if outcome.permanent else "failed")
+            self._metrics.refreshes.labels(trigger=trigger, result=result).inc()
+            self.renewal.failed(outcome, trigger, alert=alert, delay=delay)
             raise renewal_error(outcome, self._settings) from None
         if adopted:
             self._metrics.refreshes.labels(trigger=trigger, result="adopted").inc()
@@ -616,6 +632,11 @@ class Authorization:
             return fresh, True
         if newer:
             self._raise_if_unusable()
+        if self._store.shared and stored.retry_at is not None and stored.retry_at > self._clock():
+            # Another replica's renewal of this very pair failed moments ago: the fleet tries
+            # again at its time, with one call, rather than once per replica now.
+            return HeldBack(stored.last_error or "renewing the token failed",
+                            stored.retry_at), False
         pair = self.life.pair
         assert pair is not None
         started = time.perf_counter()

@@ -25,7 +25,7 @@ from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
 
 log = structlog.get_logger("sidecar.pgstore")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Any fixed number: the advisory lock that lets one sidecar at a time migrate the schema.
 MIGRATION_LOCK = 0x5B1D_EC42
 # The longest one command may take (SIDECAR_DB_TIMEOUT): past it the database counts as away.
@@ -120,6 +120,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
     ),
+    # When the fleet tries again after a failed renewal: one OAuth call per round, not one
+    # per replica.
+    4: ("ALTER TABLE sidecar_authorization ADD COLUMN retry_at DOUBLE PRECISION",),
 }
 
 # What a failure of the database or of the way to it looks like from asyncpg.
@@ -280,6 +283,7 @@ class PgStore:
             last_error=row["last_error"],
             last_error_at=row["last_error_at"],
             last_refresh_by=row["last_refresh_by"],
+            retry_at=row["retry_at"],
         )
 
     @contextlib.asynccontextmanager
@@ -341,23 +345,28 @@ class PgStore:
         await self._upsert({"last_error": error, "last_error_at": time.time(),
                             "reauth_required": reauth_required}, bump=False)
 
-    async def fleet_episode(self, failing: bool, now: float) -> float | None:
-        """Inside ``locked()``: open (``failing``) or close the replicas' failure episode;
-        return when it started if this call opened or closed it, else None."""
+    async def fleet_episode(self, failing: bool, now: float,
+                            retry_at: float | None = None) -> float | None:
+        """Inside ``locked()``: open or extend (``failing``, the fleet retrying at
+        ``retry_at``) or close the replicas' failure episode; return when it started if this
+        call opened or closed it, else None."""
         try:
             async with self._connection() as conn:
                 since = await conn.fetchval(
                     "SELECT failing_since FROM sidecar_authorization "
                     "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id)
-                if (since is not None) == failing:
-                    return None  # already as asked: someone else opened (or closed) it
+                if since is None and not failing:
+                    return None  # already closed (or never opened)
                 await conn.execute(
-                    "UPDATE sidecar_authorization SET failing_since = $3 "
-                    "WHERE portal = $1 AND client_id = $2",
-                    self.portal, self.client_id, now if failing else None)
+                    "UPDATE sidecar_authorization SET failing_since = $3, retry_at = $4 "
+                    "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id,
+                    (since if since is not None else now) if failing else None,
+                    retry_at if failing else None)
         except _FAILURES as exc:
             raise self._error("write", exc) from None
-        return now if failing else float(since)
+        if failing:
+            return now if since is None else None  # None: someone else opened it
+        return float(since)
 
     async def put_state(self, stored: StoredState, generation: int) -> None:
         """Write a whole stored state at ``generation`` (inside ``locked()``; for ``migrate``)."""
@@ -367,7 +376,8 @@ class PgStore:
         fields |= {"reauth_required": stored.reauth_required, "last_error": stored.last_error,
                    "last_error_at": stored.last_error_at, "generation": generation,
                    # A fresh start: no failure episode of the fleet is open for this pair.
-                   "failing_since": None, "last_refresh_by": stored.last_refresh_by}
+                   "failing_since": None, "retry_at": None,
+                   "last_refresh_by": stored.last_refresh_by}
         await self._upsert(fields, bump=False)
 
     async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:

@@ -83,14 +83,21 @@ class Renewal:
             due = min(pair.obtained_at + interval, pair.expires_at - early)
         return max(due, self.last_attempt_at + MIN_GAP)
 
-    def failed(self, error: OAuthError, trigger: str, *, alert: bool | None = None) -> None:
+    def backoff(self) -> float:
+        """Return how long to wait after the next failure (doubling, jittered)."""
+        delay: float = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** self._life.failures)
+        return delay * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
+
+    def failed(self, error: OAuthError, trigger: str, *, alert: bool | None = None,
+               delay: float | None = None) -> None:
         """Record a failed renewal: back off, open or extend the episode, alert once.
 
         ``alert``: whether this failure opens the replicas' shared episode (None: decide alone).
+        ``delay``: the backoff already chosen (the fleet's retry time), else one is drawn.
         """
         life = self._life
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** life.failures)
-        delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
+        if delay is None:
+            delay = self.backoff()
         now = self._clock()
         client_rejected = client_error(error)
         if not life.refresh_failed(error.description, now=now, permanent=error.permanent,

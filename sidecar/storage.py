@@ -66,6 +66,8 @@ class StoredState:
     last_error_at: float | None = None
     foreign: str = ""  # non-empty when the stored pair belongs to another portal or app
     last_refresh_by: str = ""  # the replica whose renewal (or authorization) wrote the pair
+    # Among replicas: when the fleet tries again after a failed renewal (None: no failure).
+    retry_at: float | None = None
 
 
 class PairStore(Protocol):
@@ -103,9 +105,11 @@ class PairStore(Protocol):
         the store cannot tell: the watch then polls alone)."""
         ...
 
-    async def fleet_episode(self, failing: bool, now: float) -> float | None:
-        """Inside ``locked()``: open (``failing``) or close the failure episode the replicas
-        share; return when it started if this call opened or closed it, else None."""
+    async def fleet_episode(self, failing: bool, now: float,
+                            retry_at: float | None = None) -> float | None:
+        """Inside ``locked()``: open or extend (``failing``, the fleet retrying at
+        ``retry_at``) or close the failure episode the replicas share; return when it started
+        if this call opened or closed it, else None."""
         ...
 
     async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:

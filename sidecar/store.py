@@ -197,7 +197,8 @@ class TokenStore:
 
     shared = False  # one sidecar per file: it alerts by itself
 
-    async def fleet_episode(self, failing: bool, now: float) -> float | None:
+    async def fleet_episode(self, failing: bool, now: float,
+                            retry_at: float | None = None) -> float | None:
         """Return None: a single sidecar keeps its failure episode in memory."""
         return None
 

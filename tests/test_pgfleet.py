@@ -15,6 +15,7 @@ from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID
 from tests.pg import Server
 from tests.processes import Running, get, running
+from tests.test_pgaway import until as async_until
 from tests.test_pgstore import until
 
 Env = dict[str, str]
@@ -58,6 +59,38 @@ class TestSchedule:
             for sidecar in fleet:
                 status, body = await get(f"{sidecar.admin}/status")
                 assert (status, body["state"]) == (200, "valid"), body
+
+    async def test_a_failing_oauth_server_is_asked_once_per_round_by_the_fleet(
+        self, env: Env, pg_server: Server, pg_url: str, emulator: Emulator
+    ) -> None:
+        """The OAuth server fails while 3 sidecars renew every 2 s: the replica that fails
+        writes the fleet's retry time, and the others, queued on the lock, wait for it instead
+        of asking in turn, so each round of the backoff costs one request, not three; every
+        replica still says it is failing, and once the server answers, all recover."""
+        fleet_env = {**env, "SIDECAR_DB": pg_url, "SIDECAR_REFRESH_INTERVAL": "2s"}
+        async with fleet_of(fleet_env, emulator) as fleet:
+            emulator.oauth_failure = "500"
+            try:
+                before = emulator.stats.token_requests["refresh_token"]
+                await asyncio.sleep(10.0)  # rounds after about 0, 1, 3 and 7 s of backoff
+                asked = emulator.stats.token_requests["refresh_token"] - before
+                waited = [sum(1 for e in sidecar.events() if e["event"] == "token_refresh_failed"
+                              and e.get("error") == "refresh_failing") for sidecar in fleet]
+                print(f"OAuth requests in 10 s of failure: {asked}; held back: {waited}")
+                assert 3 <= asked <= 6, (asked, waited)
+                for sidecar in fleet:
+                    status, body = await get(f"{sidecar.admin}/status")
+                    assert (status, body["state"]) == (200, "refresh_failing"), body
+            finally:
+                emulator.oauth_failure = None
+
+            async def recovered() -> bool:
+                states = [(await get(f"{sidecar.admin}/status"))[1]["state"]
+                          for sidecar in fleet]
+                return states == ["valid"] * 3
+
+            await async_until(recovered, 40)
+            assert emulator.stats.refresh_ok >= 1
 
 
 async def call(sidecar: Running) -> tuple[int, dict[str, Any]]:
