@@ -251,8 +251,6 @@ class Portal:
             form |= {f"auth[{key}]": str(value) for key, value in auth.items()}
         return await _post_form(url, form, query, headers)
 
-
-
     async def send_uninstall_event(
         self, url: str, client_id: str, *, application_token: str | None = None,
         clean: bool = False, headers: Mapping[str, str] | None = None,
@@ -261,8 +259,9 @@ class Portal:
 
         The app's tokens on this portal die first (an uninstalled app has no access to the
         portal's REST API); its tokens on other portals live on. The event carries ``data[CLEAN]``
-        and the portal's ``auth[...]`` fields with no usable token; ``application_token`` forges
-        the signature, for tests of the receiver's checks.
+        and the portal's ``auth[...]`` fields (domain, endpoints, member_id, application token)
+        but no pair, as there is no access left to give; ``application_token`` forges the
+        signature, for tests of the receiver's checks.
         """
         signed = application_token or self.application_token(client_id)
         self._oauth.revoke_app(client_id, self._identity)
