@@ -6,25 +6,35 @@ the `Emulator` instance, so a test can inspect and poke it while the app is serv
 This module only re-exports. The parts, each importing only those listed before it:
 model (shared records), wire (the REST wire format), oauth (the OAuth server), rest (REST
 dispatch), batch, crm (leads), account (profile, user.current, app.info) and portal (the
-`Emulator` that assembles them and carries the test controls).
+`Emulator` and its added `Portal`s that assemble them and carry the test controls).
 """
 
 from sidecar.emulator.batch import BATCH_MAX_LENGTH
 from sidecar.emulator.crm import PAGE_SIZE
 from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
 from sidecar.emulator.oauth import IssuedPair
-from sidecar.emulator.portal import EMULATOR_KEY, Emulator, run_emulator
+from sidecar.emulator.portal import (
+    EMULATOR_KEY,
+    PORTAL_KEY,
+    Emulator,
+    Portal,
+    run_emulator,
+    run_portal,
+)
 from sidecar.emulator.wire import render_xml
 
 __all__ = [
     "BATCH_MAX_LENGTH",
     "EMULATOR_KEY",
     "PAGE_SIZE",
+    "PORTAL_KEY",
     "Emulator",
     "EmulatorStats",
     "IssuedPair",
     "OAuthFailure",
+    "Portal",
     "RestCall",
     "render_xml",
     "run_emulator",
+    "run_portal",
 ]

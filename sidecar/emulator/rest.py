@@ -11,7 +11,7 @@ from aiohttp import web
 
 from sidecar import phpquery
 from sidecar.emulator.model import Caller, EmulatorStats, Method, MethodResult, RestCall, RestError
-from sidecar.emulator.oauth import OAuthServer
+from sidecar.emulator.oauth import Identity, OAuthServer
 from sidecar.emulator.wire import Route, body_params, credentials, parse_route, render, time_block
 
 __all__ = ["REST_LOG_LIMIT", "RestServer"]
@@ -21,12 +21,13 @@ REST_LOG_LIMIT = 10_000
 
 
 class RestServer:
-    """The /rest/ endpoint: the method table, webhooks, the leaky bucket and the request log."""
+    """One portal's /rest/ endpoint: methods, webhooks, the leaky bucket and the request log."""
 
     def __init__(
         self,
         *,
         oauth: OAuthServer,
+        portal: Identity,
         clock: Callable[[], float],
         stats: EmulatorStats,
         rate: float | None,
@@ -34,7 +35,7 @@ class RestServer:
         call_delay: float,
         rest_log_limit: int = REST_LOG_LIMIT,
     ) -> None:
-        """Start with no methods; `oauth` checks access tokens, `stats` is shared."""
+        """Start with no methods; `oauth` checks access tokens, accepting `portal`'s only."""
         self.clock = clock
         self.stats = stats
         # The leaky bucket: `rate` requests a second drain it, `burst` fill it; None turns it off.
@@ -44,6 +45,7 @@ class RestServer:
         # The last `rest_log_limit` requests; stats.upstream_requests counts them all.
         self.rest_log: collections.deque[RestCall] = collections.deque(maxlen=rest_log_limit)
         self._oauth = oauth
+        self._portal = portal
         self._methods: dict[str, Method] = {}
         self._webhooks: set[tuple[int, str]] = set()
         self._injected: collections.deque[RestError] = collections.deque()
@@ -91,7 +93,7 @@ class RestServer:
             return Caller(None, None, route.webhook[0])
         if token is None:
             raise RestError(401, "NO_AUTH_FOUND", "Wrong authorization data")
-        return self._oauth.caller_for(token)
+        return self._oauth.caller_for(token, self._portal)
 
     def _admit(self) -> bool:
         """Pass one request through the leaky bucket, or refuse it when the bucket is full."""
