@@ -542,10 +542,13 @@ class Authorization:
                     await self._store.record_error(outcome.description, reauth_required=dead)
                     if self._store.shared:
                         # The fleet's next try: the replicas that queued on the lock meanwhile
-                        # wait for it rather than asking the OAuth server each in turn.
-                        delay = self.renewal.backoff()
+                        # wait for it rather than asking the OAuth server each in turn. None
+                        # after a final answer: nothing is retried then, and a replica started
+                        # with fixed settings (a rejected app) tries at once.
                         now = self._clock()
-                        since = await self._store.fleet_episode(True, now, retry_at=now + delay)
+                        delay = None if outcome.permanent else self.renewal.backoff()
+                        since = await self._store.fleet_episode(
+                            True, now, retry_at=None if delay is None else now + delay)
                         opened = since is not None or (dead and not stored.reauth_required)
                 elif not adopted:
                     generation = await self._store.save_pair(outcome)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID
@@ -189,5 +190,14 @@ class TestKillNine:
                 said = [e for sidecar in fleet[1:] for e in sidecar.events()
                         if e["event"] == "reauthorization_required"]
                 assert said, "no replica logged that a person must authorize again"
+                # A final answer sets no retry time for the fleet: nothing is retried, and a
+                # replica started after the operator's fix must not wait for one.
+                conn = await asyncpg.connect(pg_url)
+                try:
+                    row = await conn.fetchrow(
+                        "SELECT reauth_required, retry_at FROM sidecar_authorization")
+                finally:
+                    await conn.close()
+                assert (row["reauth_required"], row["retry_at"]) == (True, None), dict(row)
         finally:
             emulator.oauth_failure = None
