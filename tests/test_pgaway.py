@@ -77,6 +77,30 @@ async def start_sidecar(stack: contextlib.AsyncExitStack, env: dict[str, str],
     return sidecar
 
 
+async def renew_as_the_database_goes(sidecar: Running, emulator: Emulator,
+                                     cut: Callable[[], Awaitable[None]],
+                                     slow: float = 3.0) -> None:
+    """Make ``sidecar`` renew (its token expired) against a slow OAuth server and ``cut`` the
+    database while the answer is on its way: the call is answered 200 with the rotated pair,
+    whose commit cannot arrive. The OAuth server answers normally again afterwards."""
+    emulator.oauth_slow_seconds = slow
+    emulator.oauth_failure = "slow"
+    emulator.expire_access_tokens()
+    try:
+        async with aiohttp.ClientSession() as http:
+            pending = asyncio.create_task(http.get(f"{sidecar.base}/rest/profile"))
+
+            async def asked() -> bool:
+                return emulator.stats.token_requests["refresh_token"] == 1
+
+            await until(asked, 10)
+            await cut()
+            async with await pending as reply:
+                assert reply.status == 200, await reply.text()
+    finally:
+        emulator.oauth_failure = None
+
+
 class TestDatabaseAway:
     async def test_serves_through_an_outage_and_recovers(
         self, env: dict[str, str], emulator: Emulator, alert_sink: AlertSink
@@ -267,25 +291,13 @@ class TestDatabaseAway:
             async with contextlib.AsyncExitStack() as stack:
                 sidecar = await start_sidecar(stack, env, emulator, url)
                 before = await stored_access(url)
-                emulator.oauth_slow_seconds = 3.0
-                emulator.oauth_failure = "slow"
-                emulator.expire_access_tokens()
+                await renew_as_the_database_goes(sidecar, emulator, lambda: stopped(server))
                 async with aiohttp.ClientSession() as http:
 
                     async def call() -> tuple[int, str]:
                         async with http.get(f"{sidecar.base}/rest/profile") as reply:
                             return reply.status, await reply.text()
 
-                    pending = asyncio.create_task(call())
-
-                    async def asked() -> bool:
-                        return emulator.stats.token_requests["refresh_token"] == 1
-
-                    await until(asked, 10)
-                    await stopped(server)  # while the OAuth answer is on its way
-                    code, text = await pending
-                    assert code == 200, text
-                    emulator.oauth_failure = None
                     assert (await call())[0] == 200
                     status = await status_of(sidecar)
                     assert (status["unsaved"], status["degraded"]) == (True, True), status
@@ -318,19 +330,8 @@ class TestDatabaseAway:
             async with contextlib.AsyncExitStack() as stack:
                 sidecar = await start_sidecar(stack, env, emulator, url)
                 before = await stored_access(url)
-                emulator.oauth_slow_seconds = 2.0
-                emulator.oauth_failure = "slow"
-                emulator.expire_access_tokens()
-                async with aiohttp.ClientSession() as http:
-                    pending = asyncio.create_task(http.get(f"{sidecar.base}/rest/profile"))
-
-                    async def asked() -> bool:
-                        return emulator.stats.token_requests["refresh_token"] == 1
-
-                    await until(asked, 10)
-                    await stopped(server)
-                    async with await pending as reply:
-                        assert reply.status == 200, await reply.text()
+                await renew_as_the_database_goes(sidecar, emulator, lambda: stopped(server),
+                                                 slow=2.0)
                 assert (await status_of(sidecar))["unsaved"] is True
                 stopping = asyncio.create_task(sidecar.stop())
                 await asyncio.sleep(3.0)
@@ -359,25 +360,13 @@ class TestDatabaseAway:
                 first = await start_sidecar(stack, fleet, emulator, url)
                 second = await stack.enter_async_context(running({**fleet, "SIDECAR_DB": url}))
                 assert (await status_of(second))["state"] == "valid"
-                emulator.oauth_slow_seconds = 3.0
-                emulator.oauth_failure = "slow"
-                emulator.expire_access_tokens()
+                await renew_as_the_database_goes(first, emulator, lambda: stopped(server))
                 async with aiohttp.ClientSession() as http:
 
                     async def call(sidecar: Running) -> tuple[int, str]:
                         async with http.get(f"{sidecar.base}/rest/profile") as reply:
                             return reply.status, await reply.text()
 
-                    pending = asyncio.create_task(call(first))
-
-                    async def asked() -> bool:
-                        return emulator.stats.token_requests["refresh_token"] == 1
-
-                    await until(asked, 10)
-                    await stopped(server)  # while the OAuth answer is on its way
-                    code, text = await pending
-                    assert code == 200, text
-                    emulator.oauth_failure = None
                     assert (await status_of(first))["unsaved"] is True
                     # The second's token was refused: it may not renew without the lock.
                     code, text = await call(second)

@@ -24,7 +24,7 @@ from tests.blackhole import Blackhole
 from tests.conftest import CLIENT_ID, AlertSink
 from tests.pg import Server
 from tests.processes import get, running
-from tests.test_pgaway import status_of, until
+from tests.test_pgaway import renew_as_the_database_goes, status_of, until
 from tests.test_store import PORTAL
 
 TIMEOUT = 1.0  # each command's deadline in these tests (SIDECAR_DB_TIMEOUT)
@@ -158,20 +158,11 @@ class TestSilentDatabase:
                                 "SIDECAR_UPSTREAM_TIMEOUT": "5s",
                                 "SIDECAR_ALERT_WEBHOOK": alert_sink.url,
                                 "BITRIX_AUTH_CODE": emulator.issue_code(CLIENT_ID)}) as sidecar:
-                emulator.oauth_slow_seconds = 2.0
-                emulator.oauth_failure = "slow"
-                emulator.expire_access_tokens()
-                async with aiohttp.ClientSession() as http:
-                    pending = asyncio.create_task(http.get(f"{sidecar.base}/rest/profile"))
 
-                    async def asked() -> bool:
-                        return emulator.stats.token_requests["refresh_token"] == 1
-
-                    await until(asked, 10)
+                async def cut() -> None:
                     hole.silence()  # the commit will never arrive
-                    async with await pending as reply:
-                        assert reply.status == 200, await reply.text()
-                emulator.oauth_failure = None
+
+                await renew_as_the_database_goes(sidecar, emulator, cut, slow=2.0)
                 assert (await status_of(sidecar))["unsaved"] is True
                 conn = await asyncpg.connect(pg_url)
                 try:
