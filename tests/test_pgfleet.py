@@ -113,10 +113,16 @@ class TestKillNine:
     or not the caller is still there)."""
 
     async def start_refresh_and_kill_its_holder(
-        self, fleet: list[Running], emulator: Emulator, slow_seconds: float
+        self, fleet: list[Running], emulator: Emulator, slow_seconds: float, *,
+        answer_at_once_after_kill: bool,
     ) -> tuple[asyncio.Task[None], list[asyncio.Task[tuple[int, dict[str, Any]]]]]:
         """Have replica 0 renew an expired token under the lock, the others queue behind it
-        with their own callers, then kill replica 0 while the OAuth server sleeps."""
+        with their own callers, then kill replica 0 while the OAuth server sleeps.
+
+        With ``answer_at_once_after_kill`` the OAuth server stops sleeping in the same step as
+        the kill, before this loop yields: the next replica takes the lock as soon as
+        PostgreSQL sees the holder gone, and its request must not meet the "slow" failure
+        (it would then sleep behind the dead one and find the token spent)."""
         emulator.oauth_slow_seconds = slow_seconds
         emulator.oauth_failure = "slow"
         emulator.expire_access_tokens()
@@ -127,6 +133,8 @@ class TestKillNine:
         assert not any(task.done() for task in waiting)
         assert emulator.stats.token_requests["refresh_token"] == 1  # none refreshes meanwhile
         fleet[0].proc.send_signal(signal.SIGKILL)
+        if answer_at_once_after_kill:
+            emulator.oauth_failure = None
         assert await fleet[0].wait() == -signal.SIGKILL
         await holder
         return holder, waiting
@@ -140,8 +148,8 @@ class TestKillNine:
         fleet_env = {**env, "SIDECAR_DB": pg_url}
         try:
             async with fleet_of(fleet_env, emulator) as fleet:
-                _, waiting = await self.start_refresh_and_kill_its_holder(fleet, emulator, 8.0)
-                emulator.oauth_failure = None  # what arrives from now on is answered at once
+                _, waiting = await self.start_refresh_and_kill_its_holder(
+                    fleet, emulator, 8.0, answer_at_once_after_kill=True)
                 answers = await asyncio.wait_for(asyncio.gather(*waiting), 30)
                 assert [status for status, _ in answers] == [200, 200], answers
                 assert emulator.stats.refresh_ok == 1
@@ -170,7 +178,8 @@ class TestKillNine:
         fleet_env = {**env, "SIDECAR_DB": pg_url}
         try:
             async with fleet_of(fleet_env, emulator) as fleet:
-                _, waiting = await self.start_refresh_and_kill_its_holder(fleet, emulator, 3.0)
+                _, waiting = await self.start_refresh_and_kill_its_holder(
+                    fleet, emulator, 3.0, answer_at_once_after_kill=False)
                 # The sleep ends and the OAuth server spends the token for nobody.
                 await until(lambda: emulator.stats.refresh_ok == 1)
                 emulator.oauth_failure = None
