@@ -1,9 +1,12 @@
 """The token store: the only module with SQL.
 
-One SQLite file holds one app's token pair on one portal, plus the state a person needs to see
-(last refresh, last error, whether re-authorization is required). The file is shared safely between
-a running sidecar and the CLI in other processes: writers take SQLite's write lock with
-``BEGIN IMMEDIATE``, so a refresh in one process cannot race a refresh in another.
+One SQLite file holds one app's authorizations: the token pair of each portal, plus the state a
+person needs to see (last refresh, last error, whether re-authorization is required). Each is a
+row under its key: ``""`` for the one portal of a single-portal sidecar, the portal's
+``member_id`` in marketplace mode. The file is shared safely between a running sidecar and the
+CLI in other processes: writers take SQLite's write lock with ``BEGIN IMMEDIATE``, so a refresh
+in one process cannot race a refresh in another (in SQLite that lock is the whole file's, so
+renewals of different portals take turns; PostgreSQL locks each row alone).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +25,11 @@ import aiosqlite
 import structlog
 
 from sidecar.errors import StoreError
-from sidecar.storage import StoredState, TokenPair, pair_from_row
+from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
 
 log = structlog.get_logger("sidecar.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Long enough for another process to finish a refresh (an OAuth round trip) under the lock.
 BUSY_TIMEOUT_MS = 90_000
 
@@ -64,7 +68,63 @@ CREATE TABLE IF NOT EXISTS grants (
     PRIMARY KEY (kind, digest)
 )
 """
-_MIGRATIONS = {1: (_SCHEMA,), 2: (_GRANTS,)}
+# Version 3: one row per authorization under its key (version 2's single row keeps key '', so a
+# single-portal sidecar goes on with no new approval); ``seq`` is the store-wide order of writes,
+# so that one watch finds what changed among thousands of rows; ``removed_at`` marks a portal's
+# authorization removed by its uninstall (its secrets cleared; the row tells other processes).
+_AUTHORIZATIONS = """
+CREATE TABLE authorizations (
+    key TEXT PRIMARY KEY,
+    portal TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    access_token TEXT,
+    refresh_token TEXT,
+    expires_at REAL,
+    scope TEXT NOT NULL DEFAULT '',
+    member_id TEXT NOT NULL DEFAULT '',
+    client_endpoint TEXT NOT NULL DEFAULT '',
+    server_endpoint TEXT NOT NULL DEFAULT '',
+    domain TEXT NOT NULL DEFAULT '',
+    user_id TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',
+    application_token TEXT NOT NULL DEFAULT '',
+    obtained_at REAL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    reauth_required INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_error_at REAL,
+    updated_at REAL NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    removed_at REAL
+)
+"""
+_COLUMNS_2 = ("portal, client_id, access_token, refresh_token, expires_at, scope, member_id, "
+              "client_endpoint, server_endpoint, domain, user_id, status, application_token, "
+              "obtained_at, generation, reauth_required, last_error, last_error_at, updated_at")
+_MIGRATIONS = {
+    1: (_SCHEMA,),
+    2: (_GRANTS,),
+    3: (
+        _AUTHORIZATIONS,
+        f"INSERT INTO authorizations (key, seq, {_COLUMNS_2}) "  # noqa: S608 - our names
+        f"SELECT '', 1, {_COLUMNS_2} FROM token",
+        "DROP TABLE token",
+        "CREATE INDEX authorizations_seq ON authorizations (seq)",
+    ),
+}
+# The key of a single-portal sidecar's authorization.
+SINGLE = ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One authorization the store holds, as ``entries()`` lists it."""
+
+    key: str
+    portal: str
+    client_id: str
+    state: StoredState
+    seq: int
 
 
 class TokenStore:
@@ -84,6 +144,7 @@ class TokenStore:
         # One connection, one transaction at a time: tasks of this process queue here, other
         # processes at SQLite's own lock.
         self._lock = asyncio.Lock()
+        self._single = StoredAuthorization(self, SINGLE, portal)
 
     async def __aenter__(self) -> TokenStore:
         await self.open()
@@ -206,14 +267,61 @@ class TokenStore:
         """Return at once: SQLite tells nobody of a commit, so the watch polls data_version."""
 
     async def load(self) -> StoredState:
-        """Read the stored state."""
-        async with self._lock:
-            return await self._load()
+        """Read the stored state of the single-portal authorization."""
+        return await self._single.load()
 
-    async def _load(self) -> StoredState:
+    def locked(self) -> contextlib.AbstractAsyncContextManager[StoredState]:
+        """Hold the write lock; yield the single-portal authorization's state under it."""
+        return self._single.locked()
+
+    async def save_pair(self, pair: TokenPair) -> int:
+        """Store a new pair for the single portal, clearing any error; return the generation."""
+        return await self._single.save_pair(pair)
+
+    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+        """Remember the single portal's last failure (and whether a person must re-authorize)."""
+        await self._single.record_error(error, reauth_required=reauth_required)
+
+    def authorization(self, key: str, portal: str) -> StoredAuthorization:
+        """The authorization stored under ``key`` (a portal's member_id) at ``portal``."""
+        return StoredAuthorization(self, key, portal)
+
+    async def entries(self) -> list[Entry]:
+        """List every authorization held (not removed), oldest key first; never a secret shown."""
+        async with self._lock:
+            try:
+                self.db.row_factory = aiosqlite.Row
+                async with self.db.execute(
+                    "SELECT * FROM authorizations WHERE removed_at IS NULL ORDER BY key"
+                ) as cursor:
+                    rows = await cursor.fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read token store: {exc}") from exc
+        return [Entry(row["key"], row["portal"], row["client_id"], _state(dict(row), ""),
+                      int(row["seq"])) for row in rows]
+
+    async def changes_since(self, seq: int) -> tuple[int, list[str]]:
+        """Return the newest write's number and the keys written (or removed) after ``seq``."""
+        async with self._lock:
+            try:
+                async with self.db.execute(
+                    "SELECT key, seq FROM authorizations WHERE seq > ? ORDER BY seq", (seq,)
+                ) as cursor:
+                    rows = list(await cursor.fetchall())
+                if not rows:
+                    async with self.db.execute(
+                        "SELECT COALESCE(MAX(seq), 0) FROM authorizations") as cursor:
+                        row = await cursor.fetchone()
+                    return (int(row[0]) if row else 0), []
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read token store: {exc}") from exc
+        return int(rows[-1][1]), [str(row[0]) for row in rows]
+
+    async def _load(self, key: str = SINGLE, portal: str | None = None) -> StoredState:
         try:
             self.db.row_factory = aiosqlite.Row
-            async with self.db.execute("SELECT * FROM token WHERE id = 1") as cursor:
+            async with self.db.execute("SELECT * FROM authorizations WHERE key = ?",
+                                       (key,)) as cursor:
                 row = await cursor.fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read token store: {exc}") from exc
@@ -221,20 +329,15 @@ class TokenStore:
             return StoredState(pair=None)
         data: dict[str, Any] = dict(row)
         foreign = ""
-        if data["portal"] != self.portal or data["client_id"] != self.client_id:
+        # The single portal's row names its portal; a portal's own row may change address.
+        if (key == SINGLE and data["portal"] != (portal or self.portal)) or (
+                data["client_id"] != self.client_id):
             foreign = f"the store holds a token of {data['client_id']} on {data['portal']}"
-        return StoredState(
-            pair=None if foreign else pair_from_row(data),
-            generation=int(data["generation"]),
-            reauth_required=bool(data["reauth_required"]) and not foreign,
-            last_error="" if foreign else data["last_error"],
-            last_error_at=None if foreign else data["last_error_at"],
-            foreign=foreign,
-        )
+        return _state(data, foreign)
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[StoredState]:
-        """Hold the write lock across processes; yield the state as it is under the lock.
+    async def _locked(self, key: str, portal: str) -> AsyncIterator[StoredState]:
+        """Hold the write lock across processes; yield the state of ``key`` as it is under it.
 
         Everything saved inside commits together when the block ends, or rolls back on error.
         """
@@ -247,7 +350,7 @@ class TokenStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot lock token store: {exc}") from exc
             try:
-                yield await self._load()
+                yield await self._load(key, portal)
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     await self.db.execute("ROLLBACK")
@@ -259,45 +362,37 @@ class TokenStore:
                     await self.db.execute("ROLLBACK")
                 raise StoreError(f"cannot write token store: {exc}") from exc
 
-    async def save_pair(self, pair: TokenPair) -> int:
-        """Store a new pair, clearing any error; return the new generation."""
-        fields = {
-            "access_token": pair.access_token,
-            "refresh_token": pair.refresh_token,
-            "expires_at": pair.expires_at,
-            "scope": pair.scope,
-            "member_id": pair.member_id,
-            "client_endpoint": pair.client_endpoint,
-            "server_endpoint": pair.server_endpoint,
-            "domain": pair.domain,
-            "user_id": pair.user_id,
-            "status": pair.status,
-            "application_token": pair.application_token,
-            "obtained_at": pair.obtained_at,
-            "reauth_required": 0,
-            "last_error": "",
-            "last_error_at": None,
-        }
-        return await self._upsert(fields, bump=True)
+    async def _save_pair(self, key: str, portal: str, pair: TokenPair) -> int:
+        fields: dict[str, Any] = {name: getattr(pair, name) for name in PAIR_FIELDS}
+        fields |= {"reauth_required": 0, "last_error": "", "last_error_at": None,
+                   "removed_at": None}
+        return await self._upsert(key, portal, fields, bump=True)
 
-    async def record_error(self, error: str, *, reauth_required: bool) -> None:
-        """Remember the last failure (and whether a person must re-authorize) for status."""
-        await self._upsert(
-            {
-                "last_error": error,
-                "last_error_at": time.time(),
-                "reauth_required": int(reauth_required),
-            },
-            bump=False,
-        )
+    async def _record_error(self, key: str, portal: str, error: str, *,
+                            reauth_required: bool) -> None:
+        await self._upsert(key, portal, {"last_error": error, "last_error_at": time.time(),
+                                         "reauth_required": int(reauth_required)}, bump=False)
 
-    async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:
-        columns = ["id", "portal", "client_id", "updated_at", *fields]
-        values = [1, self.portal, self.client_id, time.time(), *fields.values()]
+    async def _remove(self, key: str, reason: str) -> None:
+        """Inside ``locked()``: clear the authorization's secrets and mark it removed."""
+        try:
+            await self.db.execute(
+                "UPDATE authorizations SET access_token = NULL, refresh_token = NULL, "
+                "application_token = '', reauth_required = 1, last_error = ?, "
+                "last_error_at = ?, removed_at = ?, updated_at = ?, "
+                "seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM authorizations) WHERE key = ?",
+                (reason, time.time(), time.time(), time.time(), key))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write token store: {exc}") from exc
+
+    async def _upsert(self, key: str, portal: str, fields: dict[str, Any], *,
+                      bump: bool) -> int:
+        columns = ["key", "portal", "client_id", "updated_at", *fields]
+        values = [key, portal, self.client_id, time.time(), *fields.values()]
         if bump:
             # A new pair takes the row over, whoever held it before.
             updated = columns[1:]
-            tail = ", generation = token.generation + 1"
+            tail = ", generation = authorizations.generation + 1"
             guard = ""
             columns.append("generation")
             values.append(1)
@@ -305,16 +400,19 @@ class TokenStore:
             # An error note must not adopt another portal's pair as ours.
             updated = ["updated_at", *fields]
             tail = ""
-            guard = " WHERE token.portal = excluded.portal AND token.client_id = excluded.client_id"
+            guard = (" WHERE authorizations.client_id = excluded.client_id"
+                     + (" AND authorizations.portal = excluded.portal" if key == SINGLE else ""))
         updates = ", ".join(f"{name} = excluded.{name}" for name in updated)
         sql = (
-            f"INSERT INTO token ({', '.join(columns)}) "  # noqa: S608 - column names are ours
-            f"VALUES ({', '.join('?' for _ in columns)}) "
-            f"ON CONFLICT(id) DO UPDATE SET {updates}{tail}{guard}"
+            f"INSERT INTO authorizations ({', '.join(columns)}, seq) "  # noqa: S608 - ours
+            f"VALUES ({', '.join('?' for _ in columns)}, "
+            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM authorizations)) "
+            f"ON CONFLICT(key) DO UPDATE SET {updates}{tail}, seq = excluded.seq{guard}"
         )
         try:
             await self.db.execute(sql, values)
-            async with self.db.execute("SELECT generation FROM token WHERE id = 1") as cursor:
+            async with self.db.execute("SELECT generation FROM authorizations WHERE key = ?",
+                                       (key,)) as cursor:
                 row = await cursor.fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write token store: {exc}") from exc
@@ -374,3 +472,80 @@ class TokenStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot read token store: {exc}") from exc
         return None if row is None else str(row[0])
+
+
+def _state(data: dict[str, Any], foreign: str) -> StoredState:
+    """The stored state a row holds (no pair, error or flag of a foreign one)."""
+    return StoredState(
+        pair=None if foreign else pair_from_row(data),
+        generation=int(data["generation"]),
+        reauth_required=bool(data["reauth_required"]) and not foreign,
+        last_error="" if foreign else data["last_error"],
+        last_error_at=None if foreign else data["last_error_at"],
+        foreign=foreign,
+    )
+
+
+class StoredAuthorization:
+    """One authorization in a ``TokenStore`` (a ``PairStore``): the row under its key."""
+
+    shared = False
+
+    def __init__(self, store: TokenStore, key: str, portal: str) -> None:
+        self.store = store
+        self.key = key
+        self.portal = portal  # where the row says the portal is (written with each save)
+
+    async def load(self) -> StoredState:
+        """Read the stored state."""
+        async with self.store._lock:
+            return await self.store._load(self.key, self.portal)
+
+    def locked(self) -> contextlib.AbstractAsyncContextManager[StoredState]:
+        """Hold the write lock (the whole file's); yield this authorization's state."""
+        return self.store._locked(self.key, self.portal)
+
+    async def save_pair(self, pair: TokenPair) -> int:
+        """Store a new pair, clearing any error; return the new generation."""
+        return await self.store._save_pair(self.key, self.portal, pair)
+
+    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+        """Remember the last failure (and whether a person must re-authorize)."""
+        await self.store._record_error(
+            self.key, self.portal, error, reauth_required=reauth_required)
+
+    async def remove(self, reason: str) -> None:
+        """Inside ``locked()``: clear this authorization's secrets and mark it removed."""
+        await self.store._remove(self.key, reason)
+
+    async def data_version(self) -> int:
+        """Return the file's commit counter (it moves on any authorization's write)."""
+        return await self.store.data_version()
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Return at once: SQLite tells nobody of a commit."""
+
+    async def fleet_episode(self, failing: bool, now: float,
+                            retry_at: float | None = None) -> float | None:
+        """Return None: a single sidecar keeps its failure episode in memory."""
+        return None
+
+    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
+        """Record a grant (the store's grants are the app's, shared by its portals)."""
+        await self.store.add_grant(kind, digest, expires_at, detail)
+
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Use up a grant."""
+        return await self.store.take_grant(kind, digest, now)
+
+    async def drop_grants(self, kind: str) -> None:
+        """Delete every grant of ``kind`` (inside ``locked()``)."""
+        await self.store.drop_grants(kind)
+
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Return a valid grant's detail without using it up."""
+        return await self.store.peek_grant(kind, digest, now)
+
+    async def heal(self) -> bool:
+        """Reopen the file if it was deleted or replaced (see ``TokenStore.heal``)."""
+        return await self.store.heal()

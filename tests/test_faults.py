@@ -534,7 +534,7 @@ def fill(directory: Path) -> Path:
 def file_access_token(db: Path) -> str:
     """Read the stored access token through a read-only connection of our own."""
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        row = conn.execute("SELECT access_token FROM token WHERE id = 1").fetchone()
+        row = conn.execute("SELECT access_token FROM authorizations WHERE key = ''").fetchone()
     return str(row[0])
 
 

@@ -167,7 +167,7 @@ class TestOAuthErrorText:
         # client secret, and the recorded error for every secret.
         assert CLIENT_SECRET.encode() not in stored
         with sqlite3.connect(env["SIDECAR_DB"]) as db:
-            (recorded,) = db.execute("SELECT last_error FROM token").fetchone()
+            (recorded,) = db.execute("SELECT last_error FROM authorizations").fetchone()
         for secret in secrets:
             assert secret not in recorded
         assert "client_secret=[REDACTED]" in recorded

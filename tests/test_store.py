@@ -19,7 +19,7 @@ from sidecar.grants import (
     take_link,
 )
 from sidecar.storage import TokenPair
-from sidecar.store import SCHEMA_VERSION, TokenStore
+from sidecar.store import _GRANTS, _SCHEMA, SCHEMA_VERSION, TokenStore
 
 PORTAL = "https://corp.bitrix24.com"
 
@@ -147,22 +147,39 @@ class TestLock:
 
 
 class TestGrants:
-    async def test_a_version_1_store_gains_grants_and_keeps_its_pair(
-        self, tmp_path: Path
+    @pytest.mark.parametrize("version", [1, 2])
+    async def test_an_older_store_migrates_in_place_and_keeps_its_pair(
+        self, tmp_path: Path, version: int
     ) -> None:
-        """A store written before grants existed migrates in place; its pair stays."""
+        """A file a previous release left (version 1: one row, no grants; version 2: grants)
+        migrates in place: its pair, generation and error stay, under the single portal's key,
+        so a single-portal sidecar goes on with no new approval."""
         path = tmp_path / "old.db"
-        async with store(path) as db:
-            await db.save_pair(pair(1))
+        old = pair(1)
         with sqlite3.connect(path) as raw:  # as the previous release left it
-            raw.execute("DROP TABLE grants")
-            raw.execute("PRAGMA user_version = 1")
+            raw.execute(_SCHEMA)
+            if version == 2:
+                raw.execute(_GRANTS)
+            raw.execute(
+                "INSERT INTO token (id, portal, client_id, access_token, refresh_token, "
+                "expires_at, scope, member_id, client_endpoint, application_token, obtained_at, "
+                "generation, last_error, updated_at) VALUES (1, ?, 'local.1', ?, ?, ?, ?, ?, ?, "
+                "?, ?, 7, 'an old error', 5.0)",
+                (PORTAL, old.access_token, old.refresh_token, old.expires_at, old.scope,
+                 old.member_id, old.client_endpoint, old.application_token, old.obtained_at))
+            raw.execute(f"PRAGMA user_version = {version}")
         async with store(path) as db:
-            assert (await db.load()).pair == pair(1)
+            loaded = await db.load()
+            assert (loaded.pair, loaded.generation, loaded.last_error) == (
+                old, 7, "an old error")
             secret = await issue_link(db)
             assert await take_link(db, secret)
+            assert [(e.key, e.portal, e.state.pair) for e in await db.entries()] == [
+                ("", PORTAL, old)]
         with sqlite3.connect(path) as raw:
             assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
+            assert "token" not in tables
 
     async def test_a_link_works_once_within_its_time_and_is_stored_only_as_a_digest(
         self, tmp_path: Path
@@ -192,3 +209,86 @@ class TestGrants:
             assert await install_window(server) == window
             assert await take_install_window(server) == window
             assert await take_install_window(server) is None
+
+
+class TestManyAuthorizations:
+    """One file holds an authorization per portal (marketplace mode), each under its key."""
+
+    async def test_each_key_has_its_own_pair_generation_and_error(self, tmp_path: Path) -> None:
+        """Saving or failing one portal's authorization leaves the others' untouched."""
+        async with store(tmp_path / "t.db") as db:
+            a = db.authorization("member-a", "https://a.example.com")
+            b = db.authorization("member-b", "https://b.example.com")
+            async with a.locked() as held:
+                assert held.pair is None
+                assert await a.save_pair(pair(1)) == 1
+            async with b.locked():
+                assert await b.save_pair(pair(2)) == 1
+            async with a.locked():
+                assert await a.save_pair(pair(3)) == 2
+                await b.record_error("b failed", reauth_required=True)
+            assert (await a.load()).pair == pair(3)
+            loaded = await b.load()
+            assert (loaded.pair, loaded.generation, loaded.reauth_required,
+                    loaded.last_error) == (pair(2), 1, True, "b failed")
+            # The single portal's row is another key again.
+            assert (await db.load()).pair is None
+            assert [(e.key, e.portal, e.state.generation) for e in await db.entries()] == [
+                ("member-a", "https://a.example.com", 2),
+                ("member-b", "https://b.example.com", 1)]
+
+    async def test_changes_since_names_what_was_written_in_order(self, tmp_path: Path) -> None:
+        """One watch finds the few rows that changed among many: by the store-wide order."""
+        async with store(tmp_path / "t.db") as db:
+            start, changed = await db.changes_since(0)
+            assert (start, changed) == (0, [])
+            for n, key in enumerate(["x", "y", "z"], 1):
+                async with db.authorization(key, f"https://{key}.example.com").locked():
+                    await db.authorization(key, f"https://{key}.example.com").save_pair(pair(n))
+            seq, changed = await db.changes_since(start)
+            assert changed == ["x", "y", "z"]
+            async with db.authorization("y", "https://y.example.com").locked():
+                await db.authorization("y", "https://y.example.com").record_error(
+                    "failed", reauth_required=False)
+            newest, changed = await db.changes_since(seq)
+            assert changed == ["y"]
+            assert newest > seq
+            assert await db.changes_since(newest) == (newest, [])
+
+    async def test_a_removed_authorization_keeps_no_secret_and_is_not_listed(
+        self, tmp_path: Path
+    ) -> None:
+        """An uninstall clears the pair and the application token from the file; a later
+        install of the same portal takes the row again."""
+        path = tmp_path / "t.db"
+        async with store(path) as db:
+            a = db.authorization("member-a", "https://a.example.com")
+            async with a.locked():
+                await a.save_pair(pair(1))
+            seq, _ = await db.changes_since(0)
+            async with a.locked():
+                await a.remove("uninstalled")
+            assert await db.changes_since(seq) == (seq + 1, ["member-a"])
+            loaded = await a.load()
+            assert (loaded.pair, loaded.reauth_required, loaded.last_error) == (
+                None, True, "uninstalled")
+            assert await db.entries() == []
+            with sqlite3.connect(path) as raw:
+                row = raw.execute("SELECT access_token, refresh_token, application_token "
+                                  "FROM authorizations WHERE key = 'member-a'").fetchone()
+            assert row == (None, None, "")
+            async with a.locked():
+                assert await a.save_pair(pair(2)) == 2
+            assert [e.key for e in await db.entries()] == ["member-a"]
+
+    async def test_another_apps_row_is_foreign_under_any_key(self, tmp_path: Path) -> None:
+        """A row written for another client id is not taken as ours, whatever its key."""
+        path = tmp_path / "t.db"
+        async with store(path, client_id="local.other") as db:
+            other = db.authorization("member-a", "https://a.example.com")
+            async with other.locked():
+                await other.save_pair(pair(1))
+        async with store(path) as db:
+            loaded = await db.authorization("member-a", "https://a.example.com").load()
+            assert loaded.pair is None
+            assert "local.other" in loaded.foreign
