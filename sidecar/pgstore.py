@@ -22,10 +22,11 @@ from sidecar.config import shown_db, url_passwords
 from sidecar.errors import StoreError
 from sidecar.logging import scrub
 from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
+from sidecar.store import Entry
 
 log = structlog.get_logger("sidecar.pgstore")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Any fixed number: the advisory lock that lets one sidecar at a time migrate the schema.
 MIGRATION_LOCK = 0x5B1D_EC42
 # The longest one command may take (SIDECAR_DB_TIMEOUT): past it the database counts as away.
@@ -39,7 +40,7 @@ HOLD = 40.0
 CONNECT_TIMEOUT = 10.0
 # The server probes a silent client's socket after this long idle (then every 10 s, 3 times).
 KEEPALIVE_IDLE = 30
-# The channel every write notifies (payload: the row's new version) and the watches listen on.
+# The channel every write notifies (payload: the row's key) and the watches listen on.
 CHANNEL = "sidecar_authorization"
 # How often the listener checks its connection is alive, and waits before reconnecting.
 LISTEN_CHECK = 30.0
@@ -123,6 +124,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # When the fleet tries again after a failed renewal: one OAuth call per round, not one
     # per replica.
     4: ("ALTER TABLE sidecar_authorization ADD COLUMN retry_at DOUBLE PRECISION",),
+    # Many authorizations per app (marketplace mode): a row's key is the configured portal for
+    # a single-portal sidecar (so version 4's rows are kept as they are) or a portal's
+    # member_id; ``portal`` is where that portal is now. ``seq`` orders every write across
+    # rows, so one watch finds what changed; ``removed_at`` marks an uninstalled portal.
+    5: (
+        "ALTER TABLE sidecar_authorization RENAME COLUMN portal TO key",
+        "ALTER TABLE sidecar_authorization ADD COLUMN portal TEXT NOT NULL DEFAULT ''",
+        "UPDATE sidecar_authorization SET portal = key",
+        "CREATE SEQUENCE sidecar_seq",
+        "ALTER TABLE sidecar_authorization ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE sidecar_authorization ADD COLUMN removed_at DOUBLE PRECISION",
+        "CREATE INDEX sidecar_authorization_seq ON sidecar_authorization (client_id, seq)",
+    ),
 }
 
 # What a failure of the database or of the way to it looks like from asyncpg.
@@ -249,50 +263,80 @@ class PgStore:
         async with self.acquire() as conn:
             yield conn
 
-    async def data_version(self) -> int:
+    async def data_version(self, key: str | None = None) -> int:
         """Return the row's write counter: it moves whenever anyone commits a write to it."""
         try:
             async with self._connection() as conn:
                 value = await conn.fetchval(
                     "SELECT version FROM sidecar_authorization "
-                    "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id)
+                    "WHERE key = $1 AND client_id = $2", self._key(key), self.client_id)
         except _FAILURES as exc:
             raise self._error("read", exc) from None
         return int(value or 0)
 
-    async def load(self) -> StoredState:
-        """Read the stored state."""
+    def _key(self, key: str | None) -> str:
+        return self.portal if key is None else key
+
+    def authorization(self, key: str, portal: str) -> PgAuthorization:
+        """The authorization stored under ``key`` (a portal's member_id) at ``portal``."""
+        return PgAuthorization(self, key, portal)
+
+    async def entries(self) -> list[Entry]:
+        """List every authorization of this app held (not removed); never a secret shown."""
         try:
             async with self._connection() as conn:
-                return await self._load(conn, lock=False)
+                rows = await conn.fetch(
+                    "SELECT * FROM sidecar_authorization WHERE client_id = $1 "
+                    "AND removed_at IS NULL ORDER BY key", self.client_id)
+        except _FAILURES as exc:
+            raise self._error("read", exc) from None
+        return [Entry(row["key"], row["portal"], row["client_id"], _state(row),
+                      int(row["seq"])) for row in rows]
+
+    async def changes_since(self, seq: int) -> tuple[int, list[str]]:
+        """Return the newest write's number and the keys written (or removed) after ``seq``."""
+        try:
+            async with self._connection() as conn:
+                rows = await conn.fetch(
+                    "SELECT key, seq FROM sidecar_authorization WHERE client_id = $1 "
+                    "AND seq > $2 ORDER BY seq", self.client_id, seq)
+                if not rows:
+                    newest = await conn.fetchval(
+                        "SELECT COALESCE(MAX(seq), 0) FROM sidecar_authorization "
+                        "WHERE client_id = $1", self.client_id)
+                    return max(int(newest), seq), []
+        except _FAILURES as exc:
+            raise self._error("read", exc) from None
+        return int(rows[-1]["seq"]), [str(row["key"]) for row in rows]
+
+    async def load(self, key: str | None = None) -> StoredState:
+        """Read the stored state (of the single portal's authorization, or ``key``'s)."""
+        try:
+            async with self._connection() as conn:
+                return await self._load(conn, self._key(key), lock=False)
         except _FAILURES as exc:
             raise self._error("read", exc) from None
 
-    async def _load(self, conn: Connection, *, lock: bool) -> StoredState:
-        sql = "SELECT * FROM sidecar_authorization WHERE portal = $1 AND client_id = $2"
+    async def _load(self, conn: Connection, key: str, *, lock: bool) -> StoredState:
+        sql = "SELECT * FROM sidecar_authorization WHERE key = $1 AND client_id = $2"
         # Waiting for the lock may take as long as a renewal by another sidecar.
         row = await conn.fetchrow(f"{sql} FOR UPDATE" if lock else sql,
-                                  self.portal, self.client_id,
+                                  key, self.client_id,
                                   timeout=self._lock_wait + self.timeout if lock else None)
         if row is None:
             return StoredState(pair=None)
-        return StoredState(
-            pair=pair_from_row(row),
-            generation=int(row["generation"]),
-            reauth_required=bool(row["reauth_required"]),
-            last_error=row["last_error"],
-            last_error_at=row["last_error_at"],
-            last_refresh_by=row["last_refresh_by"],
-            retry_at=row["retry_at"],
-        )
+        return _state(row)
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[StoredState]:
+    async def locked(self, key: str | None = None,
+                     portal: str | None = None) -> AsyncIterator[StoredState]:
         """Hold the authorization's row lock; yield the state as it is under it.
 
         Everything saved inside commits together when the block ends, or rolls back on error.
-        If this process dies, PostgreSQL ends the transaction and the lock with it.
+        If this process dies, PostgreSQL ends the transaction and the lock with it. Each
+        authorization has its own row, so one portal's renewal never waits for another's.
         """
+        key = self._key(key)
         if self._held.get() is not None:
             raise StoreError("the token store's lock is already held by this task")
         try:
@@ -305,11 +349,11 @@ class PgStore:
                 await transaction.start()
                 # A row to lock even before the first pair: two first writers queue on it too.
                 await conn.execute(
-                    "INSERT INTO sidecar_authorization (portal, client_id, updated_at) "
-                    "VALUES ($1, $2, $3) ON CONFLICT (portal, client_id) DO NOTHING",
-                    self.portal, self.client_id, time.time(),
+                    "INSERT INTO sidecar_authorization (key, portal, client_id, updated_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (key, client_id) DO NOTHING",
+                    key, portal or key, self.client_id, time.time(),
                     timeout=self._lock_wait + self.timeout)
-                stored = await self._load(conn, lock=True)
+                stored = await self._load(conn, key, lock=True)
             except _FAILURES as exc:
                 with contextlib.suppress(*_FAILURES):
                     await transaction.rollback()
@@ -333,33 +377,53 @@ class PgStore:
             with contextlib.suppress(*_FAILURES):
                 await self.pool.release(conn, timeout=self.timeout)
 
-    async def save_pair(self, pair: TokenPair) -> int:
+    async def save_pair(self, pair: TokenPair, key: str | None = None,
+                        portal: str | None = None) -> int:
         """Store a new pair, clearing any error; return the new generation."""
         fields: dict[str, Any] = {name: getattr(pair, name) for name in PAIR_FIELDS}
         fields |= {"reauth_required": False, "last_error": "", "last_error_at": None,
-                   "last_refresh_by": self.replica}
-        return await self._upsert(fields, bump=True)
+                   "last_refresh_by": self.replica, "removed_at": None}
+        return await self._upsert(fields, bump=True, key=key, portal=portal)
 
-    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+    async def record_error(self, error: str, *, reauth_required: bool,
+                           key: str | None = None, portal: str | None = None) -> None:
         """Remember the last failure (and whether a person must re-authorize) for status."""
         await self._upsert({"last_error": error, "last_error_at": time.time(),
-                            "reauth_required": reauth_required}, bump=False)
+                            "reauth_required": reauth_required}, bump=False, key=key,
+                           portal=portal)
+
+    async def remove(self, reason: str, key: str) -> None:
+        """Inside ``locked()``: clear the authorization's secrets and mark it removed."""
+        now = time.time()
+        try:
+            async with self._connection() as conn:
+                await conn.execute(
+                    "UPDATE sidecar_authorization SET access_token = NULL, refresh_token = NULL, "
+                    "application_token = '', reauth_required = TRUE, last_error = $3, "
+                    "last_error_at = $4, removed_at = $4, updated_at = $4, failing_since = NULL, "
+                    "retry_at = NULL, version = version + 1, seq = nextval('sidecar_seq') "
+                    "WHERE key = $1 AND client_id = $2", key, self.client_id, reason, now)
+                await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", key)
+        except _FAILURES as exc:
+            raise self._error("write", exc) from None
 
     async def fleet_episode(self, failing: bool, now: float,
-                            retry_at: float | None = None) -> float | None:
+                            retry_at: float | None = None, key: str | None = None
+                            ) -> float | None:
         """Inside ``locked()``: open or extend (``failing``, the fleet retrying at
         ``retry_at``) or close the replicas' failure episode; return when it started if this
         call opened or closed it, else None."""
+        key = self._key(key)
         try:
             async with self._connection() as conn:
                 since = await conn.fetchval(
                     "SELECT failing_since FROM sidecar_authorization "
-                    "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id)
+                    "WHERE key = $1 AND client_id = $2", key, self.client_id)
                 if since is None and not failing:
                     return None  # already closed (or never opened)
                 await conn.execute(
                     "UPDATE sidecar_authorization SET failing_since = $3, retry_at = $4 "
-                    "WHERE portal = $1 AND client_id = $2", self.portal, self.client_id,
+                    "WHERE key = $1 AND client_id = $2", key, self.client_id,
                     (since if since is not None else now) if failing else None,
                     retry_at if failing else None)
         except _FAILURES as exc:
@@ -377,14 +441,17 @@ class PgStore:
                    "last_error_at": stored.last_error_at, "generation": generation,
                    # A fresh start: no failure episode of the fleet is open for this pair.
                    "failing_since": None, "retry_at": None,
-                   "last_refresh_by": stored.last_refresh_by}
+                   "last_refresh_by": stored.last_refresh_by, "removed_at": None}
         await self._upsert(fields, bump=False)
 
-    async def _upsert(self, fields: dict[str, Any], *, bump: bool) -> int:
-        columns = ["portal", "client_id", "updated_at", *fields]
-        values = [self.portal, self.client_id, time.time(), *fields.values()]
-        updates = [f"{name} = excluded.{name}" for name in columns[2:]]
+    async def _upsert(self, fields: dict[str, Any], *, bump: bool, key: str | None = None,
+                      portal: str | None = None) -> int:
+        key = self._key(key)
+        columns = ["key", "portal", "client_id", "updated_at", *fields]
+        values = [key, portal or key, self.client_id, time.time(), *fields.values()]
+        updates = [f"{name} = excluded.{name}" for name in columns[1:] if name != "client_id"]
         updates.append("version = sidecar_authorization.version + 1")
+        updates.append("seq = excluded.seq")
         if bump:
             columns.append("generation")
             values.append(1)
@@ -393,11 +460,12 @@ class PgStore:
         # the other sidecars' watches wake at once, at no extra round trip.
         sql = (
             "WITH written AS ("  # noqa: S608 - names and placeholders are ours
-            f"INSERT INTO sidecar_authorization ({', '.join(columns)}) "
-            f"VALUES ({', '.join(f'${n}' for n in range(1, len(columns) + 1))}) "
-            f"ON CONFLICT (portal, client_id) DO UPDATE SET {', '.join(updates)} "
-            "RETURNING generation, version) "
-            f"SELECT generation, pg_notify('{CHANNEL}', version::text) FROM written"
+            f"INSERT INTO sidecar_authorization ({', '.join(columns)}, seq) "
+            f"VALUES ({', '.join(f'${n}' for n in range(1, len(columns) + 1))}, "
+            "nextval('sidecar_seq')) "
+            f"ON CONFLICT (key, client_id) DO UPDATE SET {', '.join(updates)} "
+            "RETURNING generation, key) "
+            f"SELECT generation, pg_notify('{CHANNEL}', key) FROM written"
         )
         try:
             async with self._connection() as conn:
@@ -503,4 +571,81 @@ class PgStore:
 
     async def heal(self) -> bool:
         """Return False: a database is not deleted under us the way a file can be."""
+        return False
+
+
+def _state(row: Any) -> StoredState:
+    """The stored state a row holds."""
+    return StoredState(
+        pair=pair_from_row(row),
+        generation=int(row["generation"]),
+        reauth_required=bool(row["reauth_required"]),
+        last_error=row["last_error"],
+        last_error_at=row["last_error_at"],
+        last_refresh_by=row["last_refresh_by"],
+        retry_at=row["retry_at"],
+    )
+
+
+class PgAuthorization:
+    """One authorization in a ``PgStore`` (a ``PairStore``): its own row and row lock."""
+
+    shared = True
+
+    def __init__(self, store: PgStore, key: str, portal: str) -> None:
+        self.store = store
+        self.key = key
+        self.portal = portal  # where the row says the portal is (written with each save)
+
+    async def load(self) -> StoredState:
+        """Read the stored state."""
+        return await self.store.load(self.key)
+
+    def locked(self) -> contextlib.AbstractAsyncContextManager[StoredState]:
+        """Hold this authorization's row lock; yield its state."""
+        return self.store.locked(self.key, self.portal)
+
+    async def save_pair(self, pair: TokenPair) -> int:
+        """Store a new pair, clearing any error; return the new generation."""
+        return await self.store.save_pair(pair, key=self.key, portal=self.portal)
+
+    async def record_error(self, error: str, *, reauth_required: bool) -> None:
+        """Remember the last failure (and whether a person must re-authorize)."""
+        await self.store.record_error(error, reauth_required=reauth_required, key=self.key,
+                                      portal=self.portal)
+
+    async def remove(self, reason: str) -> None:
+        """Inside ``locked()``: clear this authorization's secrets and mark it removed."""
+        await self.store.remove(reason, self.key)
+
+    async def data_version(self) -> int:
+        """Return the row's write counter."""
+        return await self.store.data_version(self.key)
+
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Return at once: the registry's one watch listens for every authorization."""
+
+    async def fleet_episode(self, failing: bool, now: float,
+                            retry_at: float | None = None) -> float | None:
+        """Inside ``locked()``: open, extend or close the replicas' failure episode."""
+        return await self.store.fleet_episode(failing, now, retry_at, key=self.key)
+
+    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
+        """Record a grant (the app's, shared by its portals)."""
+        await self.store.add_grant(kind, digest, expires_at, detail)
+
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Use up a grant."""
+        return await self.store.take_grant(kind, digest, now)
+
+    async def drop_grants(self, kind: str) -> None:
+        """Delete every grant of ``kind`` (inside ``locked()``)."""
+        await self.store.drop_grants(kind)
+
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Return a valid grant's detail without using it up."""
+        return await self.store.peek_grant(kind, digest, now)
+
+    async def heal(self) -> bool:
+        """Return False: a database is not deleted under us."""
         return False

@@ -27,7 +27,7 @@ from sidecar.grants import (
     take_install_window,
     take_link,
 )
-from sidecar.pgstore import SCHEMA_VERSION, PgStore
+from sidecar.pgstore import _MIGRATIONS, SCHEMA_VERSION, PgStore
 from sidecar.store import TokenStore
 from tests.conftest import CLIENT_ID, AlertSink
 from tests.pg import Server
@@ -224,6 +224,98 @@ class TestSchema:
         with pytest.raises(StoreError, match="newer bitrix-sidecar"):
             async with store(pg_url):
                 pass
+
+
+    async def test_a_version_4_database_keeps_its_authorization(self, pg_url: str) -> None:
+        """The previous release's row (one per portal and app) is kept under the configured
+        portal's key: a single-portal fleet upgrades with no new approval."""
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "CREATE TABLE sidecar_schema_version (version INTEGER NOT NULL)")
+            for step in range(1, 5):
+                for statement in _MIGRATIONS[step]:
+                    await conn.execute(statement)
+            await conn.execute("INSERT INTO sidecar_schema_version VALUES (4)")
+            old = pair(1)
+            await conn.execute(
+                "INSERT INTO sidecar_authorization (portal, client_id, access_token, "
+                "refresh_token, expires_at, scope, member_id, client_endpoint, application_token, "
+                "obtained_at, generation, updated_at, version) "
+                "VALUES ($1, 'local.1', $2, $3, $4, $9, $5, $6, $7, $8, 9, 0, 3)",
+                PORTAL, old.access_token, old.refresh_token, old.expires_at, old.member_id,
+                old.client_endpoint, old.application_token, old.obtained_at, old.scope)
+        finally:
+            await conn.close()
+        async with store(pg_url) as s:
+            loaded = await s.load()
+            assert (loaded.pair, loaded.generation) == (pair(1), 9)
+            assert [(e.key, e.portal) for e in await s.entries()] == [(PORTAL, PORTAL)]
+            async with s.locked():
+                assert await s.save_pair(pair(2)) == 10
+
+
+class TestManyAuthorizations:
+    """One database holds an authorization per portal, each its own row and row lock."""
+
+    async def test_one_portals_lock_never_waits_for_anothers(self, pg_url: str) -> None:
+        """While a renewal of portal a holds its row, portal b's lock is taken at once, and a
+        second holder of a's row waits."""
+        async with store(pg_url) as s, store(pg_url) as other:
+            a = s.authorization("member-a", "https://a.example.com")
+            async with a.locked():
+                await a.save_pair(pair(1))
+                async with asyncio.timeout(2):
+                    b = other.authorization("member-b", "https://b.example.com")
+                    async with b.locked() as held:
+                        assert held.pair is None
+                        await b.save_pair(pair(2))
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5), other.authorization(
+                            "member-a", "https://a.example.com").locked():
+                        pass
+            assert (await other.authorization("member-a", "").load()).pair == pair(1)
+            assert [(e.key, e.portal, e.state.pair) for e in await s.entries()] == [
+                ("member-a", "https://a.example.com", pair(1)),
+                ("member-b", "https://b.example.com", pair(2))]
+            assert (await s.load()).pair is None  # the single portal's row is another
+
+    async def test_changes_since_and_removal(self, pg_url: str) -> None:
+        """Writes are found in order by one query; a removed portal keeps no secret, is not
+        listed, is found by the watch, and a new install takes its row again."""
+        async with store(pg_url) as s, store(pg_url, client_id="local.other") as other:
+            start, changed = await s.changes_since(0)
+            assert changed == []
+            for n, key in enumerate(["x", "y"], 1):
+                row = s.authorization(key, f"https://{key}.example.com")
+                async with row.locked():
+                    await row.save_pair(pair(n))
+            foreign = other.authorization("x", "https://x.example.com")
+            async with foreign.locked():
+                await foreign.save_pair(pair(9))  # another app's: not ours to see
+            seq, changed = await s.changes_since(start)
+            assert changed == ["x", "y"]
+            x = s.authorization("x", "https://x.example.com")
+            async with x.locked():
+                await x.remove("uninstalled")
+            newest, changed = await s.changes_since(seq)
+            assert changed == ["x"]
+            assert await s.changes_since(newest) == (newest, [])
+            assert [e.key for e in await s.entries()] == ["y"]
+            loaded = await x.load()
+            assert (loaded.pair, loaded.reauth_required) == (None, True)
+            conn = await asyncpg.connect(pg_url)
+            try:
+                row = await conn.fetchrow(
+                    "SELECT access_token, refresh_token, application_token "
+                    "FROM sidecar_authorization WHERE key = 'x' AND client_id = 'local.1'")
+            finally:
+                await conn.close()
+            assert tuple(row) == (None, None, "")
+            async with x.locked():
+                await x.save_pair(pair(3))
+            assert [e.key for e in await s.entries()] == ["x", "y"]
+            assert (await other.authorization("x", "").load()).pair == pair(9)
 
 
 class TestGrants:
