@@ -149,7 +149,7 @@ class TestStatusAndToken:
         assert token not in out
         # Make the stored token expired, as after an hour: `token` must renew it first.
         with sqlite3.connect(env["SIDECAR_DB"]) as db:
-            db.execute("UPDATE token SET expires_at = 1")
+            db.execute("UPDATE authorizations SET expires_at = 1")
         code, renewed, _ = await cli("token", env=env)
         assert code == 0
         assert renewed.strip() != token
@@ -275,7 +275,7 @@ class TestExpectInstallRefusals:
         code, _, err = await cli("authorize", emulator.issue_code(CLIENT_ID), env=env)
         assert code == 0, err
         with sqlite3.connect(env["SIDECAR_DB"]) as raw:  # as an older release stored it
-            raw.execute("UPDATE token SET user_id = ''")
+            raw.execute("UPDATE authorizations SET user_id = ''")
         code, _, err = await cli("expect-install", env=env)
         assert code == 1
         assert "--any-user" in err
