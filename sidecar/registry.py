@@ -1,0 +1,328 @@
+"""The portals a sidecar holds: one bundle (authorization, gate, coalescer, addresses) each.
+
+A single-portal sidecar holds exactly one, built as it always was. In marketplace mode (several
+portals, one app) every authorization the store holds for an allowed portal is one, keyed by its
+portal's ``member_id``; calls name theirs by host or member_id, and an install adds one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from sidecar.alerts import Alerter
+from sidecar.authorization import Authorization
+from sidecar.coalescer import Coalescer
+from sidecar.config import Settings
+from sidecar.errors import PortalMismatch, PortalRequired, PortalUnknown, StoreError
+from sidecar.limits import Gate
+from sidecar.metrics import Metrics
+from sidecar.oauth import OAuthClient
+from sidecar.pgbucket import PgBucket
+from sidecar.pgstore import PgStore
+from sidecar.portal import Addresses
+from sidecar.storage import PairStore, TokenPair
+from sidecar.store import TokenStore
+from sidecar.upstream import Pool
+
+log = structlog.get_logger("sidecar.registry")
+
+# The gauges that describe one authorization: in marketplace mode each portal's would overwrite
+# the others', so portals keep their own (unexported) and the registry exports counts instead.
+_OWN_GAUGES = ("authorized", "expires_at", "last_refresh", "refresh_failing",
+               "refresh_failures", "reauthorization_required", "queue_depth")
+
+
+class _Unexported:
+    """A gauge nobody scrapes."""
+
+    def set(self, value: float) -> None:
+        """Forget ``value``."""
+
+
+def portal_metrics(metrics: Metrics) -> Metrics:
+    """The metrics a marketplace portal's parts write: the totals shared, its gauges its own."""
+    own = copy.copy(metrics)
+    for name in _OWN_GAUGES:
+        setattr(own, name, _Unexported())
+    return own
+
+
+def host_of(address: str) -> str:
+    """A portal address's host with its port where it has one, lower case ('' if none)."""
+    return urlsplit(address).netloc.lower()
+
+
+def origin_address(endpoint: str) -> str:
+    """The portal's address (scheme and host) from a REST endpoint like https://a.b/rest/."""
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else ""
+
+
+@dataclasses.dataclass
+class Portal:
+    """One portal's authorization and what serves its calls."""
+
+    key: str
+    tokens: Authorization
+    addresses: Addresses
+    coalescer: Coalescer
+    gate: Gate
+    budget: PgBucket | None = None
+    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """Where the portal is: the held pair's endpoint, else the configured address."""
+        pair = self.tokens.pair
+        endpoint = origin_address(pair.client_endpoint) if pair is not None else ""
+        return endpoint or self.tokens.settings.portal
+
+    @property
+    def member_id(self) -> str:
+        """The portal's member_id ('' until a pair names it)."""
+        pair = self.tokens.pair
+        return pair.member_id if pair is not None else self.key
+
+    async def aclose(self) -> None:
+        """Stop this portal's tasks and gate; let a renewal in flight finish."""
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.gate.aclose()
+        if self.budget is not None:
+            await self.budget.aclose()
+        await self.tokens.aclose()
+
+
+class Portals:
+    """Every portal this sidecar holds, found by host or member_id."""
+
+    def __init__(  # noqa: PLR0913 - what every portal's parts share
+        self,
+        settings: Settings,
+        store: TokenStore | PgStore,
+        oauth: OAuthClient,
+        pool: Pool,
+        metrics: Metrics,
+        alerts: Alerter,
+        *,
+        on_secret: Callable[[str], None],
+        clock: Callable[[], float],
+        watch_interval: float,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._oauth = oauth
+        self._pool = pool
+        self._metrics = metrics
+        self._own_metrics = portal_metrics(metrics) if settings.marketplace else metrics
+        self._alerts = alerts
+        self._on_secret = on_secret
+        self._clock = clock
+        self._watch_interval = watch_interval
+        self._portals: dict[str, Portal] = {}  # by key
+        self._names: dict[str, Portal] = {}  # by host[:port] and by member_id
+        self._watch: asyncio.Task[None] | None = None
+        self._seq = 0
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._portals)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._portals.values()))
+
+    @property
+    def single(self) -> Portal | None:
+        """The portal of a single-portal sidecar (None in marketplace mode)."""
+        return None if self.settings.marketplace else self._portals.get("")
+
+    def find(self, name: str) -> Portal | None:
+        """The portal named by its host[:port] or its member_id, if held."""
+        portal = self._names.get(name.lower()) or self._names.get(name)
+        if portal is not None and self._names_it(portal, name):
+            return portal
+        return None
+
+    @staticmethod
+    def _names_it(portal: Portal, name: str) -> bool:
+        return name.lower() == host_of(portal.address) or name == portal.member_id
+
+    def pick(self, prefix: str, header: str) -> Portal:
+        """The portal a call names (by its path prefix, its header, or neither); raise the
+        Bitrix-shaped refusal when it names none that is held, or two different ones."""
+        named = [name for name in (prefix, header) if name]
+        found = [self.find(name) for name in named]
+        for name, portal in zip(named, found, strict=True):
+            if portal is None:
+                raise PortalUnknown(f"this sidecar holds no authorization for the portal "
+                                    f"{name!r}")
+        if len(found) == 2 and found[0] is not found[1]:
+            raise PortalMismatch("the path and the X-Bitrix-Portal header name two different "
+                                 "portals")
+        if found:
+            portal = found[0]
+            assert portal is not None
+            return portal
+        if len(self._portals) == 1:
+            return next(iter(self._portals.values()))
+        if not self._portals:
+            raise PortalUnknown("this sidecar holds no portal's authorization yet: install the "
+                                "app on a portal first")
+        raise PortalRequired(
+            f"this sidecar holds {len(self._portals)} portals: name one with the path "
+            "/portal/<host or member_id>/rest/<method> or the header X-Bitrix-Portal")
+
+    # -- building --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the portals the store holds (the one configured portal, if single)."""
+        if not self.settings.marketplace:
+            await self._build("", self.store, self.settings.portal)
+            return
+        entries = await self.store.entries()
+        skipped = 0
+        for entry in entries:
+            address = origin_address(entry.state.pair.client_endpoint) if entry.state.pair \
+                else entry.portal
+            if not entry.key or not self.settings.portals.allows(address):
+                skipped += 1
+                continue
+            await self._build(entry.key, self.store.authorization(entry.key, address), address)
+        self._seq = max((entry.seq for entry in entries), default=0)
+        if skipped:
+            log.warning("portals_skipped", count=skipped,
+                        detail="the store holds authorizations of portals BITRIX_PORTAL does "
+                        "not allow (or of a single-portal sidecar): they are not served")
+        log.info("portals_loaded", count=len(self._portals))
+        self._watch = asyncio.create_task(self._run_watch(), name="portals-watch")
+
+    async def _build(self, key: str, store: PairStore, address: str) -> Portal:
+        settings = self.settings
+        if settings.marketplace:
+            # Everything that names the portal (links, alerts, status) names this one.
+            settings = dataclasses.replace(settings, portal=address)
+        metrics = self._own_metrics
+        tokens = Authorization(
+            store, self._oauth, settings, clock=self._clock, on_secret=self._on_secret,
+            watch_interval=self._watch_interval, metrics=metrics, alerts=self._alerts)
+        await tokens.start()
+        addresses = Addresses(settings.rest_base)
+        coalescer = Coalescer(tokens, self._pool, addresses, self._metrics,
+                              time_limit=settings.upstream_timeout)
+        budget = None
+        if isinstance(store, PgStore) and settings.rate > 0:
+            # One budget for every sidecar on this database.
+            budget = PgBucket(store, rate=settings.rate, burst=settings.burst,
+                              metrics=self._metrics)
+            await budget.start()
+        gate = tokens.gate = Gate(
+            rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
+            coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
+            shared=budget)
+        portal = Portal(key, tokens, addresses, coalescer, gate, budget)
+        portal.tasks.append(asyncio.create_task(tokens.run_schedule(),
+                                                name=f"token-schedule-{key}"))
+        if not settings.marketplace:
+            portal.tasks.append(asyncio.create_task(tokens.run_watch(), name="token-watch"))
+        self._portals[key] = portal
+        self._index(portal)
+        return portal
+
+    def _index(self, portal: Portal) -> None:
+        """(Re)name ``portal`` by its host and member_id."""
+        for name in [name for name, held in self._names.items() if held is portal]:
+            del self._names[name]
+        host = host_of(portal.address)
+        if host:
+            self._names[host] = portal
+        if portal.member_id:
+            self._names[portal.member_id] = portal
+
+    async def adopt(self, pair: TokenPair) -> Portal:
+        """The portal of an install's pair: the held one with its member_id, or a new one
+        (not yet stored: the install stores the pair through its authorization)."""
+        portal = self._portals.get(pair.member_id)
+        if portal is not None:
+            return portal
+        address = origin_address(pair.client_endpoint)
+        other = self._names.get(host_of(address))
+        if other is not None:
+            # A host already held under another member_id: a portal deleted and made anew at
+            # the same address, or a lie. Only the operator moves an authorization.
+            raise PortalMismatch(
+                f"the portal {host_of(address)} is held under another member_id: remove that "
+                "authorization first ('bitrix-sidecar forget --portal ...')")
+        assert isinstance(self.store, (TokenStore, PgStore))
+        return await self._build(pair.member_id,
+                                 self.store.authorization(pair.member_id, address), address)
+
+    def renamed(self, portal: Portal) -> None:
+        """A portal's pair changed (its address may have moved): index it anew."""
+        self._index(portal)
+
+    async def remove(self, portal: Portal) -> None:
+        """Forget a portal whose authorization was removed (its app uninstalled)."""
+        self._portals.pop(portal.key, None)
+        for name in [name for name, held in self._names.items() if held is portal]:
+            del self._names[name]
+        await portal.aclose()
+
+    # -- the one watch of marketplace mode ---------------------------------------------------
+
+    async def _run_watch(self) -> None:
+        """Notice what other processes (the CLI, other replicas) wrote, for every portal at
+        once: one query per interval, not one per portal."""
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                await self._watch_once()
+            except StoreError as exc:
+                log.warning("portals_watch_failed", error=exc.description)
+            except Exception:
+                log.exception("portals_watch_error")
+
+    async def _watch_once(self) -> None:
+        for portal in self:
+            sync = portal.tokens.sync_state
+            if sync.unsaved:
+                await sync.save_unsaved()
+        seq, keys = await self.store.changes_since(self._seq)
+        self._seq = seq
+        for key in dict.fromkeys(keys):
+            portal = self._portals.get(key)
+            if portal is not None:
+                await portal.tokens.sync_state.sync()
+                if portal.tokens.pair is None and portal.tokens.life.stored.reauth_required:
+                    stored = await self.store.authorization(key, portal.address).load()
+                    if stored.pair is None and stored.last_error.startswith("uninstalled"):
+                        await self.remove(portal)
+                        continue
+                self._index(portal)
+            elif key:
+                stored = await self.store.authorization(key, "").load()
+                pair = stored.pair
+                if pair is not None and self.settings.portals.allows(
+                        origin_address(pair.client_endpoint)):
+                    await self._build(key, self.store.authorization(
+                        key, origin_address(pair.client_endpoint)),
+                        origin_address(pair.client_endpoint))
+
+    async def aclose(self) -> None:
+        """Stop the watch and every portal."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for portal in self:
+            await portal.aclose()
