@@ -9,11 +9,10 @@ a token answer's ``client_endpoint``), so the check is one function over parsed 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
-
-from sidecar.config import parse_portal
 
 # One DNS label: letters, digits and inner hyphens (punycode included), at most 63 characters.
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -39,7 +38,8 @@ class PortalRule:
         return bool(dot) and rest == self.host and bool(_LABEL.fullmatch(first))
 
     def __str__(self) -> str:
-        shown = f"*.{self.host}" if self.pattern else self.host
+        shown = f"*.{self.host}" if self.pattern else (
+            f"[{self.host}]" if ":" in self.host else self.host)
         port = "" if _DEFAULT_PORTS.get(self.scheme) == self.port else f":{self.port}"
         return f"{self.scheme}://{shown}{port}"
 
@@ -49,6 +49,23 @@ class PortalList:
     """The portals an app's authorizations may be held for."""
 
     rules: tuple[PortalRule, ...]
+
+    @classmethod
+    def of(cls, address: str) -> PortalList:
+        """Return the list of the one portal at ``address`` (``BITRIX_PORTAL`` as parsed today).
+
+        Built from the address as it is (an IPv6 literal, a path and all): one portal keeps
+        whatever today's ``BITRIX_PORTAL`` accepts.
+        """
+        parts = urlsplit(address)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        host = (parts.hostname or "").lower()
+        return cls((PortalRule(scheme, host, port or _DEFAULT_PORTS.get(scheme, 0),
+                               pattern=False),))
 
     @property
     def single(self) -> bool:
@@ -96,6 +113,9 @@ def _rule(entry: str) -> PortalRule:
     if star and rest.count(".") < 1:
         # '*.com' would let every portal on a top-level domain in.
         raise ValueError(f"{entry!r}: a pattern needs at least two labels after '*.'")
+    # config imports this module for Settings.portals, so its parser is fetched at call time.
+    from sidecar.config import parse_portal  # noqa: PLC0415
+
     # A bare name or host without a pattern keeps today's meaning (corezoid: a bitrix24.ru one).
     address = parse_portal(entry if "://" not in entry and not star else f"{scheme}://{rest}")
     parts = urlsplit(address)
@@ -120,7 +140,12 @@ def _origin(url: str) -> tuple[str, str, int] | None:
         return None
     if parts.query or parts.fragment:
         return None
+    if ":" in host:  # an IPv6 literal (urlsplit took the brackets off)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
     labels = host.split(".")
-    if not all(_LABEL.fullmatch(label) for label in labels):
+    if ":" not in host and not all(_LABEL.fullmatch(label) for label in labels):
         return None  # a trailing dot, an empty label, or characters no host has
     return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]

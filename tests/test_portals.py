@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.portals import parse_portals
+from sidecar.portals import PortalList, parse_portals
 
 LIST = "https://*.bitrix24.com,https://*.bitrix24.de,https://crm.example.com"
 
@@ -72,3 +72,26 @@ class TestAllows:
         assert not portals.allows("http://127.0.0.1:8082")
         assert portals.allows("http://a.portals.test:8082")
         assert not portals.allows("http://a.portals.test")
+
+
+class TestOnePortal:
+    @pytest.mark.parametrize(("address", "shown"), [
+        ("https://corp.bitrix24.com", "https://corp.bitrix24.com"),
+        ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+        ("http://[::1]:9000", "http://[::1]:9000"),
+        ("https://crm.example.com/b24", "https://crm.example.com"),
+    ])
+    def test_of_takes_one_address_as_it_is(self, address: str, shown: str) -> None:
+        """The one portal a sidecar serves today, whatever address it was given, is listed."""
+        portals = PortalList.of(address)
+        assert portals.single
+        assert str(portals) == shown
+        assert portals.allows(f"{shown}/rest/")
+
+    def test_an_ipv6_portal_in_a_list(self) -> None:
+        """An IPv6 literal is an address like any, shown back in brackets."""
+        portals = parse_portals("http://[::1]:9001,http://[::1]:9002")
+        assert str(portals) == "http://[::1]:9001,http://[::1]:9002"
+        assert portals.allows("http://[::1]:9002/rest/")
+        assert not portals.allows("http://[::1]:9003")
+        assert not portals.allows("http://[::g]:9001")
