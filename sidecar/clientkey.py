@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from collections.abc import Mapping
 
 from sidecar.errors import ClientKeyRequired, Refused
@@ -59,10 +60,15 @@ class ClientKey:
             raise ClientKeyRequired(f"the client key in {where} is wrong", code=INVALID)
 
     def scrub(self, text: str) -> str:
-        """Return ``text`` with the key hidden (an error echoing a path may hold it)."""
+        """Return ``text`` with the key hidden (an error echoing a path may hold it).
+
+        In any case: a portal's name is echoed lower-cased, and a caller may have put the key
+        there.
+        """
         if not self._key:
             return text
-        return text.replace(self._key.decode("ascii"), "[REDACTED]")
+        return re.sub(re.escape(self._key.decode("ascii")), "[REDACTED]", text,
+                      flags=re.IGNORECASE)
 
 
 def hosts_of(host_header: str) -> tuple[str, ...]:

@@ -9,11 +9,13 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sidecar.errors import ConfigError
+from sidecar.portals import PortalList, parse_portals
 
 # Every part but the last carries a unit, so the match is linear (no ambiguous splits).
 _DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))*\d+(?:\.\d+)?(?:ms|s|m|h|d)?$")
@@ -143,6 +145,19 @@ def parse_portal(text: str) -> str:
     raise ValueError(f"{text!r} is not a portal name, host or URL")
 
 
+def parse_portal_setting(text: str) -> str | PortalList:
+    """Parse ``BITRIX_PORTAL``: one portal's base URL as always, or a list (marketplace mode).
+
+    Text with no comma and no ``*`` is one portal, parsed exactly as before the list form
+    existed (a path, an IPv6 literal and all); a list folds duplicates, so a list of one
+    address is that one portal too.
+    """
+    if "," not in text and "*" not in text:
+        return parse_portal(text)
+    portals = parse_portals(text)
+    return str(portals) if portals.single else portals
+
+
 def parse_oauth_url(text: str) -> str:
     """Accept the OAuth server's base, tolerating a pasted ``/oauth/token/`` tail."""
     url = _normalize_url(text.strip(), "BITRIX_OAUTH_URL")
@@ -257,6 +272,18 @@ def parse_hosts(text: str) -> tuple[str, ...]:
     return names
 
 
+def default_oauth_url_of(portals: PortalList) -> str | None:
+    """Pick the OAuth server of a list of portals by their zone; None when they disagree.
+
+    Portals on loopback (the emulator) or in both zones name no one OAuth server, so the
+    operator names it (``BITRIX_OAUTH_URL``) rather than have one guessed for them.
+    """
+    servers = {default_oauth_url(f"{rule.scheme}://{rule.host}") for rule in portals.rules}
+    if len(servers) == 1 and servers <= {OAUTH_WEST, OAUTH_RU}:
+        return servers.pop()
+    return None
+
+
 def default_oauth_url(portal: str) -> str:
     """Pick the OAuth server by the portal's zone; an emulator on loopback serves its own."""
     host = urlsplit(portal).hostname or ""
@@ -317,8 +344,9 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
 
 OPTIONS: tuple[Option, ...] = (
     Option("BITRIX_PORTAL", "--portal", "portal",
-           "portal: bare name (= NAME.bitrix24.ru), host, or full URL", parse_portal,
-           required=True),
+           "portal: bare name (= NAME.bitrix24.ru), host, or full URL; or, for a marketplace "
+           "app, a comma-separated list of addresses and https://*.DOMAIN patterns",
+           parse_portal_setting, required=True),
     Option("BITRIX_CLIENT_ID", "--client-id", "client_id", "application code (client_id)",
            required=True),
     Option("BITRIX_CLIENT_SECRET", "--client-secret", "client_secret",
@@ -434,10 +462,13 @@ class Settings:
     A default is written once, in ``OPTIONS``; the fields below take it parsed.
     """
 
+    # The one portal's base URL; "" in marketplace mode, where ``portal_list`` names them.
     portal: str
     client_id: str
     client_secret: str = field(repr=False)
     oauth_url: str
+    # Marketplace mode's portals (BITRIX_PORTAL as a list or a pattern); None: the one ``portal``.
+    portal_list: PortalList | None = None
     scope: tuple[str, ...] = ()
     auth_code: str = field(default="", repr=False)
     listen: Listen = _default("listen")  # noqa: RUF009 - immutable
@@ -468,6 +499,16 @@ class Settings:
     log_level: str = _default("log_level")
     fast_lane: bool = _default("fast_lane")
 
+    @cached_property
+    def portals(self) -> PortalList:
+        """Return the portals authorizations may be held for (one rule for one portal)."""
+        return self.portal_list if self.portal_list is not None else PortalList.of(self.portal)
+
+    @property
+    def marketplace(self) -> bool:
+        """Say whether ``BITRIX_PORTAL`` lists portals (or patterns) rather than one address."""
+        return not self.portals.single
+
     @property
     def db_shown(self) -> str:
         """Name the store for people: the SQLite path, or the URL without its password."""
@@ -485,8 +526,11 @@ class Settings:
 
     @property
     def rest_base(self) -> str:
-        """Return the portal's REST base used until a token names its own ``client_endpoint``."""
-        return f"{self.portal}/rest/"
+        """Return the portal's REST base used until a token names its own ``client_endpoint``.
+
+        '' in marketplace mode: there is no one portal to call then.
+        """
+        return f"{self.portal}/rest/" if self.portal else ""
 
     @property
     def token_url(self) -> str:
@@ -629,6 +673,18 @@ def load_settings(
             "SIDECAR_PUBLIC_URL: required when SIDECAR_OAUTH_LISTEN is not on loopback (the "
             "address the portal and browsers reach it at; only that Host is served there)"
         )
+
+    portals = values.get("portal")
+    if isinstance(portals, PortalList):
+        values["portal"], values["portal_list"] = "", portals
+        if "oauth_url" not in values:
+            oauth_url = default_oauth_url_of(portals)
+            if oauth_url is None:
+                problems.append(
+                    "BITRIX_OAUTH_URL: required when BITRIX_PORTAL lists portals on loopback or "
+                    "in both OAuth zones (oauth.bitrix.info and oauth.bitrix24.tech)")
+            else:
+                values["oauth_url"] = oauth_url
 
     if problems:
         raise ConfigError(problems)

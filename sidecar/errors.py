@@ -94,6 +94,24 @@ class NotFound(SidecarError):
     code = "SIDECAR_NOT_FOUND"
 
 
+class PortalRequired(SidecarError):
+    """A call names no portal while the sidecar holds several (marketplace mode)."""
+
+    code = "SIDECAR_PORTAL_REQUIRED"
+
+
+class PortalUnknown(SidecarError):
+    """A call names a portal (by host or member_id) the sidecar holds no authorization of."""
+
+    code = "SIDECAR_PORTAL_UNKNOWN"
+
+
+class PortalMismatch(SidecarError):
+    """A call names two different portals, in its path and in the X-Bitrix-Portal header."""
+
+    code = "SIDECAR_PORTAL_MISMATCH"
+
+
 class MethodNotAllowed(SidecarError):
     """The HTTP method is not one Bitrix24 REST accepts."""
 

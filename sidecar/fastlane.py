@@ -5,7 +5,8 @@ more per call than everything the sidecar itself does. Every connection to the p
 starts here instead. A request whose head is ordinary is parsed with httptools and given to
 the proxy core directly:
 
-- ``GET`` or ``POST`` to ``/rest/...``, HTTP/1.1 or HTTP/1.0, one ``Host`` header;
+- ``GET`` or ``POST`` to ``/rest/...`` (or ``/portal/<portal>/rest/...``), HTTP/1.1 or
+  HTTP/1.0, one ``Host`` header;
 - a body, if any, framed by one ``Content-Length`` of at most ``FAST_BODY`` bytes;
 - no ``Expect``, ``Transfer-Encoding``, ``Content-Encoding`` or ``Upgrade``.
 

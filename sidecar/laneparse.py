@@ -21,7 +21,8 @@ FAST_BODY = 1 << 20
 MAX_HEAD = 24 * 1024
 MAX_LINE = 8190
 MAX_HEADERS = 100
-PREFIXES = (b"GET /rest/", b"POST /rest/")
+# /rest/... and /portal/<portal>/rest/... (a call naming its portal, issue 14).
+PREFIXES = (b"GET /rest/", b"POST /rest/", b"GET /portal/", b"POST /portal/")
 METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"expect", b"content-encoding",
                                  b"upgrade"})

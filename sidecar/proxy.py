@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -28,6 +29,8 @@ from sidecar.errors import (
     BadRequest,
     InternalError,
     MethodNotAllowed,
+    PortalMismatch,
+    PortalUnknown,
     SidecarError,
     UpstreamError,
 )
@@ -45,7 +48,9 @@ from sidecar.rules import (
     filter_headers,
     multipart_boundary,
     parse_target,
+    portal_header,
     response_headers,
+    shown_whole,
     strip_body_auth,
     strip_multipart_auth,
     strip_query_auth,
@@ -55,6 +60,7 @@ from sidecar.upstream import BadHeader, Pool
 
 log = structlog.get_logger("sidecar.proxy")
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _COALESCIBLE_TYPES = frozenset({"", "application/x-www-form-urlencoded", "application/json"})
 # Answers up to this size are read whole (one write to the client); larger ones stream.
 STREAM_THRESHOLD = 256 * 1024
@@ -191,14 +197,59 @@ class Proxy:
 
     async def _dispatch(self, call: Call, sink: Sink, request_id: str, outcome: Outcome) -> Reply:
         target = self.precheck(call)
+        outcome.method = "/token" if target is None else target.method.lower()
+        try:
+            self._portal_for(target, call)
+        except SidecarError as exc:
+            # Its description quotes the portal's name, which a caller may have made the key.
+            exc.description = self._key.scrub(exc.description)
+            raise
         if target is None:
-            outcome.method = "/token"
             return await self._token(call, request_id)
-        outcome.method = target.method.lower()
         if call.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET or POST")
         body = await self._read_body(call)
         return await self._forward(call, sink, request_id, target, body, outcome)
+
+    def _portal_for(self, target: Target | None, call: Call) -> None:
+        """Check that the portal a call names (path prefix or X-Bitrix-Portal), if any, is the
+        one this sidecar serves; raise BadRequest, PortalMismatch or PortalUnknown if not.
+
+        One portal is served here: it answers to its host[:port] (as configured, or as the
+        held pair's ``client_endpoint`` names it) and to the held pair's member_id, so a host
+        in the path and a member_id in the header may name it together. Two names that are not
+        both this portal's name two portals (or cannot be told to be one): the call reaches
+        neither. The portal registry (issue 14, marketplace mode) replaces this with a lookup
+        that returns the named portal's Authorization and Gate.
+        """
+        in_path = target.portal if target is not None else ""
+        in_header = portal_header(call.headers)
+        if not in_path and not in_header:
+            return
+        served = self._portal_names()
+        if in_path and in_header and in_path != in_header and not (
+                in_path in served and in_header in served):
+            raise PortalMismatch(
+                f"the path names the portal {shown_whole(in_path)} and the X-Bitrix-Portal "
+                f"header {shown_whole(in_header)}: name one portal, or the same in both"
+            )
+        named = in_path or in_header
+        if named not in served:
+            shown = min(_host_names(self._settings.rest_base), key=len, default="")
+            raise PortalUnknown(
+                f"this sidecar holds no portal {shown_whole(named)}"
+                + (f"; it serves {shown} alone" if shown else "")
+            )
+
+    def _portal_names(self) -> set[str]:
+        """The names calls may give the one portal served here (lower-cased)."""
+        served = _host_names(self._settings.rest_base)
+        pair = self._tokens.pair
+        if pair is not None:
+            served |= _host_names(pair.client_endpoint)
+            if pair.member_id:
+                served.add(pair.member_id.lower())
+        return served
 
     async def _token(self, call: Call, request_id: str) -> Reply:
         if call.method != "GET":
@@ -421,6 +472,23 @@ class Proxy:
     def _answer(self, upstream: Response, payload: bytes, request_id: str) -> Reply:
         return Reply(upstream.status, response_headers(upstream.headers, request_id), payload,
                      upstream.reason)
+
+
+def _host_names(address: str) -> set[str]:
+    """The names a call may give the portal at ``address``: its host:port, and its host alone
+    when the port is its scheme's own (lower-cased; none for '')."""
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError:
+        return set()
+    host = (parts.hostname or "").lower()
+    if not host:
+        return set()
+    default = _DEFAULT_PORTS.get(parts.scheme.lower())
+    if port is None or port == default:
+        return {host, f"{host}:{default}"} if default else {host}
+    return {f"{host}:{port}"}
 
 
 def _json_answer(answer: Answer, request_id: str) -> Reply:

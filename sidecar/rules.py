@@ -22,6 +22,15 @@ _PATH_RE = re.compile(
     r"(?P<suffix>\.json|\.xml)?",
     re.IGNORECASE,
 )
+# A portal as a call names it (/portal/<portal>/rest/..., X-Bitrix-Portal): its host with an
+# optional port, as an install event's `domain` carries it, or its member_id. Nothing else: no
+# percent-escape, empty or dot segment, slash or user part can be one.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_PORTAL_NAME_RE = re.compile(
+    rf"(?:{_LABEL}(?:\.{_LABEL})*(?::(?P<port>\d{{1,5}}))?|[a-z0-9_-]{{1,64}})", re.IGNORECASE)
+_PORTAL_NAME_MAX = 253 + 6  # a DNS name and ":65535"
+PORTAL_PREFIX = "/portal/"
+PORTAL_HEADER = "X-Bitrix-Portal"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CLIENT_AUTH_PARAMS = frozenset({"auth", "access_token"})
 HOP_BY_HOP = frozenset(
@@ -35,6 +44,7 @@ DROP_REQUEST = HOP_BY_HOP | {
     "host", "authorization", "content-length", "content-encoding", "expect", "cookie",
     "x-request-id",  # ours replaces it
     "x-sidecar-key",  # the client key (sidecar.clientkey) is ours alone
+    "x-bitrix-portal",  # which portal a call is for: the sidecar's business, not the portal's
 }
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
 
@@ -44,34 +54,91 @@ class Target:
     """What a client asked for: a REST method, its output format, and the raw query string.
 
     ``code`` is the webhook shape's code segment ('' without one): never forwarded, it may
-    carry the client key.
+    carry the client key. ``portal`` is the portal the path names
+    (``/portal/<portal>/rest/...``), lower-cased; '' without the prefix.
     """
 
     method: str
     suffix: str
     query: str
     code: str = ""
+    portal: str = ""
 
 
 def parse_target(raw: str) -> Target:
-    """Split and check the raw request target; raise NotFound or BadRequest."""
+    """Split and check the raw request target; raise NotFound or BadRequest.
+
+    ``/rest/...`` as always, or the same behind ``/portal/<portal>``, which names the portal
+    the call is for (a host[:port] or a member_id).
+    """
     path, _, query = raw.partition("?")
-    if not path.startswith("/rest/"):
+    portal = ""
+    rest = path
+    if path.startswith(PORTAL_PREFIX):
+        segment, slash, tail = path[len(PORTAL_PREFIX):].partition("/")
+        portal = portal_name(segment, f"the portal in {PORTAL_PREFIX}<portal>/rest/")
+        rest = slash + tail
+        if not rest.startswith("/rest/"):
+            raise BadRequest(
+                f"{show(rest)} after {PORTAL_PREFIX}<portal> is not a REST method address: use "
+                f"{PORTAL_PREFIX}<portal>/rest/<method> or "
+                f"{PORTAL_PREFIX}<portal>/rest/<user_id>/<code>/<method>"
+            )
+    elif not path.startswith("/rest/"):
         raise NotFound(f"bitrix-sidecar serves /rest/<method> only, not {show(path)}")
-    match = _PATH_RE.fullmatch(path)
+    match = _PATH_RE.fullmatch(rest)
     if match is None:
+        # Only the part from /rest/ on is quoted: a long portal name before it must not push
+        # a client key in the code segment past show()'s cut, where no scrubbing finds it whole.
         raise BadRequest(
-            f"{show(path)} is not a REST method address: use /rest/<method>, "
+            f"{show(rest)} is not a REST method address: use /rest/<method>, "
             "/rest/<method>.json or /rest/<user_id>/<code>/<method>"
         )
     if any(c in query for c in "\r\n\0#"):
         raise BadRequest("the query string holds control characters")
-    return Target(match["method"], (match["suffix"] or "").lower(), query, match["code"] or "")
+    return Target(match["method"], (match["suffix"] or "").lower(), query, match["code"] or "",
+                  portal)
+
+
+def portal_name(text: str, what: str) -> str:
+    """Check a portal's name as a call gives it (host[:port] or member_id); return it lower-cased.
+
+    Raise BadRequest naming ``what`` (where the name came from) if it is not one.
+    """
+    match = _PORTAL_NAME_RE.fullmatch(text) if len(text) <= _PORTAL_NAME_MAX else None
+    port = match["port"] if match is not None else None
+    if match is None or (port is not None and not 0 < int(port) < 65536):
+        raise BadRequest(
+            f"{what} is {shown_whole(text)}, not a portal: give its host (with its port, if it "
+            "has one), like corp.bitrix24.com, or its member_id"
+        )
+    return text.lower()
+
+
+def portal_header(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str:
+    """Return the portal the X-Bitrix-Portal header names, lower-cased ('' without one).
+
+    Raise BadRequest when it is repeated or is not a portal's name.
+    """
+    values = headers.getall(PORTAL_HEADER, ())
+    if not values:
+        return ""
+    if len(values) > 1:
+        raise BadRequest(f"the request carries more than one {PORTAL_HEADER} header")
+    return portal_name(values[0].strip(" \t"), f"the {PORTAL_HEADER} header")
 
 
 def show(text: str) -> str:
     """Quote a piece of client input safely for an error description."""
     return json.dumps(text[:120])
+
+
+def shown_whole(text: str) -> str:
+    """Quote client input whole, or only its length when it is too long to quote whole.
+
+    A secret cut in half by ``show`` could not be found and scrubbed; a whole one can.
+    """
+    return show(text) if len(text) <= 120 else f"a text of {len(text)} characters"
 
 
 def _param_name(segment: bytes | str) -> str:

@@ -26,6 +26,13 @@ class TestConfiguration:
         for name in ("BITRIX_PORTAL", "SIDECAR_LISTEN", "SIDECAR_REFRESH_INTERVAL"):
             assert name in err
 
+    async def test_a_bad_portal_list_exits_2_naming_bitrix_portal(self, env: Env) -> None:
+        """One bad entry in a marketplace list stops start-up like any bad value."""
+        bad = {**env, "BITRIX_PORTAL": "https://*.bitrix24.com,https://a.*.bitrix24.de"}
+        code, _, err = await cli("run", env=bad)
+        assert code == 2
+        assert "BITRIX_PORTAL: 'https://a.*.bitrix24.de': only the leftmost label" in err
+
     async def test_version(self, env: Env) -> None:
         """--version names the program."""
         code, out, _ = await cli("--version", env=env)

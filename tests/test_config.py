@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,12 @@ from sidecar.config import (
     Settings,
     load_settings,
     parse_duration,
+    parse_portal,
     parse_size,
 )
 from sidecar.errors import ConfigError
 
+LIST = "https://*.bitrix24.com,https://*.bitrix24.de,https://crm.example.com"
 BASE = {
     "BITRIX_PORTAL": "corezoid",
     "BITRIX_CLIENT_ID": "local.1.2",
@@ -47,6 +50,97 @@ class TestPortal:
         """BITRIX_OAUTH_URL overrides the zone default; a trailing /oauth/token/ is dropped."""
         settings = load_settings({**BASE, "BITRIX_OAUTH_URL": "https://o.example/oauth/token/"})
         assert settings.token_url == "https://o.example/oauth/token/"
+
+
+class TestPortalList:
+    """BITRIX_PORTAL as a list of portals and patterns: marketplace mode (issue 14)."""
+
+    @pytest.mark.parametrize("given", [
+        "corezoid", "corp.bitrix24.com", "https://crm.example.com/", "http://127.0.0.1:9000",
+        # What one portal accepted before the list form, a path and an IPv6 literal too.
+        "https://crm.example.com/b24", "http://[::1]:9000", "CORP.Bitrix24.com:8443",
+    ])
+    def test_one_portal_is_unchanged(self, given: str) -> None:
+        """One address: portal and rest_base as always, a one-rule list, no marketplace."""
+        settings = load_settings({**BASE, "BITRIX_PORTAL": given})
+        assert settings.portal == parse_portal(given)
+        assert settings.rest_base == f"{parse_portal(given)}/rest/"
+        assert settings.portals.single
+        assert not settings.marketplace
+        assert settings.portals.allows(settings.rest_base)
+
+    def test_a_list_is_marketplace_mode_with_no_one_portal(self) -> None:
+        """A list: every entry kept, and no one portal address for anything to use."""
+        settings = load_settings({**BASE, "BITRIX_PORTAL": f" {LIST} "})
+        assert settings.marketplace
+        assert str(settings.portals) == LIST
+        assert (settings.portal, settings.rest_base) == ("", "")
+        assert settings.portals.allows("https://a.bitrix24.de/rest/")
+        assert not settings.portals.allows("https://a.bitrix24.ru")
+        assert settings.oauth_url == OAUTH_WEST
+
+    @pytest.mark.parametrize("given", ["https://*.bitrix24.com", "corp,corp2",
+                                       "http://127.0.0.1:9001,http://127.0.0.1:9002"])
+    def test_a_pattern_or_two_addresses_are_a_list(self, given: str) -> None:
+        """One pattern names many portals, two addresses two: marketplace either way."""
+        settings = load_settings({**BASE, "BITRIX_PORTAL": given,
+                                  "BITRIX_OAUTH_URL": "http://127.0.0.1:9000"})
+        assert settings.marketplace
+        assert (settings.portal, settings.rest_base) == ("", "")
+
+    def test_a_list_of_one_address_is_one_portal(self) -> None:
+        """Duplicates fold: the same address twice is today's one portal."""
+        settings = load_settings(
+            {**BASE, "BITRIX_PORTAL": "https://corp.bitrix24.com, HTTPS://Corp.Bitrix24.com"})
+        assert not settings.marketplace
+        assert settings.portal == "https://corp.bitrix24.com"
+        assert settings.rest_base == "https://corp.bitrix24.com/rest/"
+
+    @pytest.mark.parametrize("given", [
+        "https://*.bitrix24.com,", "https://*.com", "https://a.*.bitrix24.com,corp",
+        "https://*.bitrix24.com,https://crm.example.com/b24", "corp,not a portal!",
+        "ftp://*.bitrix24.com", "https://*.bitrix24.com:99999,corp",
+    ])
+    def test_a_bad_entry_names_bitrix_portal(self, given: str) -> None:
+        """Any bad entry stops start-up, named by the variable (or flag) it came from."""
+        with pytest.raises(ConfigError) as caught:
+            load_settings({**BASE, "BITRIX_PORTAL": given})
+        [problem] = caught.value.problems
+        assert problem.startswith("BITRIX_PORTAL: "), problem
+        with pytest.raises(ConfigError) as caught:
+            load_settings(BASE, {"portal": given})
+        assert caught.value.problems[0].startswith("--portal: ")
+
+    @pytest.mark.parametrize(("given", "oauth"), [
+        ("https://*.bitrix24.ru,https://*.bitrix24.by,corp", OAUTH_RU),
+        ("https://*.bitrix24.com,https://*.bitrix24.de,crm.example.com", OAUTH_WEST),
+    ])
+    def test_a_list_in_one_zone_picks_its_oauth_server(self, given: str, oauth: str) -> None:
+        """The OAuth server of a list is its zone's, as for one portal."""
+        assert load_settings({**BASE, "BITRIX_PORTAL": given}).oauth_url == oauth
+
+    @pytest.mark.parametrize("given", ["https://*.bitrix24.ru,https://*.bitrix24.com",
+                                       "http://127.0.0.1:9001,http://127.0.0.1:9002"])
+    def test_a_list_across_zones_or_on_loopback_needs_bitrix_oauth_url(self, given: str) -> None:
+        """No one OAuth server to guess: the operator names it, and then it is taken."""
+        with pytest.raises(ConfigError) as caught:
+            load_settings({**BASE, "BITRIX_PORTAL": given})
+        [problem] = caught.value.problems
+        assert problem.startswith("BITRIX_OAUTH_URL: required"), problem
+        settings = load_settings({**BASE, "BITRIX_PORTAL": given,
+                                  "BITRIX_OAUTH_URL": "https://oauth.example.com"})
+        assert settings.token_url == "https://oauth.example.com/oauth/token/"
+
+    def test_settings_built_in_code_hold_their_one_portal(self) -> None:
+        """Settings made without load_settings (the demo) get the one portal's list, and a
+        replaced portal brings its own."""
+        settings = Settings(portal="http://127.0.0.1:9000", client_id="c", client_secret="s",
+                            oauth_url="o")
+        assert not settings.marketplace
+        assert settings.portals.allows("http://127.0.0.1:9000/rest/")
+        moved = replace(settings, portal="http://127.0.0.1:9001")
+        assert moved.portals.allows("http://127.0.0.1:9001")
+        assert not moved.portals.allows("http://127.0.0.1:9000")
 
 
 class TestDefaults:
@@ -79,7 +173,9 @@ class TestDefaults:
         with pytest.raises(ConfigError) as caught:
             load_settings({"BITRIX_CLIENT_SECRET": "s"})
         assert caught.value.problems == [
-            "BITRIX_PORTAL: required (portal: bare name (= NAME.bitrix24.ru), host, or full URL)",
+            "BITRIX_PORTAL: required (portal: bare name (= NAME.bitrix24.ru), host, or full URL; "
+            "or, for a marketplace app, a comma-separated list of addresses and "
+            "https://*.DOMAIN patterns)",
             "BITRIX_CLIENT_ID: required (application code (client_id))",
         ]
 

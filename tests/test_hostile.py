@@ -459,8 +459,47 @@ BODIES = {
              b"multipart/form-data; boundary=b"), 400, PORTAL),
 }
 
+# A call naming its portal (/portal/<portal>/rest/..., X-Bitrix-Portal; issue 14): every path
+# the sidecar refuses is refused behind the prefix too, and the prefix's own segment takes no
+# escape, dot segment or slash trick.
+PORTAL_PREFIXED = {
+    f"portal-prefixed-{name}": refused(
+        case.request.replace(b"GET /rest/", b"GET /portal/{portal}/rest/", 1), case.status,
+        case.error or "SIDECAR_BAD_REQUEST")
+    for name, case in {**TRAVERSAL, **METHOD_NAMES}.items()
+    if case.by == HANDLER and case.request.startswith(b"GET /rest/")
+}
+PORTAL_SEGMENTS = {
+    "portal-dot-dot": refused(get(b"/portal/../rest/profile")),
+    "portal-dot": refused(get(b"/portal/./rest/profile")),
+    "portal-encoded-dots": refused(get(b"/portal/%2e%2e/rest/profile")),
+    "portal-empty": refused(get(b"/portal//rest/profile")),
+    "portal-encoded-slash": refused(get(b"/portal/{portal}%2f..%2f/rest/profile")),
+    "portal-encoded-letter": refused(get(b"/portal/%31{portal}/rest/profile")),
+    "portal-backslash": refused(get(b"/portal/{portal}\\..\\rest/profile")),
+    "portal-user-part": refused(get(b"/portal/x@{portal}/rest/profile")),
+    "portal-path-param": refused(get(b"/portal/{portal};x/rest/profile")),
+    "portal-bad-port": refused(get(b"/portal/127.0.0.1:99999/rest/profile")),
+    "portal-then-token": refused(get(b"/portal/{portal}/token")),
+    "portal-then-oauth": refused(get(b"/portal/{portal}/oauth/token/")),
+    "portal-dot-dot-to-token": refused(get(b"/portal/{portal}/../token")),
+    "portal-twice": refused(get(b"/portal/{portal}/portal/{portal}/rest/profile")),
+    "portal-no-rest": refused(get(b"/portal/{portal}")),
+    "portal-mixed-case-prefix": not_found(b"/PORTAL/{portal}/rest/profile"),
+    "absolute-uri-portal-prefix": not_found(b"http://127.0.0.1/portal/{portal}/rest/profile"),
+    "portal-unknown": refused(get(b"/portal/evil.example/rest/profile"), 404,
+                              "SIDECAR_PORTAL_UNKNOWN"),
+    "portal-mismatch": refused(get(b"/portal/{portal}/rest/profile",
+                                   b"X-Bitrix-Portal: evil.example"),
+                               400, "SIDECAR_PORTAL_MISMATCH"),
+    "portal-header-traversal": refused(get(b"/rest/profile", b"X-Bitrix-Portal: ../token")),
+    "portal-header-url": refused(get(b"/rest/profile", b"X-Bitrix-Portal: http://{portal}/")),
+    "portal-header-twice": refused(get(b"/rest/profile", b"X-Bitrix-Portal: {portal}",
+                                       b"X-Bitrix-Portal: {portal}")),
+}
+
 CASES = {**TRAVERSAL, **TARGETS, **CONTROL_CHARACTERS, **SIZES_AND_FRAMING, **METHOD_NAMES,
-         **BODIES}
+         **BODIES, **PORTAL_PREFIXED, **PORTAL_SEGMENTS}
 
 
 class TestHostileRequests:
@@ -1008,10 +1047,11 @@ SEGMENT_PIECES = [
     b"\t", b"http:", b"//evil.example", b"a" * 70,
 ]
 PREFIXES = [b"/rest/", b"/rest/1/x/", b"/rest", b"/", b"//", b"", b"/oauth/", b"/token",
-            b"http://127.0.0.1/rest/", b"http://evil.example/", b"*"]
+            b"http://127.0.0.1/rest/", b"http://evil.example/", b"*", b"/portal/",
+            b"/portal/x/rest/", b"/portal/x/"]
 QUERY_PIECES = [b"a=1", b"auth=x", b"access_token=y", b"%00", b"%0d%0a", b"\x00", b"\xff", b"#",
                 b"&", b"=", b"%", b"fields[TITLE]=x", b"cmd[a]=profile", b"$result[a]", b" "]
-HEADER_NAMES = [b"X-Fuzz", b"Content-Type", b"Accept", b"X-Request-ID", b"Sec-Fetch-Site",
+HEADER_NAMES = [b"X-Fuzz", b"X-Bitrix-Portal", b"Content-Type", b"Accept", b"X-Request-ID", b"Sec-Fetch-Site",
                 b"Origin", b"Cookie", b"Authorization", b"Connection", b"Expect",
                 b"Accept-Encoding", b"X-Sidecar-Coalesce", b"User-Agent", b"X-A\x00", b"X A",
                 "\u0425".encode()]  # a Cyrillic letter
