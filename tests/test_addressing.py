@@ -189,6 +189,8 @@ class TestOtherPortalsRefused:
     async def test_an_unknown_portal_is_a_404(self, sidecar: Client, emulator: Emulator) -> None:
         """Another host, port or member_id, by prefix or header: 404, nothing forwarded."""
         url = URL(emulator.base_url)
+        assert url.host is not None
+        assert url.port is not None
         others = [f"{url.host}:{url.port + 1}", "localhost", f"localhost:{url.port}",
                   "corp.bitrix24.com", MEMBER, url.host]
         for other in others:

@@ -1051,8 +1051,8 @@ PREFIXES = [b"/rest/", b"/rest/1/x/", b"/rest", b"/", b"//", b"", b"/oauth/", b"
             b"/portal/x/rest/", b"/portal/x/"]
 QUERY_PIECES = [b"a=1", b"auth=x", b"access_token=y", b"%00", b"%0d%0a", b"\x00", b"\xff", b"#",
                 b"&", b"=", b"%", b"fields[TITLE]=x", b"cmd[a]=profile", b"$result[a]", b" "]
-HEADER_NAMES = [b"X-Fuzz", b"X-Bitrix-Portal", b"Content-Type", b"Accept", b"X-Request-ID", b"Sec-Fetch-Site",
-                b"Origin", b"Cookie", b"Authorization", b"Connection", b"Expect",
+HEADER_NAMES = [b"X-Fuzz", b"X-Bitrix-Portal", b"Content-Type", b"Accept", b"X-Request-ID",
+                b"Sec-Fetch-Site", b"Origin", b"Cookie", b"Authorization", b"Connection", b"Expect",
                 b"Accept-Encoding", b"X-Sidecar-Coalesce", b"User-Agent", b"X-A\x00", b"X A",
                 "\u0425".encode()]  # a Cyrillic letter
 CONTENT_TYPES = [JSON, FORM, b"multipart/form-data; boundary=b", b"multipart/form-data",
