@@ -21,7 +21,7 @@ import structlog
 from sidecar.config import shown_db, url_passwords
 from sidecar.errors import StoreError
 from sidecar.logging import scrub
-from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
+from sidecar.storage import PAIR_FIELDS, AppGrants, StoredState, TokenPair, pair_from_row
 from sidecar.store import Entry
 
 log = structlog.get_logger("sidecar.pgstore")
@@ -587,9 +587,10 @@ def _state(row: Any) -> StoredState:
     )
 
 
-class PgAuthorization:
+class PgAuthorization(AppGrants):
     """One authorization in a ``PgStore`` (a ``PairStore``): its own row and row lock."""
 
+    store: PgStore
     shared = True
 
     def __init__(self, store: PgStore, key: str, portal: str) -> None:
@@ -630,21 +631,6 @@ class PgAuthorization:
         """Inside ``locked()``: open, extend or close the replicas' failure episode."""
         return await self.store.fleet_episode(failing, now, retry_at, key=self.key)
 
-    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
-        """Record a grant (the app's, shared by its portals)."""
-        await self.store.add_grant(kind, digest, expires_at, detail)
-
-    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
-        """Use up a grant."""
-        return await self.store.take_grant(kind, digest, now)
-
-    async def drop_grants(self, kind: str) -> None:
-        """Delete every grant of ``kind`` (inside ``locked()``)."""
-        await self.store.drop_grants(kind)
-
-    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
-        """Return a valid grant's detail without using it up."""
-        return await self.store.peek_grant(kind, digest, now)
 
     async def heal(self) -> bool:
         """Return False: a database is not deleted under us."""

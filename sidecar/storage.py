@@ -154,3 +154,35 @@ def older(stored: StoredState, held: StoredState) -> bool:
 def lost(stored: StoredState, held: StoredState) -> bool:
     """Say whether the store came back empty (deleted and recreated) while we hold a pair."""
     return stored.pair is None and stored.generation == 0 and held.pair is not None
+
+
+class _Grants(Protocol):
+    """The operator's grants as a store keeps them (the app's, shared by its portals)."""
+
+    async def add_grant(self, kind: str, digest: str, expires_at: float,
+                        detail: str = "") -> None: ...
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None: ...
+    async def drop_grants(self, kind: str) -> None: ...
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None: ...
+
+
+class AppGrants:
+    """The grant methods of one authorization's view of a store: the store's own grants."""
+
+    store: _Grants
+
+    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
+        """Record a grant (the app's, shared by its portals)."""
+        await self.store.add_grant(kind, digest, expires_at, detail)
+
+    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Use up a grant."""
+        return await self.store.take_grant(kind, digest, now)
+
+    async def drop_grants(self, kind: str) -> None:
+        """Delete every grant of ``kind`` (inside ``locked()``)."""
+        await self.store.drop_grants(kind)
+
+    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
+        """Return a valid grant's detail without using it up."""
+        return await self.store.peek_grant(kind, digest, now)

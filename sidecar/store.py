@@ -25,7 +25,7 @@ import aiosqlite
 import structlog
 
 from sidecar.errors import StoreError
-from sidecar.storage import PAIR_FIELDS, StoredState, TokenPair, pair_from_row
+from sidecar.storage import PAIR_FIELDS, AppGrants, StoredState, TokenPair, pair_from_row
 
 log = structlog.get_logger("sidecar.store")
 
@@ -486,9 +486,10 @@ def _state(data: dict[str, Any], foreign: str) -> StoredState:
     )
 
 
-class StoredAuthorization:
+class StoredAuthorization(AppGrants):
     """One authorization in a ``TokenStore`` (a ``PairStore``): the row under its key."""
 
+    store: TokenStore
     shared = False
 
     def __init__(self, store: TokenStore, key: str, portal: str) -> None:
@@ -530,21 +531,6 @@ class StoredAuthorization:
         """Return None: a single sidecar keeps its failure episode in memory."""
         return None
 
-    async def add_grant(self, kind: str, digest: str, expires_at: float, detail: str = "") -> None:
-        """Record a grant (the store's grants are the app's, shared by its portals)."""
-        await self.store.add_grant(kind, digest, expires_at, detail)
-
-    async def take_grant(self, kind: str, digest: str, now: float) -> str | None:
-        """Use up a grant."""
-        return await self.store.take_grant(kind, digest, now)
-
-    async def drop_grants(self, kind: str) -> None:
-        """Delete every grant of ``kind`` (inside ``locked()``)."""
-        await self.store.drop_grants(kind)
-
-    async def peek_grant(self, kind: str, digest: str, now: float) -> str | None:
-        """Return a valid grant's detail without using it up."""
-        return await self.store.peek_grant(kind, digest, now)
 
     async def heal(self) -> bool:
         """Reopen the file if it was deleted or replaced (see ``TokenStore.heal``)."""

@@ -292,3 +292,12 @@ class TestManyAuthorizations:
             loaded = await db.authorization("member-a", "https://a.example.com").load()
             assert loaded.pair is None
             assert "local.other" in loaded.foreign
+
+    async def test_grants_are_the_apps_whichever_authorization_is_asked(
+        self, tmp_path: Path
+    ) -> None:
+        """A start link issued through one portal's view is the app's: any view uses it once."""
+        async with store(tmp_path / "t.db") as db:
+            secret = await issue_link(db.authorization("member-a", "https://a.example.com"))
+            assert await take_link(db.authorization("member-b", "https://b.example.com"), secret)
+            assert not await take_link(db, secret)
