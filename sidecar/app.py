@@ -24,21 +24,18 @@ from sidecar.alerts import Alerter
 from sidecar.authflow import INSTALL_MAX_BODY, AuthFlow, Handler, Where
 from sidecar.authorization import Authorization
 from sidecar.clientkey import AdminHosts
-from sidecar.coalescer import Coalescer
 from sidecar.config import Listen, Settings, is_loopback, oauth_timeout
 from sidecar.deadlines import DeadlineRunner, Deadlines
-from sidecar.errors import NotFound, Refused, SidecarError
+from sidecar.errors import NotFound, PortalUnknown, Refused, SidecarError
 from sidecar.fastlane import ProxyRunner
 from sidecar.lanecheck import RESEND_SWITCH, missing_client_internals
-from sidecar.limits import Gate
 from sidecar.logging import AccessLog, Redactor
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.oauth import OAuthClient
 from sidecar.pgbucket import PgBucket
-from sidecar.pgstore import PgStore
-from sidecar.portal import Addresses
 from sidecar.proxy import Proxy
-from sidecar.rules import HostPolicy
+from sidecar.registry import Portals
+from sidecar.rules import HostPolicy, shown_whole
 from sidecar.stores import open_store
 from sidecar.upstream import Pool
 
@@ -88,6 +85,7 @@ class Lifecycle:
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTHFLOW = web.AppKey("authflow", AuthFlow)
+PORTALS = web.AppKey("portals", Portals)
 BUDGET = web.AppKey("budget", PgBucket)  # the fleet's shared rate budget, with PostgreSQL
 # Install payloads are a few KiB; the admin listener reads no body at all.
 OAUTH_MAX_BODY = INSTALL_MAX_BODY
@@ -234,46 +232,38 @@ def create_app(
             # for byte, nothing is decompressed, no header is added, and nothing is resent.
             pool = Pool(limit=256)
             alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
-            tokens = Authorization(
-                store, make_oauth(oauth_http, settings, redactor), settings,
-                clock=clock, on_secret=redactor.add, watch_interval=watch_interval,
-                metrics=metrics, alerts=alerts,
-            )
-            await tokens.start()
-            app[TOKENS] = tokens
-            addresses = Addresses(settings.rest_base)
-            coalescer = Coalescer(tokens, pool, addresses, metrics,
-                                  time_limit=settings.upstream_timeout)
-            shared = None
-            if isinstance(store, PgStore) and settings.rate > 0:
-                # One budget for every sidecar on this database.
-                shared = PgBucket(store, rate=settings.rate, burst=settings.burst,
-                                  metrics=metrics)
-                await shared.start()
-                app[BUDGET] = shared
-            gate = tokens.gate = Gate(
-                rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
-                coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
-                shared=shared)
-            proxy = app[PROXY] = Proxy(settings, tokens, pool, metrics, addresses,
-                                       access_log=access_log)
+            portals = app[PORTALS] = Portals(
+                settings, store, make_oauth(oauth_http, settings, redactor), pool,
+                metrics=metrics, alerts=alerts, on_secret=redactor.add, clock=clock,
+                watch_interval=watch_interval)
+            await portals.start()
+            single = portals.single
+            tokens = single.tokens if single is not None else None
+            if single is not None:
+                app[TOKENS] = single.tokens
+                if single.budget is not None:
+                    app[BUDGET] = single.budget
+            proxy = app[PROXY] = Proxy(settings, portals, pool, metrics, access_log=access_log)
             checks = Admission(on_refused=metrics.install_checks_refused.inc)
-            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, store, oauth_http, checks=checks)
+            authflow = app[AUTHFLOW] = AuthFlow(settings, tokens, store, oauth_http, checks=checks,
+                                                portals=portals)
             authflow.add_routes(app, Where(proxy.policy, public=False), lifecycle.tracked)
             # After the exact routes.
             # Any path at all, newlines included, gets our own answers; so does any Expect.
             app.router.add_route("*", r"/{tail:[\s\S]*}", lifecycle.tracked(proxy.handle),
                                  expect_handler=expect_continue)
-            tasks = [
-                asyncio.create_task(tokens.run_schedule(), name="token-schedule"),
-                asyncio.create_task(tokens.run_watch(), name="token-watch"),
-            ]
-            state = tokens.status()
-            log.info("sidecar_started", state=state["state"], portal=settings.portal,
-                     expires_at=state["expires_at"], refresh_interval=settings.refresh_interval)
-            if state.get("authorize_url"):
-                log.warning("not_authorized", state=state["state"],
-                            authorize_url=state["authorize_url"])
+            if tokens is None:
+                log.info("sidecar_started", mode="marketplace", portals=len(portals),
+                         allowed=str(settings.portals),
+                         refresh_interval=settings.refresh_interval)
+            else:
+                state = tokens.status()
+                log.info("sidecar_started", state=state["state"], portal=settings.portal,
+                         expires_at=state["expires_at"],
+                         refresh_interval=settings.refresh_interval)
+                if state.get("authorize_url"):
+                    log.warning("not_authorized", state=state["state"],
+                                authorize_url=state["authorize_url"])
             if not settings.client_key and not is_loopback(settings.listen.host):
                 # Only SIDECAR_INSECURE_NO_CLIENT_KEY=on lets `run` get this far.
                 log.warning("no_client_key", listen=str(settings.listen),
@@ -283,13 +273,8 @@ def create_app(
             try:
                 yield
             finally:
-                for task in tasks:
-                    await cancel_and_wait(task)
-                await gate.aclose()
-                if shared is not None:
-                    await shared.aclose()
+                await portals.aclose()
                 await pool.close()
-                await tokens.aclose()
                 await alerts.drain()
                 access_log.flush()
 
@@ -372,6 +357,8 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         if proxy_app[LIFECYCLE].stopping:
             ready, reason = False, "shutting down"
+        elif PORTALS in proxy_app and TOKENS not in proxy_app:
+            ready, reason = proxy_app[PORTALS].readiness()
         elif TOKENS not in proxy_app:
             ready, reason = False, "starting"
         else:
@@ -386,7 +373,17 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
         return web.json_response({"ready": ready, "reason": reason},
                                  status=200 if ready else 503)
 
-    async def status(_: web.Request) -> web.Response:
+    async def status(request: web.Request) -> web.Response:
+        portals = proxy_app.get(PORTALS)
+        if portals is not None and TOKENS not in proxy_app:
+            named = request.query.get("portal", "")
+            if not named:
+                return web.json_response(portals.summary())
+            portal = portals.find(named.lower())
+            if portal is None:
+                return error_response(PortalUnknown(
+                    f"this sidecar holds no portal {shown_whole(named)}"))
+            return web.json_response(portal.tokens.status() | {"member_id": portal.member_id})
         if TOKENS not in proxy_app:
             return web.json_response({"state": "starting"}, status=503)
         status = proxy_app[TOKENS].status()

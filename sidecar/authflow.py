@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
@@ -40,9 +40,12 @@ from sidecar.grants import (
     take_install_window,
     take_link,
 )
-from sidecar.oauth import valid_endpoint
+from sidecar.oauth import origin_text, valid_endpoint
 from sidecar.rules import HostPolicy, origin_of
 from sidecar.storage import PairStore, TokenPair
+
+if TYPE_CHECKING:
+    from sidecar.registry import Portal, Portals
 
 STATE_TTL = 600.0
 MAX_STATES = 1000  # browser flows started from the pod's loopback
@@ -169,16 +172,18 @@ class AuthFlow:
     def __init__(
         self,
         settings: Settings,
-        tokens: Authorization,
+        tokens: Authorization | None,
         store: PairStore,
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
         checks: Admission | None = None,
+        portals: Portals | None = None,
     ) -> None:
         self._settings = settings
         self._checks = checks or Admission()  # app.info calls unauthenticated requests start
-        self._tokens = tokens
+        self._single = tokens  # None in marketplace mode
+        self._portals = portals
         self._store = store
         self._session = session
         self._starts = Starts(clock)
@@ -313,8 +318,13 @@ class AuthFlow:
             if not code:
                 raise BadRequest("the callback carries no code")
             self._check_domain(query.get("domain", ""))
-            previous = self._tokens.pair
-            pair = await self._tokens.authorize(code, trigger="callback")
+            if self._single is None:
+                assert self._portals is not None
+                previous = None
+                pair = await self._portals.authorize(code, trigger="callback")
+            else:
+                previous = self._single.pair
+                pair = await self._single.authorize(code, trigger="callback")
         except OAuthError as exc:
             return error_response(BadRequest(f"{exc.description}{code_hint(exc, self._settings)}"))
         except SidecarError as exc:
@@ -326,6 +336,11 @@ class AuthFlow:
         return response
 
     def _check_domain(self, domain: str) -> None:
+        if self._single is None:
+            if domain and not self._settings.portals.allows(f"https://{domain}"):
+                raise Refused(f"the authorization came from {domain}, which BITRIX_PORTAL does "
+                              "not allow")
+            return
         if domain and domain.lower() != self._portal_host:
             raise Refused(
                 f"the authorization came from {domain}, but BITRIX_PORTAL is "
@@ -395,9 +410,9 @@ class AuthFlow:
             log.warning("install_refused", error=exc.code, description=exc.description)
             return error_response(exc)
 
-    def _proven(self, given: str) -> bool:
+    def _proven(self, given: str, tokens: Authorization) -> bool:
         """Say whether ``given`` is the application token stored from a real install."""
-        held = self._tokens.pair
+        held = tokens.pair
         expected = held.application_token if held is not None else ""
         return bool(expected) and secrets.compare_digest(given.encode(), expected.encode())
 
@@ -406,13 +421,18 @@ class AuthFlow:
         if event != "ONAPPINSTALL":
             # Only a token stored from a real install vouches for other events: an uninstall
             # would otherwise be anyone's to send.
-            if not (self._tokens.working() and self._proven(given)):
+            portal = self._portal_of(auth)
+            tokens = portal.tokens if portal is not None else self._single
+            if not (tokens is not None and tokens.working() and self._proven(given, tokens)):
                 raise Refused(
                     f"{event} is accepted only with the application_token of the install "
                     "that holds the working authorization"
                 )
-            if event == "ONAPPUNINSTALL":
-                await self._tokens.revoke("the app was uninstalled from the portal")
+            if event == "ONAPPUNINSTALL" and portal is not None and self._portals is not None:
+                await portal.tokens.forget("uninstalled: the app was removed from the portal")
+                await self._portals.remove(portal)
+            elif event == "ONAPPUNINSTALL":
+                await tokens.revoke("the app was uninstalled from the portal")
             else:
                 log.info("install_event_ignored", install_event=event)
             return web.json_response({"result": True})
@@ -461,18 +481,40 @@ class AuthFlow:
             content_type="text/html",
         )
 
-    async def _consent(self, proof: str) -> tuple[Consent, InstallWindow | None]:
+    def _portal_of(self, auth: Mapping[str, Any]) -> Portal | None:
+        """In marketplace mode, the held portal an event names by its member_id (or None)."""
+        if self._portals is None or self._single is not None:
+            return None
+        member_id = str(auth.get("member_id") or "").lower()
+        return self._portals.find(member_id) if member_id else None
+
+    async def _consent(self, proof: str,
+                       tokens: Authorization) -> tuple[Consent, InstallWindow | None]:
         """Who stands behind an install: nobody (no working pair held), the stored application
         token, or the operator's open install window; refuse before the portal is asked."""
-        if not self._tokens.working():
+        if not tokens.working():
             return Consent.NONE, None
-        if self._proven(proof):
+        if self._proven(proof, tokens):
             return Consent.APPLICATION_TOKEN, None
         window = await install_window(self._store)
         if window is None:
             raise Refused(replacement_refusal(
-                self._tokens.pair, True, TokenPair("", "", 0.0), Consent.NONE))
+                tokens.pair, True, TokenPair("", "", 0.0), Consent.NONE))
         return Consent.OPERATOR, window
+
+    def _held_for(self, pair: TokenPair) -> Authorization | None:
+        """The authorization an install's pair is for: the single portal's, the held portal's
+        with its member_id, or None for a portal not held yet (marketplace mode)."""
+        if self._single is not None:
+            return self._single
+        assert self._portals is not None
+        if not self._settings.portals.allows(pair.client_endpoint):
+            raise Refused(f"the portal {origin_text(pair.client_endpoint)} is not among those "
+                          "BITRIX_PORTAL allows")
+        portal = self._portals.find(pair.member_id.lower()) if pair.member_id else None
+        if not pair.member_id:
+            raise BadRequest("the install payload names no member_id")
+        return portal.tokens if portal is not None else None
 
     async def _accept(self, pair: TokenPair, *, trigger: str, proof: str) -> None:
         """Refuse a pair for another portal or member, or one the portal does not accept."""
@@ -480,14 +522,39 @@ class AuthFlow:
             raise BadRequest("the install payload carries no token pair")
         if not pair.client_endpoint:
             raise BadRequest("the install payload names no usable client_endpoint")
-        self._tokens.check_portal(pair)
-        consent, window = await self._consent(proof)
+        tokens = self._held_for(pair)
+        if tokens is not None:
+            tokens.check_portal(pair)
+            consent, window = await self._consent(proof, tokens)
+        else:
+            consent, window = Consent.NONE, None
         async with self._checks.slot():
             scope, user_id = await self._verify(pair)
         # The portal says whose token it is and what it may do; the payload's word is not taken.
         pair = replace(pair, scope=scope or pair.scope, user_id=user_id)
-        self._tokens.check_replacement(pair, consent, proof)
-        held = self._tokens.pair
+        created: Portal | None = None
+        if tokens is None:
+            assert self._portals is not None
+            created = await self._portals.adopt(pair)
+            tokens = created.tokens
+        try:
+            await self._install(pair, tokens, consent, window, trigger=trigger, proof=proof)
+        except BaseException:
+            if created is not None and created.tokens.pair is None:
+                assert self._portals is not None
+                await self._portals.remove(created)
+            raise
+        if created is not None and self._portals is not None:
+            self._portals.renamed(created)
+            log.warning("portal_added", member_id=pair.member_id,
+                        portal=origin_text(pair.client_endpoint), trigger=trigger)
+
+    async def _install(self, pair: TokenPair, tokens: Authorization, consent: Consent,
+                       window: InstallWindow | None, *, trigger: str, proof: str) -> None:
+        """Store an install's verified pair through its authorization."""
+        tokens.check_portal(pair)
+        tokens.check_replacement(pair, consent, proof)
+        held = tokens.pair
         if held is not None and held.application_token and not pair.application_token:
             pair = replace(pair, application_token=held.application_token)
         if window is not None:
@@ -499,7 +566,7 @@ class AuthFlow:
             if await take_install_window(self._store) is None:
                 raise Refused("the install window was closed or used meanwhile")
             log.warning("install_window_used", user_id=pair.user_id)
-        await self._tokens.install(pair, trigger=trigger, consent=consent, proof=proof)
+        await tokens.install(pair, trigger=trigger, consent=consent, proof=proof)
 
     async def _verify(self, pair: TokenPair) -> tuple[str, str]:
         """Ask the portal with the new token: only a token the portal accepts is stored.

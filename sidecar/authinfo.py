@@ -18,7 +18,7 @@ from sidecar.errors import (
 from sidecar.logging import scrub
 from sidecar.oauth import client_error
 from sidecar.states import State
-from sidecar.storage import MOVED, StoredState
+from sidecar.storage import MOVED, StoredState, TokenPair
 
 # How each state reads in ``status``; "expired" is told apart by the clock, not by a state.
 _SHOWN = {
@@ -29,6 +29,13 @@ _SHOWN = {
     State.REAUTHORIZATION_REQUIRED: "reauthorization_required",
     State.CLIENT_REJECTED: "reauthorization_required",
 }
+
+
+def shown_state(state: State, pair: TokenPair | None, now: float) -> str:
+    """The state as ``status`` names it (a held pair past its end is "expired")."""
+    if pair is not None and not state.dead and pair.expires_at <= now:
+        return "expired"
+    return _SHOWN[state]
 
 
 def authorize_url(settings: Settings, state: str | None = None) -> str:
@@ -71,9 +78,7 @@ def describe(
     now = time.time() if now is None else now
     state = State.of_stored(stored) if state is None else state
     pair = stored.pair
-    shown = _SHOWN[state]
-    if pair is not None and not state.dead and pair.expires_at <= now:
-        shown = "expired"
+    shown = shown_state(state, pair, now)
     granted = {s.strip() for s in pair.scope.split(",") if s.strip()} if pair else set()
     info: dict[str, Any] = {
         "state": shown,

@@ -24,6 +24,7 @@ from sidecar.authinfo import (
     iso,
     renewal_error,
     shown_error,
+    shown_state,
     unusable,
 )
 from sidecar.config import Settings
@@ -150,6 +151,11 @@ class Authorization:
     # -- reading ---------------------------------------------------------------------------
 
     @property
+    def settings(self) -> Settings:
+        """Return the settings of this authorization's portal."""
+        return self._settings
+
+    @property
     def state(self) -> State:
         """Return where the authorization stands."""
         return self.life.state
@@ -213,6 +219,18 @@ class Authorization:
                                   else None),
             },
         }
+
+    def status_state(self) -> str:
+        """The state ``status`` shows, cheaply (for counting thousands of portals)."""
+        state = self.life.state
+        if state is State.REFRESHING and self.life.failures:
+            state = State.FAILING  # as status() says it
+        return shown_state(state, self.life.pair, self._clock())
+
+    def failing_since(self) -> float | None:
+        """When this authorization's failure episode began (None: not failing)."""
+        episode = self.renewal.episode
+        return episode.first_failure_at if episode is not None else None
 
     def _held_serves(self) -> bool:
         """Say whether the held token can still be sent (unexpired, not refused meanwhile)."""
@@ -414,6 +432,20 @@ class Authorization:
                  user_id=pair.user_id, consent=consent.value, scope=pair.scope,
                  expires_at=iso(pair.expires_at),
                  duration=round(self._clock() - (started or self._clock()), 3))
+
+    async def forget(self, reason: str) -> None:
+        """Remove this authorization (its portal uninstalled the app, marketplace mode): clear
+        its secrets in the store and hold no pair; the registry then drops the portal."""
+        remove = getattr(self._store, "remove", None)
+        if remove is None:
+            await self.revoke(reason)
+            return
+        async with self._store.locked():
+            await remove(reason)
+        self.life.revoked(reason, now=self._clock())
+        self.renewal.recovered(alert=False)
+        log.warning("portal_removed", member_id=self.pair.member_id if self.pair else "",
+                    portal=self._settings.portal, reason=reason)
 
     async def revoke(self, reason: str) -> None:
         """Mark the held pair dead (the app was uninstalled): a person must authorize again."""

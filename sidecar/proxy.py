@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -29,16 +28,15 @@ from sidecar.errors import (
     BadRequest,
     InternalError,
     MethodNotAllowed,
-    PortalMismatch,
-    PortalUnknown,
     SidecarError,
     UpstreamError,
 )
 from sidecar.limits import Gate
 from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
-from sidecar.portal import Addresses, Refusal, network_failure, reset_in
+from sidecar.portal import Refusal, network_failure, reset_in
 from sidecar.portalwire import PortalConnectionError, Response
+from sidecar.registry import Portal, Portals
 from sidecar.replies import JSON_TYPE, Call, Reply, Sink, error_reply
 from sidecar.rules import (
     DROP_REQUEST,
@@ -50,7 +48,6 @@ from sidecar.rules import (
     parse_target,
     portal_header,
     response_headers,
-    shown_whole,
     strip_body_auth,
     strip_multipart_auth,
     strip_query_auth,
@@ -60,7 +57,6 @@ from sidecar.upstream import BadHeader, Pool
 
 log = structlog.get_logger("sidecar.proxy")
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _COALESCIBLE_TYPES = frozenset({"", "application/x-www-form-urlencoded", "application/json"})
 # Answers up to this size are read whole (one write to the client); larger ones stream.
 STREAM_THRESHOLD = 256 * 1024
@@ -105,20 +101,17 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        tokens: Authorization,
+        portals: Portals,
         pool: Pool,
         metrics: Metrics,
-        addresses: Addresses,
         *,
         access_log: AccessLog,
     ) -> None:
         self._access_log = access_log
         self._metrics = metrics
-        self._gate: Gate = tokens.gate
         self._settings = settings
-        self._tokens = tokens
+        self._portals = portals
         self._pool = pool
-        self._addresses = addresses
         self.policy = HostPolicy(settings.listen.host, settings.allowed_hosts)
         self._key = ClientKey(settings.client_key)
         self._ids = RequestIds()
@@ -199,68 +192,35 @@ class Proxy:
         target = self.precheck(call)
         outcome.method = "/token" if target is None else target.method.lower()
         try:
-            self._portal_for(target, call)
+            portal = self._portal_for(target, call)
         except SidecarError as exc:
             # Its description quotes the portal's name, which a caller may have made the key.
             exc.description = self._key.scrub(exc.description)
             raise
         if target is None:
-            return await self._token(call, request_id)
+            return await self._token(call, request_id, portal)
         if call.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET or POST")
         body = await self._read_body(call)
-        return await self._forward(call, sink, request_id, target, body, outcome)
+        return await self._forward(call, sink, request_id, target, body, outcome, portal)
 
-    def _portal_for(self, target: Target | None, call: Call) -> None:
-        """Check that the portal a call names (path prefix or X-Bitrix-Portal), if any, is the
-        one this sidecar serves; raise BadRequest, PortalMismatch or PortalUnknown if not.
-
-        One portal is served here: it answers to its host[:port] (as configured, or as the
-        held pair's ``client_endpoint`` names it) and to the held pair's member_id, so a host
-        in the path and a member_id in the header may name it together. Two names that are not
-        both this portal's name two portals (or cannot be told to be one): the call reaches
-        neither. The portal registry (issue 14, marketplace mode) replaces this with a lookup
-        that returns the named portal's Authorization and Gate.
-        """
+    def _portal_for(self, target: Target | None, call: Call) -> Portal:
+        """The portal a call names (path prefix or X-Bitrix-Portal), or the only one held;
+        raise BadRequest, PortalMismatch, PortalUnknown or PortalRequired."""
         in_path = target.portal if target is not None else ""
         in_header = portal_header(call.headers)
-        if not in_path and not in_header:
-            return
-        served = self._portal_names()
-        if in_path and in_header and in_path != in_header and not (
-                in_path in served and in_header in served):
-            raise PortalMismatch(
-                f"the path names the portal {shown_whole(in_path)} and the X-Bitrix-Portal "
-                f"header {shown_whole(in_header)}: name one portal, or the same in both"
-            )
-        named = in_path or in_header
-        if named not in served:
-            shown = min(_host_names(self._settings.rest_base), key=len, default="")
-            raise PortalUnknown(
-                f"this sidecar holds no portal {shown_whole(named)}"
-                + (f"; it serves {shown} alone" if shown else "")
-            )
+        return self._portals.pick(in_path, in_header)
 
-    def _portal_names(self) -> set[str]:
-        """The names calls may give the one portal served here (lower-cased)."""
-        served = _host_names(self._settings.rest_base)
-        pair = self._tokens.pair
-        if pair is not None:
-            served |= _host_names(pair.client_endpoint)
-            if pair.member_id:
-                served.add(pair.member_id.lower())
-        return served
-
-    async def _token(self, call: Call, request_id: str) -> Reply:
+    async def _token(self, call: Call, request_id: str, portal: Portal) -> Reply:
         if call.method != "GET":
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET")
-        pair = await self._tokens.get()
+        pair = await portal.tokens.get()
         return Reply(200, [JSON_TYPE, ("X-Request-ID", request_id), ("Cache-Control", "no-store")],
                      json.dumps({
                 "access_token": pair.access_token,
                 "expires_at": int(pair.expires_at),
                 "expires_in": max(0, int(pair.expires_in())),
-                "client_endpoint": pair.client_endpoint or self._settings.rest_base,
+                "client_endpoint": pair.client_endpoint or portal.tokens.settings.rest_base,
                 "member_id": pair.member_id,
                 "scope": pair.scope,
             }).encode())
@@ -279,13 +239,14 @@ class Proxy:
 
     async def _forward(  # noqa: PLR0917 - one call's parts
         self, call: Call, sink: Sink, request_id: str, target: Target, body: bytes,
-        outcome: Outcome,
+        outcome: Outcome, portal: Portal,
     ) -> Reply:
-        """Send the call through the gate until it has an answer to relay.
+        """Send the call through the portal's gate until it has an answer to relay.
 
         A call goes round again (through the gate, so a retry is coalesced like any call) after
         an auth error, a rate-limit refusal or a time-limit pause: each has its own policy below.
         """
+        tokens, gate = portal.tokens, portal.gate
         query = strip_query_auth(target.query)
         headers = filter_headers(call.headers, DROP_REQUEST)
         headers.append(("X-Request-ID", request_id))
@@ -293,7 +254,7 @@ class Proxy:
         method = target.method.lower()
         ctype = call.content_type if body else ""
         coalescible = (
-            self._gate.coalesce
+            gate.coalesce
             and target.suffix != ".xml"
             and ctype in _COALESCIBLE_TYPES
             and call.headers.get("X-Sidecar-Coalesce", "").strip().lower() != "off"
@@ -303,18 +264,18 @@ class Proxy:
             return command_line(SingleCall(target.method, query, body, ctype)) if coalescible \
                 else None
 
-        pair = await self._tokens.get()
+        pair = await tokens.get()
         again = False  # a call the portal refused unrun goes first when it is sent again
         while True:
-            answer = await self._gate.enter(method, line=line, alive=call.alive, retry=again,
+            answer = await gate.enter(method, line=line, alive=call.alive, retry=again,
                                             refreshed=outcome.retried)
             if answer is not None:
                 outcome.reached = True
                 outcome.coalesced = True
                 return _json_answer(answer, request_id)
-            pair = self._tokens.current() or pair
+            pair = tokens.current() or pair
             again = False
-            origin, path = self._addresses.target(pair, target.method, target.suffix, query)
+            origin, path = portal.addresses.target(pair, target.method, target.suffix, query)
             # The header outranks any auth the body may still hide; the parameter serves
             # servers that read only parameters.
             headers[-1] = ("Authorization", f"Bearer {pair.access_token}")
@@ -331,21 +292,21 @@ class Proxy:
                 raise self._lost(exc, outcome, sent) from None
             try:
                 if upstream.status not in (401, 429, 503):
-                    self._gate.passed()
+                    gate.passed()
                     return await self._relay(sink, upstream, request_id, target, sent, outcome)
                 payload = await upstream.read()
                 self._upstream_done(outcome, sent)
                 refusal = Refusal.read(upstream.status, payload,
                                        upstream.headers.get("Content-Encoding", ""))
                 outcome.reached = refusal.error is not None  # a REST answer, not a proxy's page
-                fresh = await self._after_auth_error(refusal, pair, outcome)
+                fresh = await self._after_auth_error(refusal, pair, outcome, tokens)
                 if fresh is not None:
                     pair, again = fresh, True
                     continue
-                if self._after_rate_limit(refusal, outcome):
+                if self._after_rate_limit(refusal, outcome, gate):
                     again = True
                     continue
-                if self._after_time_limit(refusal, method, outcome):
+                if self._after_time_limit(refusal, method, outcome, gate):
                     continue  # enter() waits out the pause, then it goes again
                 reply = self._answer(upstream, payload, request_id)
                 if outcome.retry_after is not None:
@@ -365,7 +326,7 @@ class Proxy:
         return error
 
     async def _after_auth_error(self, refusal: Refusal, pair: TokenPair,
-                                outcome: Outcome) -> TokenPair | None:
+                                outcome: Outcome, tokens: Authorization) -> TokenPair | None:
         """401 expired/invalid token: renew once (one refresh for every caller) and go again.
 
         Return the fresh pair, or None when the policy does not apply.
@@ -374,30 +335,31 @@ class Proxy:
             return None
         outcome.retried = True
         self._metrics.upstream_retries.labels(reason="auth_error").inc()
-        return await self._tokens.refresh(pair.access_token, trigger="auth_error")
+        return await tokens.refresh(pair.access_token, trigger="auth_error")
 
-    def _after_rate_limit(self, refusal: Refusal, outcome: Outcome) -> bool:
+    def _after_rate_limit(self, refusal: Refusal, outcome: Outcome, gate: Gate) -> bool:
         """503 QUERY_LIMIT_EXCEEDED: the call did not run and our bucket was out of step. Fill
         it, back off, and say whether to send the call again (up to a bound)."""
         if not refusal.rate_limited:
             return False
-        self._gate.limited()
+        gate.limited()
         if outcome.limited >= LIMIT_RETRIES:
             return False
         outcome.limited += 1
         self._metrics.upstream_retries.labels(reason="rate_limit").inc()
         return True
 
-    def _after_time_limit(self, refusal: Refusal, method: str, outcome: Outcome) -> bool:
+    def _after_time_limit(self, refusal: Refusal, method: str, outcome: Outcome,
+                          gate: Gate) -> bool:
         """429 OPERATION_TIME_LIMIT: pause the method; say whether to wait the pause out (once,
         if it fits in the queue timeout) and go again. Otherwise the client is told how long
         (``outcome.retry_after``)."""
         if not refusal.time_limited:
             return False
         wait = reset_in(refusal.payload, refusal.encoding)
-        self._gate.pause(method, wait)
+        gate.pause(method, wait)
         self._metrics.upstream_limited.labels(error="OPERATION_TIME_LIMIT").inc()
-        if not outcome.paused and wait <= self._gate.queue_timeout:
+        if not outcome.paused and wait <= gate.queue_timeout:
             outcome.paused = True
             self._metrics.upstream_retries.labels(reason="time_limit").inc()
             return True
@@ -472,23 +434,6 @@ class Proxy:
     def _answer(self, upstream: Response, payload: bytes, request_id: str) -> Reply:
         return Reply(upstream.status, response_headers(upstream.headers, request_id), payload,
                      upstream.reason)
-
-
-def _host_names(address: str) -> set[str]:
-    """The names a call may give the portal at ``address``: its host:port, and its host alone
-    when the port is its scheme's own (lower-cased; none for '')."""
-    try:
-        parts = urlsplit(address)
-        port = parts.port
-    except ValueError:
-        return set()
-    host = (parts.hostname or "").lower()
-    if not host:
-        return set()
-    default = _DEFAULT_PORTS.get(parts.scheme.lower())
-    if port is None or port == default:
-        return {host, f"{host}:{default}"} if default else {host}
-    return {f"{host}:{port}"}
 
 
 def _json_answer(answer: Answer, request_id: str) -> Reply:

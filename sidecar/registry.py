@@ -18,16 +18,18 @@ from urllib.parse import urlsplit
 import structlog
 
 from sidecar.alerts import Alerter
-from sidecar.authorization import Authorization
+from sidecar.authinfo import iso
+from sidecar.authorization import Authorization, Consent
 from sidecar.coalescer import Coalescer
 from sidecar.config import Settings
-from sidecar.errors import PortalMismatch, PortalRequired, PortalUnknown, StoreError
+from sidecar.errors import PortalMismatch, PortalRequired, PortalUnknown, Refused, StoreError
 from sidecar.limits import Gate
 from sidecar.metrics import Metrics
-from sidecar.oauth import OAuthClient
+from sidecar.oauth import OAuthClient, origin_text
 from sidecar.pgbucket import PgBucket
 from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
+from sidecar.rules import shown_whole
 from sidecar.storage import PairStore, TokenPair
 from sidecar.store import TokenStore
 from sidecar.upstream import Pool
@@ -53,6 +55,26 @@ def portal_metrics(metrics: Metrics) -> Metrics:
     for name in _OWN_GAUGES:
         setattr(own, name, _Unexported())
     return own
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def host_names(address: str) -> set[str]:
+    """The names a call may give the portal at ``address``: its host:port, and its host alone
+    when the port is its scheme's own (lower-cased; none for '')."""
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError:
+        return set()
+    host = (parts.hostname or "").lower()
+    if not host:
+        return set()
+    default = _DEFAULT_PORTS.get(parts.scheme.lower())
+    if port is None or port == default:
+        return {host, f"{host}:{default}"} if default else {host}
+    return {f"{host}:{port}"}
 
 
 def host_of(address: str) -> str:
@@ -106,15 +128,15 @@ class Portal:
 class Portals:
     """Every portal this sidecar holds, found by host or member_id."""
 
-    def __init__(  # noqa: PLR0913 - what every portal's parts share
+    def __init__(
         self,
         settings: Settings,
         store: TokenStore | PgStore,
         oauth: OAuthClient,
         pool: Pool,
+        *,
         metrics: Metrics,
         alerts: Alerter,
-        *,
         on_secret: Callable[[str], None],
         clock: Callable[[], float],
         watch_interval: float,
@@ -148,40 +170,90 @@ class Portals:
         return None if self.settings.marketplace else self._portals.get("")
 
     def find(self, name: str) -> Portal | None:
-        """The portal named by its host[:port] or its member_id, if held."""
-        portal = self._names.get(name.lower()) or self._names.get(name)
-        if portal is not None and self._names_it(portal, name):
-            return portal
-        return None
+        """The portal named by its host[:port] or its member_id (lower case), if held."""
+        return self._names.get(name)
 
-    @staticmethod
-    def _names_it(portal: Portal, name: str) -> bool:
-        return name.lower() == host_of(portal.address) or name == portal.member_id
-
-    def pick(self, prefix: str, header: str) -> Portal:
+    def pick(self, in_path: str, in_header: str) -> Portal:
         """The portal a call names (by its path prefix, its header, or neither); raise the
         Bitrix-shaped refusal when it names none that is held, or two different ones."""
-        named = [name for name in (prefix, header) if name]
-        found = [self.find(name) for name in named]
-        for name, portal in zip(named, found, strict=True):
-            if portal is None:
-                raise PortalUnknown(f"this sidecar holds no authorization for the portal "
-                                    f"{name!r}")
-        if len(found) == 2 and found[0] is not found[1]:
-            raise PortalMismatch("the path and the X-Bitrix-Portal header name two different "
-                                 "portals")
-        if found:
-            portal = found[0]
-            assert portal is not None
-            return portal
-        if len(self._portals) == 1:
-            return next(iter(self._portals.values()))
-        if not self._portals:
-            raise PortalUnknown("this sidecar holds no portal's authorization yet: install the "
-                                "app on a portal first")
-        raise PortalRequired(
-            f"this sidecar holds {len(self._portals)} portals: name one with the path "
-            "/portal/<host or member_id>/rest/<method> or the header X-Bitrix-Portal")
+        if not in_path and not in_header:
+            if len(self._portals) == 1:
+                return next(iter(self._portals.values()))
+            if not self._portals:
+                raise PortalUnknown("this sidecar holds no portal's authorization yet: install "
+                                    "the app on a portal first")
+            raise PortalRequired(
+                f"this sidecar holds {len(self._portals)} portals: name one with the path "
+                "/portal/<host or member_id>/rest/<method> or the header X-Bitrix-Portal")
+        by_path = self.find(in_path) if in_path else None
+        by_header = self.find(in_header) if in_header else None
+        if in_path and in_header and in_path != in_header and (
+                by_path is None or by_path is not by_header):
+            raise PortalMismatch(
+                    f"the path names the portal {shown_whole(in_path)} and the X-Bitrix-Portal "
+                    f"header {shown_whole(in_header)}: name one portal, or the same in both")
+        portal = by_path or by_header
+        if portal is None:
+            raise PortalUnknown(f"this sidecar holds no portal {shown_whole(in_path or in_header)}"
+                                + self._served())
+        return portal
+
+    def _served(self) -> str:
+        """What a single-portal sidecar serves, for an unknown portal's error ('' else)."""
+        single = self.single
+        if single is None:
+            return ""
+        shown = min(host_names(single.tokens.settings.rest_base), key=len, default="")
+        return f"; it serves {shown} alone" if shown else ""
+
+    # -- what operators see (bounded however many portals are held) ------------------------
+
+    # How many portals that need attention /status names (the rest are counted).
+    SHOWN = 20
+
+    def summary(self) -> dict[str, Any]:
+        """Describe every portal in a few lines: counts per state, the oldest failure, and at
+        most ``SHOWN`` portals that need attention; never a token."""
+        counts: dict[str, int] = {}
+        attention: list[dict[str, Any]] = []
+        oldest: tuple[float, Portal] | None = None
+        for portal in self._portals.values():
+            tokens = portal.tokens
+            state = tokens.status_state()
+            counts[state] = counts.get(state, 0) + 1
+            if state == "valid":
+                continue
+            since = tokens.failing_since()
+            if since is not None and (oldest is None or since < oldest[0]):
+                oldest = (since, portal)
+            if len(attention) < self.SHOWN:
+                attention.append({"portal": portal.address, "member_id": portal.member_id,
+                                  "state": state, "failing_since": iso(since)})
+        return {
+            "mode": "marketplace",
+            "client_id": self.settings.client_id,
+            "oauth_server": self.settings.oauth_url,
+            "portals": len(self._portals),
+            "states": dict(sorted(counts.items())),
+            "oldest_failure": None if oldest is None else {
+                "portal": oldest[1].address, "member_id": oldest[1].member_id,
+                "since": iso(oldest[0])},
+            "attention": attention,
+            "attention_not_shown": max(0, len(self._portals) - counts.get("valid", 0)
+                                       - len(attention)),
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness of a marketplace sidecar: about the sidecar, not each portal (one portal
+        needing re-authorization must not take every portal's calls out of service)."""
+        total = len(self._portals)
+        broken = sum(1 for portal in self._portals.values()
+                     if portal.tokens.status_state() != "valid")
+        if not total:
+            return True, "ok: no portal has installed the app yet"
+        if broken:
+            return True, f"ok: {total} portals, {broken} need attention (see /status)"
+        return True, f"ok: {total} portals"
 
     # -- building --------------------------------------------------------------------------
 
@@ -211,7 +283,7 @@ class Portals:
         settings = self.settings
         if settings.marketplace:
             # Everything that names the portal (links, alerts, status) names this one.
-            settings = dataclasses.replace(settings, portal=address)
+            settings = dataclasses.replace(settings, portal=address, portal_list=None)
         metrics = self._own_metrics
         tokens = Authorization(
             store, self._oauth, settings, clock=self._clock, on_secret=self._on_secret,
@@ -240,14 +312,17 @@ class Portals:
         return portal
 
     def _index(self, portal: Portal) -> None:
-        """(Re)name ``portal`` by its host and member_id."""
+        """(Re)name ``portal`` by its hosts (configured and held) and its member_id."""
         for name in [name for name, held in self._names.items() if held is portal]:
             del self._names[name]
-        host = host_of(portal.address)
-        if host:
-            self._names[host] = portal
+        names = host_names(portal.tokens.settings.rest_base)
+        pair = portal.tokens.pair
+        if pair is not None:
+            names |= host_names(pair.client_endpoint)
         if portal.member_id:
-            self._names[portal.member_id] = portal
+            names.add(portal.member_id.lower())
+        for name in names:
+            self._names[name] = portal
 
     async def adopt(self, pair: TokenPair) -> Portal:
         """The portal of an install's pair: the held one with its member_id, or a new one
@@ -266,6 +341,34 @@ class Portals:
         assert isinstance(self.store, (TokenStore, PgStore))
         return await self._build(pair.member_id,
                                  self.store.authorization(pair.member_id, address), address)
+
+    async def authorize(self, code: str, *, trigger: str) -> TokenPair:
+        """Exchange an operator's code (the CLI, the browser flow) for whichever allowed
+        portal it was approved on; store the pair as that portal's, adding it if new."""
+        pair = await self._oauth.exchange_code(code)
+        self._on_secret(pair.access_token)
+        self._on_secret(pair.refresh_token)
+        if not pair.member_id:
+            raise Refused("the OAuth server's answer names no member_id")
+        if not self.settings.portals.allows(pair.client_endpoint):
+            raise Refused(f"the code was approved on {origin_text(pair.client_endpoint)}, "
+                          "which BITRIX_PORTAL does not allow")
+        portal = self.find(pair.member_id.lower())
+        created = portal is None
+        if portal is None:
+            portal = await self.adopt(pair)
+        try:
+            portal.tokens.check_portal(pair, source="exchange")
+            await portal.tokens.install(pair, trigger=trigger, consent=Consent.OPERATOR)
+        except BaseException:
+            if created and portal.tokens.pair is None:
+                await self.remove(portal)
+            raise
+        self._index(portal)
+        if created:
+            log.warning("portal_added", member_id=pair.member_id,
+                        portal=origin_text(pair.client_endpoint), trigger=trigger)
+        return pair
 
     def renamed(self, portal: Portal) -> None:
         """A portal's pair changed (its address may have moved): index it anew."""
