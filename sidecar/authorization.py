@@ -303,7 +303,7 @@ class Authorization:
                      detail="the token store answers again: the held-back renewal goes "
                      + (f"in {grace:g} s" if grace else "now"))
         self._held_back = False
-        self.renewal.changed.set()
+        self.renewal.touch()
 
     def _raise_if_unusable(self) -> None:
         error = unusable(self.life.state, self.life.pair is not None,
@@ -490,15 +490,15 @@ class Authorization:
             self._refresh_task.add_done_callback(_retrieve)
         return await asyncio.shield(self._refresh_task)
 
+    async def renew(self, trigger: str) -> TokenPair:
+        """Renew the held pair now (the schedule's doing)."""
+        pair = self.life.pair
+        assert pair is not None
+        return await self.refresh(pair.access_token, trigger=trigger)
+
     async def run_schedule(self) -> None:
         """Renew the pair when due, forever; wakes early whenever the pair changes."""
-
-        async def renew(trigger: str) -> TokenPair:
-            pair = self.life.pair
-            assert pair is not None
-            return await self.refresh(pair.access_token, trigger=trigger)
-
-        await run_schedule(self.renewal, renew, self._clock)
+        await run_schedule(self.renewal, self.renew, self._clock)
 
     async def run_watch(self) -> None:
         """Notice pairs stored by other processes, and retry a save the store refused."""
@@ -722,7 +722,7 @@ class Authorization:
             self._check_scope(pair)
         if stored.foreign and not previous.foreign:
             log.warning("token_store_foreign", detail=stored.foreign)
-        self.renewal.changed.set()
+        self.renewal.touch()
 
     def _check_scope(self, pair: TokenPair | None) -> None:
         if pair is None or not self._settings.scope:

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from sidecar import __version__
+from sidecar import __version__, climarket
 from sidecar.app import create_app, make_oauth, oauth_session, serve
 from sidecar.authinfo import authorize_url, code_hint, describe, iso
 from sidecar.authorization import Authorization
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept an install for any user of the portal")
     sub.add_parser("status", parents=[settings],
                    help="print the token's state as JSON (never a token); exit 1 unless usable")
+    sub.add_parser("portals", parents=[settings],
+                   help="marketplace mode: print a table of every portal held and its state")
     sub.add_parser("token", parents=[settings],
                    help="print the current access token, refreshing it first if it has expired")
     move = sub.add_parser(
@@ -134,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "healthcheck":
             return _healthcheck(args)
         flags = {option.dest: getattr(args, option.dest) for option in OPTIONS}
+        chosen = _chosen_portal(args.command, flags)
         settings = load_settings(
             os.environ, flags, need_secret=args.command in ("run", "authorize", "token"),
             serving=args.command == "run",
@@ -150,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log.flush()  # lines of a loop that ended before its flush ran
     # One-shot commands keep stdout for their answer and log only what matters.
     configure_logging(fmt=settings.log_format, level="warning")
+    if settings.marketplace:
+        return _marketplace(settings, args, chosen)
+    if args.command == "portals":
+        print("bitrix-sidecar: 'portals' lists the portals of a marketplace sidecar; "
+              "BITRIX_PORTAL names one portal: see 'status'", file=sys.stderr)
+        return EXIT_FAILED
     if args.command == "authorize-url":
         print(authorize_url(settings))
         return 0
@@ -164,6 +173,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(settings, args)
     return _run(_token(settings))
+
+
+# The commands that act on one portal: in marketplace mode --portal names which.
+_PER_PORTAL = frozenset({"authorize", "authorize-url", "token", "status"})
+
+
+def _chosen_portal(command: str, flags: dict[str, Any]) -> str | None:
+    """In marketplace mode (BITRIX_PORTAL a list), ``--portal NAME`` on a per-portal command
+    names one portal of it rather than replacing the list; take it out of the settings."""
+    named = flags.get("portal")
+    listed = os.environ.get("BITRIX_PORTAL", "")
+    if command not in _PER_PORTAL or not named or not ("," in listed or "*" in listed):
+        return None
+    if "," in str(named) or "*" in str(named):
+        return None  # a list given by flag: the settings' own
+    flags["portal"] = None
+    return str(named)
+
+
+def _marketplace(settings: Settings, args: argparse.Namespace, chosen: str | None) -> int:
+    """Run a one-shot command of a marketplace sidecar (see sidecar/climarket.py)."""
+    now = time.time()
+    if args.command in ("status", "portals"):
+        return _run(climarket.status(settings, chosen, table=args.command == "portals",
+                                     now=now))
+    if args.command == "authorize-url":
+        return climarket.authorize_url_for(settings, chosen)
+    if args.command == "authorize":
+        code, _ = parse_code(args.code)
+        return _run(climarket.authorize(settings, code, chosen))
+    if args.command == "token":
+        return _run(climarket.token(settings, chosen))
+    print(f"bitrix-sidecar: '{args.command}' is not available in marketplace mode yet",
+          file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

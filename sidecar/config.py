@@ -399,6 +399,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("SIDECAR_FAST_LANE", "--fast-lane", "fast_lane",
            "serve ordinary REST calls in the fast lane: on, or off to serve every request "
            "through aiohttp", parse_on_off, "on"),
+    Option("SIDECAR_REFRESH_RATE", "--refresh-rate", "refresh_rate",
+           "marketplace mode: the most scheduled renewals started per second, all portals "
+           "together (the OAuth server sees them spread, never in a burst)",
+           parse_rate, "10"),
+    Option("SIDECAR_METRICS_PER_PORTAL", "--metrics-per-portal", "metrics_per_portal",
+           "marketplace mode: export each portal's token expiry with a portal label (one "
+           "series per portal; off: counts per state, and labels only for portals that need "
+           "attention)", parse_on_off, "off"),
     Option("SIDECAR_DB", "--db", "db_path",
            "SQLite token store file, or a postgresql:// URL of a store shared by several "
            "sidecars (a URL with a password: prefer the _FILE form)", parse_db,
@@ -498,6 +506,8 @@ class Settings:
     log_format: str = _default("log_format")
     log_level: str = _default("log_level")
     fast_lane: bool = _default("fast_lane")
+    metrics_per_portal: bool = _default("metrics_per_portal")
+    refresh_rate: float = _default("refresh_rate")
 
     @cached_property
     def portals(self) -> PortalList:

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from prometheus_client.core import GaugeMetricFamily
 
 from sidecar.alerts import Alerter
 from sidecar.authinfo import iso
@@ -30,6 +32,7 @@ from sidecar.pgbucket import PgBucket
 from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
 from sidecar.rules import shown_whole
+from sidecar.scheduler import Scheduler
 from sidecar.storage import PairStore, TokenPair
 from sidecar.store import TokenStore
 from sidecar.upstream import Pool
@@ -75,6 +78,12 @@ def host_names(address: str) -> set[str]:
     if port is None or port == default:
         return {host, f"{host}:{default}"} if default else {host}
     return {f"{host}:{port}"}
+
+
+def spread(key: str) -> float:
+    """Where in the refresh interval a portal renews (0..1), fixed by its key: renewals of
+    portals authorized together drift apart instead of falling due together forever."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
 
 
 def host_of(address: str) -> str:
@@ -125,6 +134,49 @@ class Portal:
         await self.tokens.aclose()
 
 
+class PortalsCollector:
+    """The marketplace gauges, read at scrape time: counts per state, and a label per portal
+    only for the bounded set that needs attention (at most ``Portals.SHOWN``), or for every
+    portal where the operator turns it on (SIDECAR_METRICS_PER_PORTAL)."""
+
+    def __init__(self, portals: Portals, *, per_portal: bool) -> None:
+        self._portals = portals
+        self._per_portal = per_portal
+
+    def describe(self) -> list[Any]:
+        """Describe nothing up front (the families depend on what is held)."""
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the gauges as they are now."""
+        states = GaugeMetricFamily("bitrix_sidecar_portals",
+                                   "Portals held (marketplace mode), by state.", labels=["state"])
+        for state, count in self._portals.summary()["states"].items():
+            states.add_metric([state], count)
+        yield states
+        attention = GaugeMetricFamily(
+            "bitrix_sidecar_portal_attention",
+            "1 for each portal that needs attention (not valid), at most 20 named.",
+            labels=["portal", "member_id", "state"])
+        expires = GaugeMetricFamily(
+            "bitrix_sidecar_portal_token_expires_at",
+            "When each portal's access token expires (SIDECAR_METRICS_PER_PORTAL=on).",
+            labels=["portal", "member_id"])
+        shown = 0
+        for portal in self._portals:
+            state = portal.tokens.status_state()
+            if state != "valid" and shown < Portals.SHOWN:
+                attention.add_metric([portal.address, portal.member_id, state], 1)
+                shown += 1
+            if self._per_portal:
+                pair = portal.tokens.pair
+                expires.add_metric([portal.address, portal.member_id],
+                                   pair.expires_at if pair else 0)
+        yield attention
+        if self._per_portal:
+            yield expires
+
+
 class Portals:
     """Every portal this sidecar holds, found by host or member_id."""
 
@@ -155,6 +207,12 @@ class Portals:
         self._names: dict[str, Portal] = {}  # by host[:port] and by member_id
         self._watch: asyncio.Task[None] | None = None
         self._seq = 0
+        # Marketplace mode: one schedule for every portal (a loop each would not scale).
+        self.scheduler = Scheduler(settings.refresh_rate, clock)
+        self._scheduling: asyncio.Task[None] | None = None
+        if settings.marketplace:
+            metrics.registry.register(PortalsCollector(
+                self, per_portal=settings.metrics_per_portal))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -278,6 +336,7 @@ class Portals:
                         "not allow (or of a single-portal sidecar): they are not served")
         log.info("portals_loaded", count=len(self._portals))
         self._watch = asyncio.create_task(self._run_watch(), name="portals-watch")
+        self._scheduling = asyncio.create_task(self.scheduler.run(), name="portals-schedule")
 
     async def _build(self, key: str, store: PairStore, address: str) -> Portal:
         settings = self.settings
@@ -303,9 +362,14 @@ class Portals:
             coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
             shared=budget)
         portal = Portal(key, tokens, addresses, coalescer, gate, budget)
-        portal.tasks.append(asyncio.create_task(tokens.run_schedule(),
-                                                name=f"token-schedule-{key}"))
-        if not settings.marketplace:
+        if settings.marketplace:
+            renewal = tokens.renewal
+            renewal.spread = spread(key)
+            renewal.on_change = lambda: self.scheduler.moved(key)
+            self.scheduler.add(key, tokens)
+        else:
+            portal.tasks.append(asyncio.create_task(tokens.run_schedule(),
+                                                    name="token-schedule"))
             portal.tasks.append(asyncio.create_task(tokens.run_watch(), name="token-watch"))
         self._portals[key] = portal
         self._index(portal)
@@ -377,6 +441,7 @@ class Portals:
     async def remove(self, portal: Portal) -> None:
         """Forget a portal whose authorization was removed (its app uninstalled)."""
         self._portals.pop(portal.key, None)
+        self.scheduler.remove(portal.key)
         for name in [name for name, held in self._names.items() if held is portal]:
             del self._names[name]
         await portal.aclose()
@@ -422,10 +487,11 @@ class Portals:
                         origin_address(pair.client_endpoint))
 
     async def aclose(self) -> None:
-        """Stop the watch and every portal."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        """Stop the watch, the schedule and every portal."""
+        for task in (self._watch, self._scheduling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for portal in self:
             await portal.aclose()

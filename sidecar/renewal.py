@@ -57,6 +57,17 @@ class Renewal:
         self.last_attempt_at = 0.0
         self.refreshes = 0  # successful renewals by this process
         self.changed = asyncio.Event()  # set whenever the schedule may have moved
+        # Marketplace mode: the one scheduler of every portal is told instead of a loop each.
+        self.on_change: Callable[[], None] | None = None
+        # Where in the interval this authorization renews, 0..1 (0: at its end, as one portal
+        # always has): many portals' renewals spread over the interval instead of bunching.
+        self.spread = 0.0
+
+    def touch(self) -> None:
+        """The schedule may have moved: wake whoever waits on it."""
+        self.changed.set()
+        if self.on_change is not None:
+            self.on_change()
 
     def attempted(self, at: float) -> None:
         """A renewal starts at ``at`` (none starts within MIN_GAP of it)."""
@@ -80,7 +91,8 @@ class Renewal:
         else:
             lifetime = max(pair.expires_at - pair.obtained_at, 0.0)
             early = min(BACKOFF_MAX, lifetime * 0.1)
-            due = min(pair.obtained_at + interval, pair.expires_at - early)
+            due = min(pair.obtained_at + interval * (1.0 - 0.5 * self.spread),
+                      pair.expires_at - early)
         return max(due, self.last_attempt_at + MIN_GAP)
 
     def backoff(self) -> float:
@@ -121,7 +133,7 @@ class Renewal:
         if due if alert is None else alert:
             self._alert("token_refresh_failing" if opened or not life.state.dead
                         else "token_reauthorization_required", error=error)
-        self.changed.set()
+        self.touch()
         if life.state.dead:
             self.episode.reauth_alerted = True
             self._metrics.reauthorization_required.set(1)

@@ -1,0 +1,261 @@
+"""Marketplace mode over real sockets: one sidecar holds the authorizations of several portals.
+
+The emulator serves portals A and B on their own loopback addresses with one shared OAuth
+server, and each portal refuses the other's tokens, so a call that reaches a portal with the
+wrong token fails loudly.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from yarl import URL
+
+from sidecar.app import create_admin_app, create_app
+from sidecar.config import Settings, load_settings
+from sidecar.emulator import Emulator, Portal, run_emulator
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, settings_env
+
+
+@dataclass
+class Market:
+    """A served emulator with portals A and B (and C, which BITRIX_PORTAL does not allow)."""
+
+    emulator: Emulator
+    a: Portal
+    b: Portal
+    c: Portal
+
+
+@pytest.fixture
+async def market() -> AsyncIterator[Market]:
+    """Serve an emulator with three added portals."""
+    emulator = Emulator()
+    emulator.register_app(CLIENT_ID, CLIENT_SECRET, scope="crm,user")
+    a, b, c = emulator.add_portal("a"), emulator.add_portal("b"), emulator.add_portal("c")
+    async with run_emulator(emulator):
+        yield Market(emulator, a, b, c)
+
+
+def host(portal: Portal) -> str:
+    """The portal's host:port, as an install event's ``domain`` names it."""
+    return URL(portal.base_url).raw_authority
+
+
+@pytest.fixture
+def market_settings(market: Market, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings of a marketplace sidecar allowing portals A and B (not C)."""
+
+    def make(**env: str) -> Settings:
+        base = settings_env(market.emulator, tmp_path) | {
+            "BITRIX_PORTAL": f"{market.a.base_url},{market.b.base_url}",
+            "BITRIX_OAUTH_URL": market.emulator.oauth_url,
+        }
+        return load_settings(base | env, {})
+
+    return make
+
+
+@dataclass
+class Sidecar:
+    """A running marketplace sidecar: its proxy and admin clients."""
+
+    proxy: Any
+    admin: Any
+
+    def url(self, path: str) -> str:
+        """An address on the proxy listener."""
+        return str(self.proxy.make_url(path))
+
+    async def call(self, path: str, **headers: str) -> tuple[int, dict[str, Any]]:
+        """GET ``path`` on the proxy; return status and JSON body."""
+        async with self.proxy.get(path, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def status(self, query: str = "") -> tuple[int, dict[str, Any]]:
+        """GET /status on the admin listener."""
+        async with self.admin.get(f"/status{query}") as response:
+            return response.status, await response.json(content_type=None)
+
+    async def install(self, portal: Portal, **kwargs: Any) -> tuple[int, str]:
+        """Have ``portal`` send its install event to the sidecar."""
+        return await portal.send_install_event(self.url("/oauth/install"), CLIENT_ID, **kwargs)
+
+
+@pytest.fixture
+def start(aiohttp_client: Callable[..., Any],
+          market_settings: Callable[..., Settings]) -> Callable[..., Any]:
+    """Start a marketplace sidecar (proxy and admin apps) on loopback."""
+
+    async def started(**env: str) -> Sidecar:
+        app = create_app(market_settings(**env))
+        proxy = await aiohttp_client(app)
+        admin = await aiohttp_client(create_admin_app(app))
+        return Sidecar(proxy, admin)
+
+    return started
+
+
+def served(portal: Portal) -> int:
+    """How many REST calls reached ``portal``."""
+    return len(portal.rest_log)
+
+
+class TestAddressing:
+    async def test_calls_reach_the_named_portal_with_its_own_token(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """By path prefix (host or member_id), by header: each call reaches its portal, whose
+        answer (200) proves it carried that portal's token."""
+        sidecar = await start()
+        assert (await sidecar.install(market.a))[0] == 200
+        assert (await sidecar.install(market.b))[0] == 200
+        for path, headers, portal in (
+            (f"/portal/{host(market.a)}/rest/profile", {}, market.a),
+            (f"/portal/{market.b.member_id}/rest/profile", {}, market.b),
+            ("/rest/profile", {"X-Bitrix-Portal": host(market.b)}, market.b),
+            ("/rest/profile", {"X-Bitrix-Portal": market.a.member_id}, market.a),
+            (f"/portal/{host(market.a)}/rest/profile",
+             {"X-Bitrix-Portal": market.a.member_id}, market.a),
+        ):
+            before = (served(market.a), served(market.b))
+            status, body = await sidecar.call(path, **headers)
+            assert status == 200, (path, headers, body)
+            after = (served(market.a), served(market.b))
+            expected = (before[0] + (portal is market.a), before[1] + (portal is market.b))
+            assert after == expected, (path, headers)
+
+    async def test_the_webhook_shape_per_portal(self, market: Market,
+                                                start: Callable[..., Any]) -> None:
+        """A client library given /portal/<p>/rest/<user>/<code>/ as its webhook works."""
+        sidecar = await start()
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        before = served(market.b)
+        status, body = await sidecar.call(f"/portal/{host(market.b)}/rest/1/anything/profile")
+        assert status == 200, body
+        assert served(market.b) == before + 1
+
+    async def test_unaddressed_unknown_and_mismatched_calls(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """One portal held: unaddressed calls go to it. Two: 400 SIDECAR_PORTAL_REQUIRED.
+        Unknown: 404. Prefix and header naming two: 400. None of them reaches a portal."""
+        sidecar = await start()
+        status, body = await sidecar.call("/rest/profile")
+        assert (status, body["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
+        await sidecar.install(market.a)
+        assert (await sidecar.call("/rest/profile"))[0] == 200
+        await sidecar.install(market.b)
+        calls = served(market.a) + served(market.b)
+        status, body = await sidecar.call("/rest/profile")
+        assert (status, body["error"]) == (400, "SIDECAR_PORTAL_REQUIRED")
+        assert "/portal/" in body["error_description"]
+        status, body = await sidecar.call(f"/portal/{host(market.c)}/rest/profile")
+        assert (status, body["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
+        status, body = await sidecar.call(f"/portal/{host(market.a)}/rest/profile",
+                                          **{"X-Bitrix-Portal": host(market.b)})
+        assert (status, body["error"]) == (400, "SIDECAR_PORTAL_MISMATCH")
+        assert served(market.a) + served(market.b) == calls
+
+
+class TestOnboarding:
+    async def test_an_install_from_a_portal_outside_the_list_is_refused(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """Portal C is not in BITRIX_PORTAL: its install adds nothing; nor does A's event
+        naming an endpoint outside the list."""
+        sidecar = await start()
+        status, body = await sidecar.install(market.c)
+        assert status == 403, body
+        assert "BITRIX_PORTAL" in body
+        status, body = await sidecar.install(market.a, client_endpoint=f"{market.c.base_url}/rest/")
+        assert status == 403, body
+        status, summary = await sidecar.status()
+        assert (status, summary["portals"]) == (200, 0)
+
+    async def test_a_held_portal_is_replaced_only_with_its_application_token(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """A second install event for A with a forged application token changes nothing; B's
+        application token does not vouch for A."""
+        sidecar = await start()
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        status, body = await sidecar.install(market.a, application_token="forged")
+        assert status == 403, body
+        status, body = await sidecar.install(
+            market.a, application_token=market.b.application_token(CLIENT_ID))
+        assert status == 403, body
+        status, body = await sidecar.install(
+            market.a, application_token=market.a.application_token(CLIENT_ID))
+        assert status == 200, body
+
+    async def test_uninstall_removes_only_that_portal_and_its_secrets(
+        self, market: Market, start: Callable[..., Any], tmp_path: Path
+    ) -> None:
+        """ONAPPUNINSTALL with A's application token removes A (its calls 404, its secrets
+        gone from the store); with a forged token it is refused; B serves throughout."""
+        sidecar = await start()
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        status, body = await market.a.send_uninstall_event(
+            sidecar.url("/oauth/install"), CLIENT_ID, application_token="forged")
+        assert status == 403, body
+        assert (await sidecar.call(f"/portal/{host(market.b)}/rest/profile"))[0] == 200
+        status, body = await market.a.send_uninstall_event(
+            sidecar.url("/oauth/install"), CLIENT_ID)
+        assert status == 200, body
+        status, body = await sidecar.call(f"/portal/{host(market.a)}/rest/profile")
+        assert (status, body["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
+        assert (await sidecar.call("/rest/profile"))[0] == 200  # B alone is left
+        _, summary = await sidecar.status()
+        assert summary["portals"] == 1
+        with sqlite3.connect(tmp_path / "tokens.db") as raw:
+            rows = raw.execute("SELECT key, access_token, refresh_token, application_token "
+                               "FROM authorizations ORDER BY key").fetchall()
+        assert (market.a.member_id, None, None, "") in rows
+
+    async def test_a_restart_serves_every_portal_again(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """The store keeps each portal's authorization: a new sidecar serves both at once."""
+        first = await start()
+        await first.install(market.a)
+        await first.install(market.b)
+        second = await start()
+        for portal in (market.a, market.b):
+            assert (await second.call(f"/portal/{host(portal)}/rest/profile"))[0] == 200
+
+
+class TestIsolation:
+    async def test_one_portals_dead_authorization_leaves_the_other_untouched(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """A's app is removed on the portal's side (its tokens die, the event never arrives):
+        A's calls get the re-authorization 503, B's are served; readiness stays up; /status
+        counts A among those needing attention and ?portal= shows it."""
+        sidecar = await start()
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        # The portal revokes the app and posts its event somewhere that is not the sidecar.
+        await market.a.send_uninstall_event("http://127.0.0.1:9/nowhere", CLIENT_ID)
+        status, body = await sidecar.call(f"/portal/{host(market.a)}/rest/profile")
+        assert (status, body["error"]) == (503, "SIDECAR_REAUTHORIZATION_REQUIRED"), body
+        assert (await sidecar.call(f"/portal/{host(market.b)}/rest/profile"))[0] == 200
+        async with sidecar.admin.get("/readyz") as response:
+            assert response.status == 200
+        _, summary = await sidecar.status()
+        assert summary["states"] == {"reauthorization_required": 1, "valid": 1}
+        assert [p["member_id"] for p in summary["attention"]] == [market.a.member_id]
+        status, one = await sidecar.status(f"?portal={market.a.member_id}")
+        assert (status, one["state"]) == (200, "reauthorization_required")
+        status, one = await sidecar.status(f"?portal={host(market.b)}")
+        assert (status, one["state"]) == (200, "valid")
+        status, one = await sidecar.status("?portal=nobody.example.com")
+        assert (status, one["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
