@@ -38,6 +38,7 @@ from sidecar.errors import (
 from sidecar.grants import INSTALL
 from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient, client_error, origin, origin_text
+from sidecar.portals import PortalList
 from sidecar.renewal import BACKOFF_MAX, Renewal, run_schedule
 from sidecar.states import Life, State
 from sidecar.storage import MOVED, PairStore, StoredState, TokenPair
@@ -128,6 +129,8 @@ class Authorization:
         alerts: Alerter | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        # Marketplace mode: the addresses BITRIX_PORTAL allows, where a portal may move.
+        self.allowed: PortalList | None = None
         self._store = store
         self._oauth = oauth
         self._settings = settings
@@ -377,6 +380,20 @@ class Authorization:
                   detail="the answer names another portal than the authorized one; calls stay "
                   "where they were (after a portal rename, authorize the app again)")
         return False
+
+    def _moved(self, new: TokenPair, held: TokenPair, known: str) -> bool:
+        """Marketplace mode: say whether a token answer moves the portal to another address
+        BITRIX_PORTAL allows, for the same member_id (a renamed portal); log it if so."""
+        allowed = self.allowed
+        if (allowed is None or origin(new.client_endpoint) == origin(known)
+                or not held.member_id or new.member_id != held.member_id
+                or not allowed.allows(new.client_endpoint)):
+            return False
+        log.warning("portal_moved", member_id=held.member_id, previous=origin_text(known),
+                    address=origin_text(new.client_endpoint),
+                    detail="the OAuth server names a new address for this portal; calls go "
+                    "there from now on")
+        return True
 
     def working(self) -> bool:
         """Say whether a pair is held that still serves (or can be renewed)."""
@@ -687,7 +704,8 @@ class Authorization:
         # the calls (and the token) to another portal: the known address is kept.
         endpoint = new.client_endpoint
         known = pair.client_endpoint or self._settings.rest_base
-        if endpoint and not self._same_portal(endpoint, known, source="refresh"):
+        if endpoint and not self._moved(new, pair, known) and not self._same_portal(
+                endpoint, known, source="refresh"):
             endpoint = pair.client_endpoint
         return replace(new, application_token=pair.application_token,
                        client_endpoint=endpoint), False

@@ -347,6 +347,8 @@ class Portals:
         tokens = Authorization(
             store, self._oauth, settings, clock=self._clock, on_secret=self._on_secret,
             watch_interval=self._watch_interval, metrics=metrics, alerts=self._alerts)
+        if self.settings.marketplace:
+            tokens.allowed = self.settings.portals
         await tokens.start()
         addresses = Addresses(settings.rest_base)
         coalescer = Coalescer(tokens, self._pool, addresses, self._metrics,

@@ -67,7 +67,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     fast lane, as ``bitrix-sidecar run`` serves, and without it, as with
     ``SIDECAR_FAST_LANE=off`` or an aiohttp lacking what the lane needs; so the two paths cannot
     drift apart. Tests of the lane itself (``lane_only``) run once, with it."""
-    if "fast_lane" not in metafunc.fixturenames or "make_settings" not in metafunc.fixturenames:
+    if "fast_lane" not in metafunc.fixturenames or not (
+            "make_settings" in metafunc.fixturenames
+            or "market_settings" in metafunc.fixturenames):
         return
     if metafunc.definition.get_closest_marker("lane_only"):
         metafunc.parametrize("fast_lane", [True], ids=["lane"], indirect=True)

@@ -7,6 +7,7 @@ wrong token fails loudly.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from yarl import URL
 
 from sidecar.app import create_admin_app, create_app
 from sidecar.config import Settings, load_settings
-from sidecar.emulator import Emulator, Portal, run_emulator
+from sidecar.emulator import Emulator, Portal, run_emulator, run_portal
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, settings_env
 
 
@@ -243,8 +244,10 @@ class TestIsolation:
         sidecar = await start()
         await sidecar.install(market.a)
         await sidecar.install(market.b)
-        # The portal revokes the app and posts its event somewhere that is not the sidecar.
-        await market.a.send_uninstall_event("http://127.0.0.1:9/nowhere", CLIENT_ID)
+        # The portal revokes the app; its event arrives forged (refused), as if lost.
+        status, _ = await market.a.send_uninstall_event(
+            sidecar.url("/oauth/install"), CLIENT_ID, application_token="lost")
+        assert status == 403
         status, body = await sidecar.call(f"/portal/{host(market.a)}/rest/profile")
         assert (status, body["error"]) == (503, "SIDECAR_REAUTHORIZATION_REQUIRED"), body
         assert (await sidecar.call(f"/portal/{host(market.b)}/rest/profile"))[0] == 200
@@ -259,3 +262,72 @@ class TestIsolation:
         assert (status, one["state"]) == (200, "valid")
         status, one = await sidecar.status("?portal=nobody.example.com")
         assert (status, one["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
+
+
+class TestClientLibrary:
+    async def test_fast_bitrix24_with_a_webhook_address_per_portal(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """fast_bitrix24, unchanged, given one webhook address per portal: each client's leads
+        land on its own portal (in batches the library makes), none on the other."""
+        fast_bitrix24 = pytest.importorskip("fast_bitrix24")
+        sidecar = await start()
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        on_a = fast_bitrix24.BitrixAsync(sidecar.url(f"/portal/{host(market.a)}/rest/"),
+                                         verbose=False)
+        on_b = fast_bitrix24.BitrixAsync(
+            sidecar.url(f"/portal/{market.b.member_id}/rest/1/anycode/"), verbose=False)
+        a_before, b_before = len(market.a.leads), len(market.b.leads)
+        for n in range(3):
+            await on_a.call("crm.lead.add", {"fields": {"TITLE": f"A {n}"}})
+        await on_b.call("crm.lead.add", {"fields": {"TITLE": "B 0"}})
+        assert sorted(lead["TITLE"] for lead in list(market.a.leads.values())[a_before:]) == [
+            "A 0", "A 1", "A 2"]
+        assert [lead["TITLE"] for lead in list(market.b.leads.values())[b_before:]] == ["B 0"]
+        leads = await on_b.get_all("crm.lead.list", {"select": ["ID", "TITLE"]})
+        assert [lead["TITLE"] for lead in leads] == [
+            lead["TITLE"] for lead in market.b.leads.values()]
+
+
+class TestMoves:
+    async def test_a_renamed_portal_moves_within_the_list_and_not_outside(
+        self, market: Market, aiohttp_client: Callable[..., Any], tmp_path: Path
+    ) -> None:
+        """A token answer naming a new address for the same member_id, on a host BITRIX_PORTAL
+        allows, moves the portal (calls go there, by its new name too); B's answer naming an
+        address outside the list is not followed."""
+        old = market.a.base_url
+        async with run_portal(market.a, host="127.0.0.9") as new:
+            market.a.bind(old)  # the portal is still where it was installed
+            settings = load_settings(settings_env(market.emulator, tmp_path) | {
+                "BITRIX_PORTAL": f"{old},{new},{market.b.base_url}",
+                "BITRIX_OAUTH_URL": market.emulator.oauth_url,
+            }, {})
+            app = create_app(settings, watch_interval=0.1)
+            sidecar = Sidecar(await aiohttp_client(app), await aiohttp_client(
+                create_admin_app(app)))
+            await sidecar.install(market.a)
+            await sidecar.install(market.b)
+            market.a.bind(new)  # renamed: token answers name the new address from now on
+            market.a.expire_access_tokens()
+            before = len(market.a.rest_log)
+            status, body = await sidecar.call(f"/portal/{URL(old).raw_authority}/rest/profile")
+            assert status == 200, body
+            last = market.a.rest_log[-1]
+            assert len(market.a.rest_log) == before + 2  # refused (expired), then served
+            assert last.headers["Host"] == URL(new).raw_authority
+            for _ in range(50):
+                status, one = await sidecar.status(f"?portal={URL(new).raw_authority}")
+                if status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (status, one["member_id"]) == (200, market.a.member_id)
+            # B's answers name an address BITRIX_PORTAL does not allow: not followed.
+            market.b.bind(market.c.base_url)
+            market.b.expire_access_tokens()
+            b_before = len(market.b.rest_log)
+            status, body = await sidecar.call(f"/portal/{market.b.member_id}/rest/profile")
+            assert status == 200, body
+            assert len(market.b.rest_log) == b_before + 2
+            assert not market.c.rest_log
