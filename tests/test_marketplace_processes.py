@@ -1,0 +1,129 @@
+"""Marketplace mode as operators run it: real ``bitrix-sidecar`` processes, the CLI per portal,
+and replicas sharing a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.emulator import Portal
+from tests.conftest import CLIENT_ID, settings_env
+from tests.processes import Running, cli, get, running
+from tests.test_marketplace import Market, host, market  # noqa: F401 - the fixture
+
+Env = dict[str, str]
+
+
+@pytest.fixture
+def market_env(market: Market, tmp_path: Path) -> Env:  # noqa: F811 - the fixture's name
+    """The environment of a marketplace sidecar allowing portals A and B."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BITRIX_", "SIDECAR_"))}
+    return base | settings_env(market.emulator, tmp_path) | {
+        "BITRIX_PORTAL": f"{market.a.base_url},{market.b.base_url}",
+        "BITRIX_OAUTH_URL": market.emulator.oauth_url,
+        "SIDECAR_LOG_FORMAT": "json",
+    }
+
+
+async def install(sidecar: Running, portal: Portal) -> None:
+    """Have ``portal`` install the app through the sidecar's proxy listener."""
+    status, body = await portal.send_install_event(f"{sidecar.base}/oauth/install", CLIENT_ID)
+    assert status == 200, body
+
+
+async def call(sidecar: Running, path: str) -> tuple[int, dict[str, Any]]:
+    """GET ``path`` through the sidecar."""
+    return await get(f"{sidecar.base}{path}")
+
+
+async def direct(portal: Portal, token: str) -> int:
+    """Call the portal itself with ``token``; return the status."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{portal.base_url}/rest/profile", params={"auth": token}) as response:
+        return response.status
+
+
+class TestCommandsPerPortal:
+    async def test_status_portals_token_and_authorize_per_portal(
+        self, market: Market, market_env: Env  # noqa: F811
+    ) -> None:
+        """``status`` lists both portals, ``portals`` prints a table, ``--portal`` picks one
+        (by host or member_id) for status, token and authorize-url; ``authorize`` stores a
+        code approved on an allowed portal as that portal's; an unknown portal exits 1."""
+        async with running(market_env) as sidecar:
+            await install(sidecar, market.a)
+            await install(sidecar, market.b)
+            assert (await call(sidecar, f"/portal/{host(market.a)}/rest/profile"))[0] == 200
+        code, out, err = await cli("status", env=market_env)
+        assert code == 0, err
+        summary = json.loads(out)
+        assert (summary["portals"], summary["states"]) == (2, {"valid": 2})
+        assert {row["member_id"] for row in summary["each"]} == {
+            market.a.member_id, market.b.member_id}
+        code, out, _ = await cli("portals", env=market_env)
+        assert code == 0
+        lines = out.splitlines()
+        assert lines[0].split()[:3] == ["MEMBER_ID", "PORTAL", "STATE"]
+        assert any(market.a.member_id in line and "valid" in line for line in lines[1:])
+        code, out, _ = await cli("status", "--portal", host(market.a), env=market_env)
+        assert code == 0
+        assert json.loads(out)["member_id"] == market.a.member_id
+        code, out, err = await cli("token", "--portal", market.b.member_id, env=market_env)
+        assert code == 0, err
+        token = out.strip()
+        assert (await direct(market.b, token), await direct(market.a, token)) == (200, 401)
+        code, out, _ = await cli("authorize-url", "--portal", host(market.a), env=market_env)
+        assert code == 0
+        assert out.startswith(f"{market.a.base_url}/oauth/authorize/?client_id={CLIENT_ID}")
+        code, out, err = await cli("authorize", market.b.issue_code(CLIENT_ID),
+                                   env=market_env)
+        assert code == 0, err
+        assert json.loads(out)["member_id"] == market.b.member_id
+        code, _, err = await cli("token", "--portal", "nowhere.example.com", env=market_env)
+        assert code == 1
+        assert "no authorization is held" in err
+        code, _, err = await cli("authorize", market.c.issue_code(CLIENT_ID), env=market_env)
+        assert code == 1
+        assert "does not allow" in err
+
+
+class TestReplicas:
+    async def test_replicas_share_every_portal_through_postgresql(
+        self, market: Market, market_env: Env, pg_url: str  # noqa: F811
+    ) -> None:
+        """Two sidecars on one database: a portal installed through one is served by the
+        other within moments; its uninstall through the other removes it from both."""
+        env = market_env | {"SIDECAR_DB": pg_url}
+        async with running(env) as one, running(env) as two:
+            await install(one, market.a)
+
+            async def served_by_two() -> bool:
+                return (await call(two, f"/portal/{market.a.member_id}/rest/profile"))[0] == 200
+
+            await until(served_by_two, 15)
+            status, body = await market.a.send_uninstall_event(
+                f"{two.base}/oauth/install", CLIENT_ID)
+            assert status == 200, body
+
+            async def gone_from_one() -> bool:
+                status, _ = await call(one, f"/portal/{market.a.member_id}/rest/profile")
+                return status == 404
+
+            await until(gone_from_one, 15)
+            status, summary = await get(f"{one.admin}/status")
+            assert (status, summary["portals"]) == (200, 0)
+
+
+async def until(condition: Any, seconds: float) -> None:
+    """Wait until the async ``condition`` holds (fail after ``seconds``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not await condition():
+        assert loop.time() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.2)
