@@ -430,7 +430,7 @@ class AuthFlow:
                 )
             if event == "ONAPPUNINSTALL" and portal is not None and self._portals is not None:
                 await portal.tokens.forget("uninstalled: the app was removed from the portal")
-                await self._portals.remove(portal)
+                await self._portals.remove(portal, uninstalled=True)
             elif event == "ONAPPUNINSTALL":
                 await tokens.revoke("the app was uninstalled from the portal")
             else:
@@ -546,8 +546,7 @@ class AuthFlow:
             raise
         if created is not None and self._portals is not None:
             self._portals.renamed(created)
-            log.warning("portal_added", member_id=pair.member_id,
-                        portal=origin_text(pair.client_endpoint), trigger=trigger)
+            self._portals.added(pair, trigger)
 
     async def _install(self, pair: TokenPair, tokens: Authorization, consent: Consent,
                        window: InstallWindow | None, *, trigger: str, proof: str) -> None:

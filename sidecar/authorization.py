@@ -316,9 +316,10 @@ class Authorization:
 
     # -- changing from outside a renewal ---------------------------------------------------
 
-    async def start(self) -> None:
-        """Load the stored pair; exchange ``BITRIX_AUTH_CODE`` if none is stored."""
-        self._adopt(await self._store.load(), "store")
+    async def start(self, stored: StoredState | None = None) -> None:
+        """Load the stored pair (or take ``stored``, just read); exchange ``BITRIX_AUTH_CODE``
+        if none is stored."""
+        self._adopt(await self._store.load() if stored is None else stored, "store")
         if self.life.pair is None and self._settings.auth_code:
             try:
                 await self.authorize(self._settings.auth_code, trigger="startup")
@@ -389,6 +390,7 @@ class Authorization:
                 or not held.member_id or new.member_id != held.member_id
                 or not allowed.allows(new.client_endpoint)):
             return False
+        self._metrics.portal_events.labels(event="moved").inc()
         log.warning("portal_moved", member_id=held.member_id, previous=origin_text(known),
                     address=origin_text(new.client_endpoint),
                     detail="the OAuth server names a new address for this portal; calls go "

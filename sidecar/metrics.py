@@ -114,6 +114,10 @@ class Metrics:
             "bitrix_sidecar_request_timeouts",
             "Requests answered 408 (or cut) for not arriving whole within "
             "SIDECAR_REQUEST_TIMEOUT, by listener.", ["listener"], registry=r)
+        self.portal_events = Counter(
+            "bitrix_sidecar_portal_events",
+            "Marketplace mode: portals added (installed), removed (uninstalled) and moved (a "
+            "token answer named a new allowed address).", ["event"], registry=r)
         self.install_checks_refused = Counter(
             "bitrix_sidecar_install_checks_refused",
             "Install payloads refused 503 because too many were being checked (app.info) "

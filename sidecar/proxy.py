@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
@@ -47,6 +48,7 @@ from sidecar.rules import (
     multipart_boundary,
     parse_target,
     portal_header,
+    portal_name,
     response_headers,
     strip_body_auth,
     strip_multipart_auth,
@@ -207,7 +209,7 @@ class Proxy:
     def _portal_for(self, target: Target | None, call: Call) -> Portal:
         """The portal a call names (path prefix or X-Bitrix-Portal), or the only one held;
         raise BadRequest, PortalMismatch, PortalUnknown or PortalRequired."""
-        in_path = target.portal if target is not None else ""
+        in_path = target.portal if target is not None else token_portal(call.raw_path)
         in_header = portal_header(call.headers)
         return self._portals.pick(in_path, in_header)
 
@@ -434,6 +436,17 @@ class Proxy:
     def _answer(self, upstream: Response, payload: bytes, request_id: str) -> Reply:
         return Reply(upstream.status, response_headers(upstream.headers, request_id), payload,
                      upstream.reason)
+
+
+def token_portal(raw: str) -> str:
+    """The portal ``/token?portal=NAME`` names ('' if none), checked as a path's name is."""
+    query = raw.partition("?")[2]
+    if "portal=" not in query:
+        return ""
+    names = [value for key, value in parse_qsl(query, keep_blank_values=True) if key == "portal"]
+    if len(names) != 1:
+        raise BadRequest("name one portal: /token?portal=<host or member_id>")
+    return portal_name(names[0], "the portal parameter")
 
 
 def _json_answer(answer: Answer, request_id: str) -> Reply:

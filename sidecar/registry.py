@@ -33,7 +33,7 @@ from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
 from sidecar.rules import shown_whole
 from sidecar.scheduler import Scheduler
-from sidecar.storage import PairStore, TokenPair
+from sidecar.storage import PairStore, StoredState, TokenPair
 from sidecar.store import TokenStore
 from sidecar.upstream import Pool
 
@@ -328,7 +328,8 @@ class Portals:
             if not entry.key or not self.settings.portals.allows(address):
                 skipped += 1
                 continue
-            await self._build(entry.key, self.store.authorization(entry.key, address), address)
+            await self._build(entry.key, self.store.authorization(entry.key, address), address,
+                              entry.state)
         self._seq = max((entry.seq for entry in entries), default=0)
         if skipped:
             log.warning("portals_skipped", count=skipped,
@@ -338,7 +339,8 @@ class Portals:
         self._watch = asyncio.create_task(self._run_watch(), name="portals-watch")
         self._scheduling = asyncio.create_task(self.scheduler.run(), name="portals-schedule")
 
-    async def _build(self, key: str, store: PairStore, address: str) -> Portal:
+    async def _build(self, key: str, store: PairStore, address: str,
+                     stored: StoredState | None = None) -> Portal:
         settings = self.settings
         if settings.marketplace:
             # Everything that names the portal (links, alerts, status) names this one.
@@ -349,7 +351,7 @@ class Portals:
             watch_interval=self._watch_interval, metrics=metrics, alerts=self._alerts)
         if self.settings.marketplace:
             tokens.allowed = self.settings.portals
-        await tokens.start()
+        await tokens.start(stored)
         addresses = Addresses(settings.rest_base)
         coalescer = Coalescer(tokens, self._pool, addresses, self._metrics,
                               time_limit=settings.upstream_timeout)
@@ -432,17 +434,24 @@ class Portals:
             raise
         self._index(portal)
         if created:
-            log.warning("portal_added", member_id=pair.member_id,
-                        portal=origin_text(pair.client_endpoint), trigger=trigger)
+            self.added(pair, trigger)
         return pair
+
+    def added(self, pair: TokenPair, trigger: str) -> None:
+        """Say (log, count) that a new portal's authorization is held."""
+        self._metrics.portal_events.labels(event="added").inc()
+        log.warning("portal_added", member_id=pair.member_id,
+                    portal=origin_text(pair.client_endpoint), trigger=trigger)
 
     def renamed(self, portal: Portal) -> None:
         """A portal's pair changed (its address may have moved): index it anew."""
         self._index(portal)
 
-    async def remove(self, portal: Portal) -> None:
-        """Forget a portal whose authorization was removed (its app uninstalled)."""
-        self._portals.pop(portal.key, None)
+    async def remove(self, portal: Portal, *, uninstalled: bool = False) -> None:
+        """Forget a portal: its authorization was removed (``uninstalled``: here, now), or an
+        install that was adding it failed."""
+        if self._portals.pop(portal.key, None) is not None and uninstalled:
+            self._metrics.portal_events.labels(event="removed").inc()
         self.scheduler.remove(portal.key)
         for name in [name for name, held in self._names.items() if held is portal]:
             del self._names[name]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from yarl import URL
 
@@ -165,6 +166,33 @@ class TestAddressing:
         assert served(market.a) + served(market.b) == calls
 
 
+    async def test_token_per_portal(self, market: Market, start: Callable[..., Any]) -> None:
+        """/token?portal= (or the header) gives that portal's token, which its portal accepts
+        and the other refuses; unaddressed with two portals held, it is refused."""
+        sidecar = await start()
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        status, body = await sidecar.call(f"/token?portal={host(market.b)}")
+        assert status == 200, body
+        assert body["member_id"] == market.b.member_id
+        assert (await direct(market.b, body["access_token"]),
+                await direct(market.a, body["access_token"])) == (200, 401)
+        status, body = await sidecar.call("/token", **{"X-Bitrix-Portal": market.a.member_id})
+        assert (status, body["member_id"]) == (200, market.a.member_id)
+        status, body = await sidecar.call("/token")
+        assert (status, body["error"]) == (400, "SIDECAR_PORTAL_REQUIRED")
+        status, body = await sidecar.call(
+            f"/token?portal={host(market.a)}&portal={host(market.b)}")
+        assert status == 400, body
+
+
+async def direct(portal: Portal, token: str) -> int:
+    """Call ``portal`` itself with ``token``; return the status."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{portal.base_url}/rest/profile", params={"auth": token}) as response:
+        return response.status
+
+
 class TestOnboarding:
     async def test_an_install_from_a_portal_outside_the_list_is_refused(
         self, market: Market, start: Callable[..., Any]
@@ -217,6 +245,11 @@ class TestOnboarding:
         assert (await sidecar.call("/rest/profile"))[0] == 200  # B alone is left
         _, summary = await sidecar.status()
         assert summary["portals"] == 1
+        async with sidecar.admin.get("/metrics") as response:
+            metrics = await response.text()
+        assert 'bitrix_sidecar_portal_events_total{event="added"} 2.0' in metrics
+        assert 'bitrix_sidecar_portal_events_total{event="removed"} 1.0' in metrics
+        assert 'bitrix_sidecar_portals{state="valid"} 1.0' in metrics
         with sqlite3.connect(tmp_path / "tokens.db") as raw:
             rows = raw.execute("SELECT key, access_token, refresh_token, application_token "
                                "FROM authorizations ORDER BY key").fetchall()

@@ -9,13 +9,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from sidecar.emulator import Portal
 from tests.conftest import CLIENT_ID, settings_env
 from tests.processes import Running, cli, get, running
-from tests.test_marketplace import Market, host, market  # noqa: F401 - the fixture
+from tests.test_marketplace import Market, direct, host, market  # noqa: F401 - the fixture
 
 Env = dict[str, str]
 
@@ -40,13 +39,6 @@ async def install(sidecar: Running, portal: Portal) -> None:
 async def call(sidecar: Running, path: str) -> tuple[int, dict[str, Any]]:
     """GET ``path`` through the sidecar."""
     return await get(f"{sidecar.base}{path}")
-
-
-async def direct(portal: Portal, token: str) -> int:
-    """Call the portal itself with ``token``; return the status."""
-    async with aiohttp.ClientSession() as http, http.get(
-            f"{portal.base_url}/rest/profile", params={"auth": token}) as response:
-        return response.status
 
 
 class TestCommandsPerPortal:
