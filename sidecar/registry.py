@@ -366,7 +366,8 @@ class Portals:
             coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
             shared=budget)
         portal = Portal(key, tokens, addresses, coalescer, gate, budget)
-        if settings.marketplace:
+        # self.settings: the portal's own copy names one address, so it never says marketplace.
+        if self.settings.marketplace:
             renewal = tokens.renewal
             renewal.spread = spread(key)
             renewal.on_change = lambda: self.scheduler.moved(key)
