@@ -532,20 +532,24 @@ class AuthFlow:
             scope, user_id = await self._verify(pair)
         # The portal says whose token it is and what it may do; the payload's word is not taken.
         pair = replace(pair, scope=scope or pair.scope, user_id=user_id)
-        created: Portal | None = None
+        adopted: Portal | None = None
+        built = False
         if tokens is None:
             assert self._portals is not None
-            created = await self._portals.adopt(pair)
-            tokens = created.tokens
+            adopted, built = await self._portals.adopt(pair)
+            tokens = adopted.tokens
         try:
             await self._install(pair, tokens, consent, window, trigger=trigger, proof=proof)
         except BaseException:
-            if created is not None and created.tokens.pair is None:
+            # Only the install that built the bundle drops it (a replay of the same event
+            # running beside it may be the one whose pair is being stored).
+            if built and adopted is not None and adopted.tokens.pair is None:
                 assert self._portals is not None
-                await self._portals.remove(created)
+                await self._portals.remove(adopted)
             raise
-        if created is not None and self._portals is not None:
-            self._portals.renamed(created)
+        if adopted is not None and self._portals is not None:
+            # A portal held by nobody before, now by this install (taken while none is held).
+            self._portals.renamed(adopted)
             self._portals.added(pair, trigger)
 
     async def _install(self, pair: TokenPair, tokens: Authorization, consent: Consent,

@@ -207,6 +207,7 @@ class Portals:
         self._names: dict[str, Portal] = {}  # by host[:port] and by member_id
         self._watch: asyncio.Task[None] | None = None
         self._seq = 0
+        self._adopting = asyncio.Lock()
         # Marketplace mode: one schedule for every portal (a loop each would not scale).
         self.scheduler = Scheduler(settings.refresh_rate, clock)
         self._scheduling: asyncio.Task[None] | None = None
@@ -393,23 +394,27 @@ class Portals:
         for name in names:
             self._names[name] = portal
 
-    async def adopt(self, pair: TokenPair) -> Portal:
+    async def adopt(self, pair: TokenPair) -> tuple[Portal, bool]:
         """The portal of an install's pair: the held one with its member_id, or a new one
-        (not yet stored: the install stores the pair through its authorization)."""
-        portal = self._portals.get(pair.member_id)
-        if portal is not None:
-            return portal
-        address = origin_address(pair.client_endpoint)
-        other = self._names.get(host_of(address))
-        if other is not None:
-            # A host already held under another member_id: a portal deleted and made anew at
-            # the same address, or a lie. Only the operator moves an authorization.
-            raise PortalMismatch(
-                f"the portal {host_of(address)} is held under another member_id: remove that "
-                "authorization first ('bitrix-sidecar forget --portal ...')")
-        assert isinstance(self.store, (TokenStore, PgStore))
-        return await self._build(pair.member_id,
-                                 self.store.authorization(pair.member_id, address), address)
+        (not yet stored: the install stores the pair through its authorization); and whether
+        this call built it (then only this caller may drop it again if its install fails)."""
+        # One at a time: the same install event replayed at once must not build two bundles
+        # for one key (the second would replace the first, and its failure drop both).
+        async with self._adopting:
+            portal = self._portals.get(pair.member_id)
+            if portal is not None:
+                return portal, False
+            address = origin_address(pair.client_endpoint)
+            other = self._names.get(host_of(address))
+            if other is not None:
+                # A host already held under another member_id: a portal deleted and made anew
+                # at the same address, or a lie. Only the operator moves an authorization.
+                raise PortalMismatch(
+                    f"the portal {host_of(address)} is held under another member_id: remove "
+                    "that authorization first ('bitrix-sidecar forget --portal ...')")
+            assert isinstance(self.store, (TokenStore, PgStore))
+            return await self._build(pair.member_id, self.store.authorization(
+                pair.member_id, address), address), True
 
     async def authorize(self, code: str, *, trigger: str) -> TokenPair:
         """Exchange an operator's code (the CLI, the browser flow) for whichever allowed
@@ -423,9 +428,9 @@ class Portals:
             raise Refused(f"the code was approved on {origin_text(pair.client_endpoint)}, "
                           "which BITRIX_PORTAL does not allow")
         portal = self.find(pair.member_id.lower())
-        created = portal is None
+        created = False
         if portal is None:
-            portal = await self.adopt(pair)
+            portal, created = await self.adopt(pair)
         try:
             portal.tokens.check_portal(pair, source="exchange")
             await portal.tokens.install(pair, trigger=trigger, consent=Consent.OPERATOR)
