@@ -709,8 +709,16 @@ class Authorization:
         if endpoint and not self._moved(new, pair, known) and not self._same_portal(
                 endpoint, known, source="refresh"):
             endpoint = pair.client_endpoint
+        member_id = new.member_id
+        if pair.member_id and member_id != pair.member_id:
+            # Nor may it make this authorization another portal's: in marketplace mode the
+            # member_id is the key calls are routed by.
+            log.error("member_id_refused", source="refresh", member_id=pair.member_id,
+                      offered=member_id, detail="the token answer names another portal's "
+                      "member_id; the authorization stays this portal's")
+            member_id = pair.member_id
         return replace(new, application_token=pair.application_token,
-                       client_endpoint=endpoint), False
+                       client_endpoint=endpoint, member_id=member_id), False
 
     # -- taking a stored entry in ----------------------------------------------------------
 
