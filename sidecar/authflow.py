@@ -536,6 +536,8 @@ class AuthFlow:
         built = False
         if tokens is None:
             assert self._portals is not None
+            # A portal not held yet: its member_id is the OAuth server's word, not the payload's.
+            pair = await self._portals.confirm(pair)
             adopted, built = await self._portals.adopt(pair)
             tokens = adopted.tokens
         try:

@@ -24,7 +24,14 @@ from sidecar.authinfo import iso
 from sidecar.authorization import Authorization, Consent
 from sidecar.coalescer import Coalescer
 from sidecar.config import Settings
-from sidecar.errors import PortalMismatch, PortalRequired, PortalUnknown, Refused, StoreError
+from sidecar.errors import (
+    OAuthError,
+    PortalMismatch,
+    PortalRequired,
+    PortalUnknown,
+    Refused,
+    StoreError,
+)
 from sidecar.limits import Gate
 from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient, origin_text
@@ -415,6 +422,31 @@ class Portals:
             assert isinstance(self.store, (TokenStore, PgStore))
             return await self._build(pair.member_id, self.store.authorization(
                 pair.member_id, address), address), True
+
+    async def confirm(self, pair: TokenPair) -> TokenPair:
+        """Renew a new portal's install pair once at the OAuth server, whose answer (not the
+        payload) says which member_id and address the pair is for; refuse it if they differ.
+
+        Nothing on the portal's REST API names its member_id, and a portal BITRIX_PORTAL allows
+        may be anyone's: taken on the payload's word, one portal could hold another's member_id
+        before that portal installs, and calls naming it would reach the impostor."""
+        try:
+            new = await self._oauth.refresh(pair.refresh_token)
+        except OAuthError as exc:
+            raise Refused(f"the OAuth server does not renew the install's pair: "
+                          f"{exc.description}") from None
+        self._on_secret(new.access_token)
+        self._on_secret(new.refresh_token)
+        if new.member_id != pair.member_id or origin_address(
+                new.client_endpoint) != origin_address(pair.client_endpoint):
+            log.error("install_identity_refused", member_id=pair.member_id,
+                      portal=origin_text(pair.client_endpoint), oauth_member_id=new.member_id,
+                      oauth_portal=origin_text(new.client_endpoint))
+            raise Refused("the OAuth server says the install's pair is for another portal "
+                          "than its payload names")
+        return dataclasses.replace(new, application_token=pair.application_token,
+                                   user_id=pair.user_id, scope=new.scope or pair.scope,
+                                   domain=pair.domain or new.domain)
 
     async def authorize(self, code: str, *, trigger: str) -> TokenPair:
         """Exchange an operator's code (the CLI, the browser flow) for whichever allowed

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures imported from test_marketplace are parameters here
 """Marketplace mode attacked over real sockets: what arrives from the network, from someone who
 is not the operator, never replaces, moves or kills a working authorization, nor adds one under
 another portal's name, nor leaves state behind when refused.
@@ -116,7 +117,7 @@ class TestReplays:
                 "domain": host(market.a)}).items()}
         async def post() -> int:
             async with sidecar.proxy.session.post(url, data=form) as response:
-                return response.status
+                return int(response.status)
         statuses = await asyncio.gather(*(post() for _ in range(8)))
         assert 200 in statuses, statuses
         status, body = await sidecar.call(f"/portal/{host(market.a)}/rest/profile")
@@ -215,7 +216,8 @@ class TestTokenAnswers:
         portals = app[PORTALS]
         assert portals.find(market.b.member_id).key == market.b.member_id
         held = portals.find(market.a.member_id)
-        assert held is not None and held.key == market.a.member_id
+        assert held is not None
+        assert held.key == market.a.member_id
         assert held.member_id == market.a.member_id
         assert any(entry["event"] == "member_id_refused" for entry in logs), logs
         before = served(market.b)
