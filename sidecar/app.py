@@ -123,6 +123,12 @@ def listener_runner(app: web.Application, proxy_app: web.Application, listener: 
                           metrics=proxy_app[METRICS], **kwargs)
 
 
+def pool_limit(settings: Settings) -> int:
+    """How many connections to portals may be open at once: a marketplace sidecar keeps one
+    alive to each of many portals, where one portal needs a few."""
+    return 1024 if settings.marketplace else 256
+
+
 def raise_open_files_limit() -> tuple[int, int]:
     """Raise the soft limit on open files to the hard one; return (soft, hard) as they are now.
 
@@ -230,7 +236,7 @@ def create_app(
         ):
             # REST calls go through our own lean client: the portal's answer is relayed byte
             # for byte, nothing is decompressed, no header is added, and nothing is resent.
-            pool = Pool(limit=256)
+            pool = Pool(limit=pool_limit(settings))
             alerts = Alerter(oauth_http, settings.alert_webhook, metrics)
             portals = app[PORTALS] = Portals(
                 settings, store, make_oauth(oauth_http, settings, redactor), pool,
@@ -424,7 +430,8 @@ async def serve(
     # shutdown wait then only closes idle keep-alive connections.
     settings = app[SETTINGS]
     soft, hard = raise_open_files_limit()
-    needed = 3 * settings.max_connections + 512  # three listeners, the pool, the store, logs
+    # Three listeners, the pool, the store, logs.
+    needed = 3 * settings.max_connections + pool_limit(settings) + 256
     log.info("open_files_limit", soft=soft, hard=hard)
     if soft < needed:
         log.warning("open_files_limit_low", soft=soft, needed=needed,

@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, TextIO
@@ -26,34 +26,50 @@ _SECRET_PARAM_RE = re.compile(
     r"application_token|code)=)[^&\s\"'<>]+"
 )
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+# A run of the characters tokens are made of: a known token is one whole run.
+_WORD_RE = re.compile(r"[0-9A-Za-z_-]{6,}")
 
 
 class Redactor:
     """A structlog processor that hides known secret values and secret-looking parameters."""
 
-    def __init__(self, keep: int = 32) -> None:
-        self._secrets: deque[str] = deque(maxlen=keep)  # rotating tokens: the latest few
+    def __init__(self, keep: int = 50_000) -> None:
+        # Rotating tokens, the latest ``keep`` (a marketplace sidecar holds two per portal):
+        # word-shaped ones are found by a set lookup, so thousands cost no more per line than
+        # a few; others go into one pattern with the permanent secrets.
+        self._keep = keep
+        self._words: OrderedDict[str, None] = OrderedDict()
+        self._others: deque[str] = deque(maxlen=32)
         self._permanent: set[str] = set()  # the client secret: never forgotten
-        self._known: re.Pattern[str] | None = None  # one pattern for all of them
+        self._known: re.Pattern[str] | None = None  # one pattern for the rest
 
     def add(self, secret: str, *, permanent: bool = False) -> None:
         """Remember a secret value (a token, the client secret) to hide wherever it appears."""
         if len(secret) < 6:
             return
+        if not permanent and _WORD_RE.fullmatch(secret):
+            self._words[secret] = None
+            self._words.move_to_end(secret)
+            while len(self._words) > self._keep:
+                self._words.popitem(last=False)
+            return
         if permanent:
             self._permanent.add(secret)
-        elif secret not in self._secrets:
-            self._secrets.append(secret)
+        elif secret not in self._others:
+            self._others.append(secret)
         else:
             return
         # Longest first, so a secret that contains another is hidden whole.
-        secrets = sorted({*self._permanent, *self._secrets}, key=len, reverse=True)
+        secrets = sorted({*self._permanent, *self._others}, key=len, reverse=True)
         self._known = re.compile("|".join(map(re.escape, secrets)))
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every known secret and secret parameter hidden."""
         if self._known is not None:
             text = self._known.sub(REDACTED, text)
+        if self._words:
+            words = self._words
+            text = _WORD_RE.sub(lambda m: REDACTED if m.group() in words else m.group(), text)
         if "=" in text:
             text = _SECRET_PARAM_RE.sub(rf"\g<1>{REDACTED}", text)
         if "bearer" in text.lower():

@@ -23,7 +23,7 @@ from sidecar.alerts import Alerter
 from sidecar.authinfo import iso
 from sidecar.authorization import Authorization, Consent
 from sidecar.coalescer import Coalescer
-from sidecar.config import Settings
+from sidecar.config import PortalSettings, Settings
 from sidecar.errors import (
     OAuthError,
     PortalMismatch,
@@ -104,17 +104,38 @@ def origin_address(endpoint: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else ""
 
 
-@dataclasses.dataclass
 class Portal:
-    """One portal's authorization and what serves its calls."""
+    """One portal's authorization and what serves its calls (built at its first call: most
+    of a marketplace's portals are idle most of the time, and each gate costs memory)."""
 
-    key: str
-    tokens: Authorization
-    addresses: Addresses
-    coalescer: Coalescer
-    gate: Gate
-    budget: PgBucket | None = None
-    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    def __init__(self, key: str, tokens: Authorization,
+                 serving: Callable[[Authorization], tuple[Addresses, Gate, PgBucket | None]],
+                 ) -> None:
+        self.key = key
+        self.tokens = tokens
+        self._serving = serving
+        self._parts: tuple[Addresses, Gate, PgBucket | None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def _built(self) -> tuple[Addresses, Gate, PgBucket | None]:
+        if self._parts is None:
+            self._parts = self._serving(self.tokens)
+        return self._parts
+
+    @property
+    def addresses(self) -> Addresses:
+        """Where this portal's calls go."""
+        return self._built()[0]
+
+    @property
+    def gate(self) -> Gate:
+        """This portal's rate gate (its bucket, queue, pauses and coalescing)."""
+        return self._built()[1]
+
+    @property
+    def budget(self) -> PgBucket | None:
+        """The fleet's shared budget of this portal's calls (single-portal, PostgreSQL)."""
+        return self._built()[2]
 
     @property
     def address(self) -> str:
@@ -135,9 +156,11 @@ class Portal:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.gate.aclose()
-        if self.budget is not None:
-            await self.budget.aclose()
+        if self._parts is not None:
+            _, gate, budget = self._parts
+            await gate.aclose()
+            if budget is not None:
+                await budget.aclose()
         await self.tokens.aclose()
 
 
@@ -212,6 +235,7 @@ class Portals:
         self._watch_interval = watch_interval
         self._portals: dict[str, Portal] = {}  # by key
         self._names: dict[str, Portal] = {}  # by host[:port] and by member_id
+        self._named: dict[str, set[str]] = {}  # each portal's names, by its key
         self._watch: asyncio.Task[None] | None = None
         self._seq = 0
         self._adopting = asyncio.Lock()
@@ -352,7 +376,7 @@ class Portals:
         settings = self.settings
         if settings.marketplace:
             # Everything that names the portal (links, alerts, status) names this one.
-            settings = dataclasses.replace(settings, portal=address, portal_list=None)
+            settings = PortalSettings(settings, address)
         metrics = self._own_metrics
         tokens = Authorization(
             store, self._oauth, settings, clock=self._clock, on_secret=self._on_secret,
@@ -360,20 +384,26 @@ class Portals:
         if self.settings.marketplace:
             tokens.allowed = self.settings.portals
         await tokens.start(stored)
-        addresses = Addresses(settings.rest_base)
-        coalescer = Coalescer(tokens, self._pool, addresses, self._metrics,
-                              time_limit=settings.upstream_timeout)
         budget = None
         if isinstance(store, PgStore) and settings.rate > 0:
             # One budget for every sidecar on this database.
             budget = PgBucket(store, rate=settings.rate, burst=settings.burst,
                               metrics=self._metrics)
             await budget.start()
-        gate = tokens.gate = Gate(
-            rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
-            coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
-            shared=budget)
-        portal = Portal(key, tokens, addresses, coalescer, gate, budget)
+
+        def serving(tokens: Authorization) -> tuple[Addresses, Gate, PgBucket | None]:
+            addresses = Addresses(settings.rest_base)
+            coalescer = Coalescer(tokens, self._pool, addresses, self._metrics,
+                                  time_limit=settings.upstream_timeout)
+            gate = tokens.gate = Gate(
+                rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
+                coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
+                shared=budget)
+            return addresses, gate, budget
+
+        portal = Portal(key, tokens, serving)
+        if budget is not None:
+            portal.gate  # noqa: B018 - built now: the budget is the fleet's from the start
         # self.settings: the portal's own copy names one address, so it never says marketplace.
         if self.settings.marketplace:
             renewal = tokens.renewal
@@ -390,8 +420,7 @@ class Portals:
 
     def _index(self, portal: Portal) -> None:
         """(Re)name ``portal`` by its hosts (configured and held) and its member_id."""
-        for name in [name for name, held in self._names.items() if held is portal]:
-            del self._names[name]
+        self._unname(portal)
         names = host_names(portal.tokens.settings.rest_base)
         pair = portal.tokens.pair
         if pair is not None:
@@ -400,6 +429,13 @@ class Portals:
             names.add(portal.member_id.lower())
         for name in names:
             self._names[name] = portal
+        self._named[portal.key] = names
+
+    def _unname(self, portal: Portal) -> None:
+        """Drop the names ``portal`` is found by (those another portal took stay its)."""
+        for name in self._named.pop(portal.key, set()):
+            if self._names.get(name) is portal:
+                del self._names[name]
 
     async def adopt(self, pair: TokenPair) -> tuple[Portal, bool]:
         """The portal of an install's pair: the held one with its member_id, or a new one
@@ -491,8 +527,7 @@ class Portals:
         if self._portals.pop(portal.key, None) is not None and uninstalled:
             self._metrics.portal_events.labels(event="removed").inc()
         self.scheduler.remove(portal.key)
-        for name in [name for name, held in self._names.items() if held is portal]:
-            del self._names[name]
+        self._unname(portal)
         await portal.aclose()
 
     # -- the one watch of marketplace mode ---------------------------------------------------

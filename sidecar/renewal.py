@@ -56,16 +56,25 @@ class Renewal:
         self.episode: Episode | None = None
         self.last_attempt_at = 0.0
         self.refreshes = 0  # successful renewals by this process
-        self.changed = asyncio.Event()  # set whenever the schedule may have moved
+        self._changed: asyncio.Event | None = None
         # Marketplace mode: the one scheduler of every portal is told instead of a loop each.
         self.on_change: Callable[[], None] | None = None
         # Where in the interval this authorization renews, 0..1 (0: at its end, as one portal
         # always has): many portals' renewals spread over the interval instead of bunching.
         self.spread = 0.0
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set whenever the schedule may have moved (made when a loop first waits on it: the
+        one scheduler of many portals is told through ``on_change`` instead)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
     def touch(self) -> None:
         """The schedule may have moved: wake whoever waits on it."""
-        self.changed.set()
+        if self._changed is not None:
+            self._changed.set()
         if self.on_change is not None:
             self.on_change()
 

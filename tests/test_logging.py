@@ -328,3 +328,14 @@ class TestSidecarProcess:
                    for event in requests if event["request_id"] in ids)
         for secret in (token, CLIENT_SECRET, *emulator.issued_secrets()):
             assert secret not in logged
+
+    def test_thousands_of_tokens_are_all_hidden(self) -> None:
+        """A marketplace sidecar holds two tokens per portal: every one of 20,000 is hidden,
+        the first as well as the last, wherever it stands in a line."""
+        redactor = Redactor()
+        tokens = [f"{n:08x}deadbeef{n:08x}" for n in range(20_000)]
+        for token in tokens:
+            redactor.add(token)
+        text = redactor.redact(f"a {tokens[0]} b/{tokens[9_999]}?x={tokens[-1]}&y")
+        assert not any(token in text for token in tokens)
+        assert text.count("[REDACTED]") == 3
