@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -715,6 +716,14 @@ class PortalSettings(Settings):
         object.__setattr__(self, "portal", portal)
         object.__setattr__(self, "portal_list", None)
 
-    def __getattr__(self, name: str) -> Any:
-        """Read every setting but the portal from the sidecar's settings."""
-        return getattr(object.__getattribute__(self, "_base"), name)
+    def __getattribute__(self, name: str) -> Any:
+        """Read every setting but the portal from the sidecar's settings (the class's own
+        defaults would answer first for a plain attribute lookup)."""
+        if name in _SHARED_FIELDS:
+            return getattr(object.__getattribute__(self, "_base"), name)
+        return object.__getattribute__(self, name)
+
+
+# The settings a portal's view reads from the sidecar's.
+_SHARED_FIELDS = frozenset(
+    field.name for field in dataclasses.fields(Settings)) - {"portal", "portal_list"}

@@ -364,3 +364,26 @@ class TestMoves:
             assert status == 200, body
             assert len(market.b.rest_log) == b_before + 2
             assert not market.c.rest_log
+
+
+class TestSchedule:
+    async def test_every_portal_is_renewed_on_the_sidecars_schedule(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """With SIDECAR_REFRESH_INTERVAL=2s the one scheduler renews each portal's pair in its
+        turn (each portal's own settings follow the sidecar's), and calls keep being served."""
+        sidecar = await start(SIDECAR_REFRESH_INTERVAL="2s", SIDECAR_REFRESH_RATE="5")
+        await sidecar.install(market.a)
+        await sidecar.install(market.b)
+        before = market.emulator.stats.refresh_ok
+        held = {p.member_id: p.current_tokens()[-1].refresh_token for p in (market.a, market.b)}
+        for _ in range(100):
+            now = {p.member_id: p.current_tokens()[-1].refresh_token
+                   for p in (market.a, market.b)}
+            if all(now[m] != held[m] for m in held):
+                break
+            await asyncio.sleep(0.1)
+        assert all(now[m] != held[m] for m in held), "a portal was not renewed on schedule"
+        assert market.emulator.stats.refresh_ok - before >= 2
+        for portal in (market.a, market.b):
+            assert (await sidecar.call(f"/portal/{portal.member_id}/rest/profile"))[0] == 200
