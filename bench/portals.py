@@ -12,7 +12,8 @@ Reported, side by side in one run:
 2. Renewals the OAuth server sees per second while the whole store falls due: the interval is
    shortened so every pair is due within the run, and SIDECAR_REFRESH_RATE caps the starts.
 3. Calls: ``--clients`` clients make ``--calls`` ``profile`` calls, all to one portal, then spread
-   round-robin over the served portals (no rate limit: SIDECAR_RATE=0); throughput and latency.
+   round-robin over the served portals (no rate limit: SIDECAR_RATE=0), after one warm-up call
+   to each portal (its connection opened, its gate built); throughput and latency.
 
     python -m bench.portals [--portals 10000] [--served 1000] [--calls 6000] [--clients 32]
 """
@@ -45,6 +46,20 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user and system CPU time so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured(pid: int, base: str, paths: list[str], calls: int,
+                   clients: int) -> tuple[Result, float]:
+    """``load``, and the sidecar's CPU time per call (µs) while it ran."""
+    before = cpu_seconds(pid)
+    result = await load(base, paths, calls, clients)
+    return result, (cpu_seconds(pid) - before) / max(1, calls) * 1e6
 
 
 def pair_of(answer: dict[str, object]) -> TokenPair:
@@ -148,16 +163,18 @@ async def main(args: argparse.Namespace) -> None:
 
             rows = []
             async with sidecar(single_env) as (pid, proxy, _, startup):
-                one = await load(proxy, ["/rest/profile"], args.calls, args.clients)
+                one = await measured(pid, proxy, ["/rest/profile"], args.calls, args.clients)
                 rows.append(("single portal", startup, rss_mib(pid)))
             async with sidecar(many_env) as (pid, proxy, _, startup):
                 await asyncio.sleep(2.0)  # the watch and the schedule settle
                 rows.append((f"marketplace, {args.portals} portals", startup, rss_mib(pid)))
                 target = f"/portal/{served[0].member_id}/rest/profile"
-                first = await load(proxy, [target], args.calls, args.clients)
-                spread = await load(
-                    proxy, [f"/portal/{p.member_id}/rest/profile" for p in served],
-                    args.calls, args.clients)
+                everyone = [f"/portal/{p.member_id}/rest/profile" for p in served]
+                # Warm-up: one call to each portal opens its connection and builds its gate,
+                # so both runs below measure the steady state.
+                await load(proxy, everyone, len(everyone), args.clients)
+                first = await measured(pid, proxy, [target], args.calls, args.clients)
+                spread = await measured(pid, proxy, everyone, args.calls, args.clients)
                 rows[-1] = (*rows[-1][:2], rss_mib(pid))
             print("| sidecar | start-up s | RSS MiB |")
             print("|---|---|---|")
@@ -166,17 +183,18 @@ async def main(args: argparse.Namespace) -> None:
             print(f"\nRSS added by {args.portals} authorizations: "
                   f"{rows[1][2] - rows[0][2]:.0f} MiB\n")
 
-            print("| calls | done | calls/s | p50 ms | p99 ms | errors |")
-            print("|---|---|---|---|---|---|")
-            for name, result in (("single-portal sidecar", one),
-                                 ("marketplace, all to one portal", first),
-                                 (f"marketplace, spread over {args.served} portals", spread)):
+            print("| calls | done | calls/s | p50 ms | p99 ms | sidecar CPU µs/call | errors |")
+            print("|---|---|---|---|---|---|---|")
+            for name, (result, cpu) in (
+                    ("single-portal sidecar", one), ("marketplace, all to one portal", first),
+                    (f"marketplace, spread over {args.served} portals", spread)):
                 print(f"| {name} | {result.ok}/{args.calls} | {result.ok / result.seconds:.0f} | "
-                      f"{result.p50:.2f} | {result.quantile(0.99):.2f} | "
+                      f"{result.p50:.2f} | {result.quantile(0.99):.2f} | {cpu:.0f} | "
                       f"{sum(result.errors.values()) or 0} {result.errors or ''} |")
-            ratio = (spread.ok / spread.seconds) / (first.ok / first.seconds)
-            print(f"\nspread over {args.served} portals / one portal: {ratio:.2f}x throughput, "
-                  f"p50 {spread.p50 - first.p50:+.2f} ms\n")
+            (a, a_cpu), (b, b_cpu) = first, spread
+            print(f"\nspread over {args.served} portals / one portal: "
+                  f"{(b.ok / b.seconds) / (a.ok / a.seconds):.2f}x throughput, "
+                  f"p50 {b.p50 - a.p50:+.2f} ms, sidecar CPU per call {b_cpu / a_cpu:.2f}x\n")
 
             # Renewals: every pair falls due within the shortened interval.
             renew_env = many_env | {"SIDECAR_REFRESH_INTERVAL": f"{args.interval}s",

@@ -42,7 +42,7 @@ from sidecar.grants import (
 )
 from sidecar.oauth import origin_text, valid_endpoint
 from sidecar.rules import HostPolicy, origin_of
-from sidecar.storage import PairStore, TokenPair
+from sidecar.storage import UNINSTALLED, PairStore, TokenPair
 
 if TYPE_CHECKING:
     from sidecar.registry import Portal, Portals
@@ -429,7 +429,7 @@ class AuthFlow:
                     "that holds the working authorization"
                 )
             if event == "ONAPPUNINSTALL" and portal is not None and self._portals is not None:
-                await portal.tokens.forget("uninstalled: the app was removed from the portal")
+                await portal.tokens.forget(f"{UNINSTALLED} the app was removed from the portal")
                 await self._portals.remove(portal, uninstalled=True)
             elif event == "ONAPPUNINSTALL":
                 await tokens.revoke("the app was uninstalled from the portal")

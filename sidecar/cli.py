@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept an install for any user of the portal")
     sub.add_parser("status", parents=[settings],
                    help="print the token's state as JSON (never a token); exit 1 unless usable")
+    sub.add_parser("forget", parents=[settings],
+                   help="marketplace mode: remove one portal's authorization (--portal NAME)")
     sub.add_parser("portals", parents=[settings],
                    help="marketplace mode: print a table of every portal held and its state")
     sub.add_parser("token", parents=[settings],
@@ -155,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(fmt=settings.log_format, level="warning")
     if settings.marketplace:
         return _marketplace(settings, args, chosen)
-    if args.command == "portals":
-        print("bitrix-sidecar: 'portals' lists the portals of a marketplace sidecar; "
-              "BITRIX_PORTAL names one portal: see 'status'", file=sys.stderr)
+    if args.command in ("portals", "forget"):
+        print(f"bitrix-sidecar: '{args.command}' acts on the portals of a marketplace sidecar; "
+              "BITRIX_PORTAL names one portal", file=sys.stderr)
         return EXIT_FAILED
     if args.command == "authorize-url":
         print(authorize_url(settings))
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # The commands that act on one portal: in marketplace mode --portal names which.
-_PER_PORTAL = frozenset({"authorize", "authorize-url", "token", "status"})
+_PER_PORTAL = frozenset({"authorize", "authorize-url", "token", "status", "forget"})
 
 
 def _chosen_portal(command: str, flags: dict[str, Any]) -> str | None:
@@ -205,6 +207,8 @@ def _marketplace(settings: Settings, args: argparse.Namespace, chosen: str | Non
         return _run(climarket.authorize(settings, code, chosen))
     if args.command == "token":
         return _run(climarket.token(settings, chosen))
+    if args.command == "forget":
+        return _run(climarket.forget(settings, chosen))
     print(f"bitrix-sidecar: '{args.command}' is not available in marketplace mode yet",
           file=sys.stderr)
     return EXIT_FAILED

@@ -18,6 +18,7 @@ from sidecar.oauth import OAuthClient, origin_text
 from sidecar.pgstore import PgStore
 from sidecar.registry import host_names, origin_address
 from sidecar.states import State
+from sidecar.storage import UNINSTALLED
 from sidecar.store import Entry, TokenStore
 from sidecar.stores import open_store
 
@@ -163,6 +164,26 @@ async def token(settings: Settings, name: str | None) -> int:
     except SidecarError as exc:
         return _fail(exc.description)
     print(pair.access_token)
+    return 0
+
+
+async def forget(settings: Settings, name: str | None) -> int:
+    """``forget --portal NAME``: remove that portal's authorization (its secrets cleared in the
+    store); running sidecars stop serving it within a watch interval."""
+    if not name:
+        return _fail("name the portal whose authorization to remove (--portal NAME)")
+    try:
+        async with open_store(settings) as store:
+            entry = find_entry([e for e in await store.entries() if e.key], name)
+            if entry is None:
+                return _fail(f"no authorization is held for the portal {name!r}")
+            row = store.authorization(entry.key, entry_address(entry))
+            async with row.locked():
+                await row.remove(f"{UNINSTALLED} removed by the operator "
+                                 "('bitrix-sidecar forget')")
+    except SidecarError as exc:
+        return _fail(exc.description)
+    print(json.dumps({"removed": entry.key, "portal": entry_address(entry)}, indent=2))
     return 0
 
 

@@ -40,7 +40,7 @@ from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
 from sidecar.rules import shown_whole
 from sidecar.scheduler import Scheduler
-from sidecar.storage import PairStore, StoredState, TokenPair
+from sidecar.storage import UNINSTALLED, PairStore, StoredState, TokenPair
 from sidecar.store import TokenStore
 from sidecar.upstream import Pool
 
@@ -454,7 +454,7 @@ class Portals:
                 # at the same address, or a lie. Only the operator moves an authorization.
                 raise PortalMismatch(
                     f"the portal {host_of(address)} is held under another member_id: remove "
-                    "that authorization first ('bitrix-sidecar forget --portal ...')")
+                    "that authorization first ('bitrix-sidecar forget --portal HOST')")
             assert isinstance(self.store, (TokenStore, PgStore))
             return await self._build(pair.member_id, self.store.authorization(
                 pair.member_id, address), address), True
@@ -557,7 +557,7 @@ class Portals:
                 await portal.tokens.sync_state.sync()
                 if portal.tokens.pair is None and portal.tokens.life.stored.reauth_required:
                     stored = await self.store.authorization(key, portal.address).load()
-                    if stored.pair is None and stored.last_error.startswith("uninstalled"):
+                    if stored.pair is None and stored.last_error.startswith(UNINSTALLED):
                         await self.remove(portal)
                         continue
                 self._index(portal)

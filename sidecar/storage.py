@@ -53,6 +53,9 @@ def pair_from_row(row: Mapping[str, Any]) -> TokenPair | None:
 
 # How ``migrate`` marks the SQLite store it moved an authorization out of (its last error).
 MOVED = "moved to"
+# How a removed portal's authorization begins its last error (an uninstall, or ``forget``):
+# the other processes' watches drop the portal when they read it.
+UNINSTALLED = "uninstalled:"
 
 
 @dataclass(frozen=True)

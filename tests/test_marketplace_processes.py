@@ -85,6 +85,30 @@ class TestCommandsPerPortal:
         assert "does not allow" in err
 
 
+    async def test_forget_removes_a_portal_from_a_running_sidecar(
+        self, market: Market, market_env: Env  # noqa: F811
+    ) -> None:
+        """``forget --portal`` (the operator's removal) clears A's row; the running sidecar
+        stops serving A within moments and B is untouched; forgetting it again exits 1."""
+        async with running(market_env) as sidecar:
+            await install(sidecar, market.a)
+            await install(sidecar, market.b)
+            code, out, err = await cli("forget", "--portal", host(market.a), env=market_env)
+            assert code == 0, err
+            assert json.loads(out)["removed"] == market.a.member_id
+
+            async def gone() -> bool:
+                status, _ = await call(sidecar, f"/portal/{market.a.member_id}/rest/profile")
+                return status == 404
+
+            await until(gone, 15)
+            assert (await call(sidecar, f"/portal/{host(market.b)}/rest/profile"))[0] == 200
+        code, out, _ = await cli("status", env=market_env)
+        assert json.loads(out)["portals"] == 1
+        code, _, err = await cli("forget", "--portal", host(market.a), env=market_env)
+        assert code == 1, err
+
+
 class TestReplicas:
     async def test_replicas_share_every_portal_through_postgresql(
         self, market: Market, market_env: Env, pg_url: str  # noqa: F811
