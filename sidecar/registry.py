@@ -40,8 +40,8 @@ from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
 from sidecar.rules import shown_whole
 from sidecar.scheduler import Scheduler
-from sidecar.storage import UNINSTALLED, PairStore, StoredState, TokenPair
-from sidecar.store import TokenStore
+from sidecar.storage import MOVED, UNINSTALLED, PairStore, StoredState, TokenPair
+from sidecar.store import Entry, TokenStore
 from sidecar.upstream import Pool
 
 log = structlog.get_logger("sidecar.registry")
@@ -352,7 +352,7 @@ class Portals:
         if not self.settings.marketplace:
             await self._build("", self.store, self.settings.portal)
             return
-        entries = await self.store.entries()
+        entries = await self._upgraded(await self.store.entries())
         skipped = 0
         for entry in entries:
             address = origin_address(entry.state.pair.client_endpoint) if entry.state.pair \
@@ -370,6 +370,38 @@ class Portals:
         log.info("portals_loaded", count=len(self._portals))
         self._watch = asyncio.create_task(self._run_watch(), name="portals-watch")
         self._scheduling = asyncio.create_task(self.scheduler.run(), name="portals-schedule")
+
+    async def _upgraded(self, entries: list[Entry]) -> list[Entry]:
+        """Take a single-portal sidecar's authorization (the store's row for the one portal
+        it served) into marketplace mode under its portal's member_id, with no new approval;
+        mark the old row moved, so a single-portal sidecar still running on it stops renewing
+        a refresh token that is now this one's. Return the entries as they are now."""
+        held = {entry.key for entry in entries}
+        moved = False
+        for entry in entries:
+            pair = entry.state.pair
+            if entry.key and "://" not in entry.key:
+                continue  # a portal's own row already
+            if (pair is None or not pair.member_id or entry.state.reauth_required
+                    or pair.member_id in held):
+                continue
+            address = origin_address(pair.client_endpoint) or entry.portal
+            if not self.settings.portals.allows(address):
+                continue
+            row = self.store.authorization(pair.member_id, address)
+            async with row.locked() as there:
+                if there.pair is not None:
+                    continue
+                await row.save_pair(pair)
+            old = self.store.authorization(entry.key, entry.portal)
+            async with old.locked():
+                await old.remove(f"{MOVED} marketplace mode, as the portal {pair.member_id}")
+            log.warning("portal_upgraded", member_id=pair.member_id,
+                        portal=origin_text(address),
+                        detail="the single-portal authorization is served in marketplace mode "
+                        "from now on, with no new approval")
+            moved = True
+        return await self.store.entries() if moved else entries
 
     async def _build(self, key: str, store: PairStore, address: str,
                      stored: StoredState | None = None) -> Portal:

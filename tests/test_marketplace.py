@@ -387,3 +387,31 @@ class TestSchedule:
         assert market.emulator.stats.refresh_ok - before >= 2
         for portal in (market.a, market.b):
             assert (await sidecar.call(f"/portal/{portal.member_id}/rest/profile"))[0] == 200
+
+
+class TestUpgrade:
+    async def test_a_single_portal_store_is_served_in_marketplace_mode_with_no_new_approval(
+        self, market: Market, start: Callable[..., Any], aiohttp_client: Callable[..., Any],
+        tmp_path: Path,
+    ) -> None:
+        """A store a single-portal sidecar wrote for portal A: a marketplace sidecar started on
+        it serves A under its member_id with no new code; the old row is marked moved, so the
+        single-portal sidecar still running on it stops (503) rather than renew the same
+        refresh token."""
+        single = load_settings(settings_env(market.emulator, tmp_path) | {
+            "BITRIX_PORTAL": market.a.base_url, "BITRIX_OAUTH_URL": market.emulator.oauth_url,
+            "BITRIX_AUTH_CODE": market.a.issue_code(CLIENT_ID)}, {})
+        old = await aiohttp_client(create_app(single, watch_interval=0.1))
+        async with old.get("/rest/profile") as response:
+            assert response.status == 200
+        exchanged = market.emulator.stats.token_requests["authorization_code"]
+        sidecar = await start()
+        status, body = await sidecar.call(f"/portal/{market.a.member_id}/rest/profile")
+        assert status == 200, body
+        assert market.emulator.stats.token_requests["authorization_code"] == exchanged
+        for _ in range(50):
+            async with old.get("/rest/profile") as response:
+                if response.status == 503:
+                    break
+            await asyncio.sleep(0.1)
+        assert response.status == 503
