@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.overhead import child, cpu_seconds, free_port, median, wait_port, wrk
+from bench.common import cpu_seconds
+from bench.overhead import child, free_port, median, wait_port, wrk
 
 
 def sidecar_env(tmp: Path, name: str, upstream: int) -> dict[str, str]:

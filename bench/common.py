@@ -155,3 +155,17 @@ def error_of(status: int, body: bytes) -> str:
         return f"{status} {json.loads(body).get('error', '?')}"
     except ValueError:
         return f"{status} (not JSON)"
+
+
+def rss_mib(pid: int) -> float:
+    """Return a process's resident memory in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return a process's user+system CPU time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.common import cpu_seconds, rss_mib
+
 NGINX_CONF = """
 worker_processes auto;
 pid {tmp}/nginx.pid;
@@ -93,20 +95,6 @@ def child(args: list[str], env: dict[str, str] | None = None,
             proc.wait()
         if log:
             out.close()  # type: ignore[union-attr]
-
-
-def rss_mib(pid: int) -> float:
-    """Return a process's resident memory in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """Return a process's user+system CPU time."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(text: str) -> float:

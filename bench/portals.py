@@ -34,24 +34,19 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import CLIENT_ID, CLIENT_SECRET, Result, error_of, free_port, wait_port
+from bench.common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Result,
+    cpu_seconds,
+    error_of,
+    free_port,
+    rss_mib,
+    wait_port,
+)
 from sidecar.emulator import Emulator, Portal, run_emulator
 from sidecar.storage import TokenPair
 from sidecar.store import TokenStore
-
-
-def rss_mib(pid: int) -> float:
-    """The process's resident memory in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's user and system CPU time so far, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measured(pid: int, base: str, paths: list[str], calls: int,
