@@ -106,8 +106,14 @@ class PgBucket:
         tick: float = TICK,
         window: float = WINDOW,
         timeout: float = TIMEOUT,
+        key: str | None = None,
+        fleet: FleetBudgets | None = None,
     ) -> None:
         self.rate = rate
+        # The row this budget is: the single portal's (its store's key), or a marketplace
+        # portal's member_id, whose heartbeat and pauses the ``fleet`` reads for all at once.
+        self.key = store.portal if key is None else key
+        self._fleet = fleet
         self.burst = burst
         self._store = store
         self._metrics = metrics
@@ -140,9 +146,21 @@ class PgBucket:
 
     async def start(self) -> None:
         """Make the row, write the first heartbeat and start the loop; a database away at start
-        is survived on the local share."""
+        is survived on the local share. A marketplace portal's budget has no loop of its own:
+        its fleet's heartbeat counts the replicas for every portal."""
+        if self._fleet is not None:
+            self.attach()
+            await self._write(_ROW, self.key, self._store.client_id)
+            return
         await self._refresh()
         self._loop_task = asyncio.create_task(self._loop(), name="shared-budget")
+
+    def attach(self) -> None:
+        """Join the fleet's budgets (a marketplace portal's, at its first call: its row is made
+        by its first take)."""
+        assert self._fleet is not None
+        self._fleet.join(self)
+        self.counted(self._fleet.replicas, self._fleet.fresh)
 
     async def aclose(self) -> None:
         """Stop the loop and the writes under way; leave the fleet."""
@@ -151,12 +169,15 @@ class PgBucket:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._fleet is not None:
+            self._fleet.leave(self)
+            return
         if self.available:
             with contextlib.suppress(*FAILURES):
                 async with asyncio.timeout(self._timeout), self._conn() as conn:
                     await conn.execute(
                         "DELETE FROM sidecar_replicas WHERE portal = $1 AND client_id = $2 "
-                        "AND replica = $3", self._store.portal, self._store.client_id,
+                        "AND replica = $3", self.key, self._store.client_id,
                         self.replica)
 
     async def _loop(self) -> None:
@@ -169,33 +190,43 @@ class PgBucket:
         store = self._store
         try:
             async with asyncio.timeout(self._timeout), self._conn() as conn:
-                await conn.execute(_ROW, store.portal, store.client_id)
-                await conn.execute(_HEARTBEAT, store.portal, store.client_id, self.replica)
-                await conn.execute(_FORGET, store.portal, store.client_id, FORGET)
-                counts = await conn.fetchrow(_REPLICAS, store.portal, store.client_id,
+                await conn.execute(_ROW, self.key, store.client_id)
+                await conn.execute(_HEARTBEAT, self.key, store.client_id, self.replica)
+                await conn.execute(_FORGET, self.key, store.client_id, FORGET)
+                counts = await conn.fetchrow(_REPLICAS, self.key, store.client_id,
                                              self._window, STALE_TICKS * self._tick)
-                pauses = await conn.fetch(_PAUSES, store.portal, store.client_id)
+                pauses = await conn.fetch(_PAUSES, self.key, store.client_id)
         except FAILURES as exc:
             self._lost(exc)
             return
-        self.replicas = max(1, int(counts["seen"] or 0))
-        self.fresh = min(self.replicas, max(1, int(counts["fresh"] or 0)))
+        self.counted(max(1, int(counts["seen"] or 0)), int(counts["fresh"] or 0))
+        self._metrics.fleet_replicas.set(self.replicas)
+        await self._back_and_paused([(str(row["method"]), float(row["remaining"]))
+                                     for row in pauses])
+
+    def counted(self, replicas: int, fresh: int) -> None:
+        """The fleet's heartbeats say ``replicas`` replicas, ``fresh`` of them beating now."""
+        self.replicas = max(1, replicas)
+        self.fresh = min(self.replicas, max(1, fresh))
         # The replicas gone quiet send on their shares (rate / replicas each): the ones still
         # on the row leave that much of it unused, so the fleet stays under the portal's limit.
         self._cost = self._interval * self.replicas / self.fresh
-        self._metrics.fleet_replicas.set(self.replicas)
+
+    async def _back_and_paused(self, pauses: list[tuple[str, float]]) -> None:
+        """The database answered: rejoin the row if it had been away; adopt the pauses."""
+        store = self._store
         if not self.available:
             # The row has not moved while the replicas sent on their shares, so it would offer
             # a whole burst the portal's bucket may not have: it starts from full, as the
             # shares did, and a tick fuller, for the others still sending on theirs until they
             # notice too. Written before the first take from it.
-            if not await self._write(_FILL, store.portal, store.client_id,
+            if not await self._write(_FILL, self.key, store.client_id,
                                      self.burst * self._interval + self._tick):
                 return
             self._restored()
         if self.on_pause is not None:
-            for row in pauses:
-                self.on_pause(str(row["method"]), float(row["remaining"]))
+            for method, remaining in pauses:
+                self.on_pause(method, remaining)
 
     def _lost(self, exc: BaseException) -> None:
         if not self.available:
@@ -279,11 +310,11 @@ class PgBucket:
         store = self._store
         try:
             async with asyncio.timeout(self._timeout), self._conn() as conn:
-                row = await conn.fetchrow(_TAKE, store.portal, store.client_id,
+                row = await conn.fetchrow(_TAKE, self.key, store.client_id,
                                           self._cost, self._tolerance, force)
                 if row is None:  # the row went missing (a database restored from scratch)
-                    await conn.execute(_ROW, store.portal, store.client_id)
-                    row = await conn.fetchrow(_TAKE, store.portal, store.client_id,
+                    await conn.execute(_ROW, self.key, store.client_id)
+                    row = await conn.fetchrow(_TAKE, self.key, store.client_id,
                                               self._cost, self._tolerance, force)
         except FAILURES as exc:
             self._lost(exc)
@@ -305,7 +336,7 @@ class PgBucket:
             return
         self._free_at = max(self._free_at, self._clock() + self._interval)
         store = self._store
-        self._spawn(self._write(_FILL, store.portal, store.client_id, self.burst * self._interval))
+        self._spawn(self._write(_FILL, self.key, store.client_id, self.burst * self._interval))
 
     def share_pause(self, method: str, seconds: float) -> None:
         """Tell the fleet that ``method`` is paused for ``seconds`` (once it can be told)."""
@@ -314,7 +345,7 @@ class PgBucket:
             self._unshared[method] = max(until, self._unshared.get(method, 0.0))
             return
         store = self._store
-        self._spawn(self._write(_PAUSE, store.portal, store.client_id, method, seconds))
+        self._spawn(self._write(_PAUSE, self.key, store.client_id, method, seconds))
 
     async def _write(self, sql: str, *args: Any) -> bool:
         """Run one write; return whether it went through."""
@@ -335,3 +366,84 @@ class PgBucket:
         task = asyncio.create_task(work, name="shared-budget-write")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+# Every pause of an app's portals still running: one read a tick for all of them.
+_ALL_PAUSES = """
+SELECT portal, method, until - extract(epoch FROM clock_timestamp())::float8 AS remaining
+FROM sidecar_pauses WHERE client_id = $1
+  AND until > extract(epoch FROM clock_timestamp())::float8
+"""
+# The row marketplace replicas beat under: the fleet is the same for every portal.
+FLEET_KEY = "*marketplace*"
+
+
+class FleetBudgets:
+    """Marketplace mode on PostgreSQL: one heartbeat and one read of the pauses a tick for the
+    shared budgets of every portal in use (a loop per portal would not scale)."""
+
+    def __init__(self, store: PgStore, *, rate: float, burst: int, metrics: Metrics,
+                 tick: float = TICK) -> None:
+        self._beat = PgBucket(store, rate=rate, burst=burst, metrics=metrics, tick=tick,
+                              key=FLEET_KEY)
+        self._store = store
+        self._tick = tick
+        self._members: dict[str, PgBucket] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def replicas(self) -> int:
+        """The replicas last seen."""
+        return self._beat.replicas
+
+    @property
+    def fresh(self) -> int:
+        """The replicas beating now."""
+        return self._beat.fresh
+
+    def join(self, bucket: PgBucket) -> None:
+        """Count ``bucket`` among the portals in use."""
+        self._members[bucket.key] = bucket
+
+    def leave(self, bucket: PgBucket) -> None:
+        """``bucket``'s portal is gone."""
+        if self._members.get(bucket.key) is bucket:
+            del self._members[bucket.key]
+
+    async def start(self) -> None:
+        """Beat once, then every tick."""
+        await self._beat.start()  # its own loop: the heartbeat (and the fleet's row)
+        self._task = asyncio.create_task(self._loop(), name="fleet-budgets")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        """Tell every portal's budget the fleet's count and its pauses."""
+        if not self._members:
+            return
+        try:
+            async with asyncio.timeout(TIMEOUT), self._store.pool.acquire(
+                    timeout=TIMEOUT) as conn:
+                rows = await conn.fetch(_ALL_PAUSES, self._store.client_id)
+        except FAILURES as exc:
+            for bucket in list(self._members.values()):
+                bucket._lost(exc)
+            return
+        pauses: dict[str, list[tuple[str, float]]] = {}
+        for row in rows:
+            pauses.setdefault(str(row["portal"]), []).append(
+                (str(row["method"]), float(row["remaining"])))
+        for key, bucket in list(self._members.items()):
+            bucket.counted(self.replicas, self.fresh)
+            await bucket._back_and_paused(pauses.get(key, []))
+
+    async def aclose(self) -> None:
+        """Stop beating; leave the fleet."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._beat.aclose()

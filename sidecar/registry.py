@@ -35,7 +35,7 @@ from sidecar.errors import (
 from sidecar.limits import Gate
 from sidecar.metrics import Metrics
 from sidecar.oauth import OAuthClient, origin_text
-from sidecar.pgbucket import PgBucket
+from sidecar.pgbucket import FleetBudgets, PgBucket
 from sidecar.pgstore import PgStore
 from sidecar.portal import Addresses
 from sidecar.rules import shown_whole
@@ -241,6 +241,8 @@ class Portals:
         self._adopting = asyncio.Lock()
         # Marketplace mode: one schedule for every portal (a loop each would not scale).
         self.scheduler = Scheduler(settings.refresh_rate, clock)
+        # Marketplace mode on PostgreSQL: each portal's rate budget is the fleet's.
+        self.budgets: FleetBudgets | None = None
         self._scheduling: asyncio.Task[None] | None = None
         if settings.marketplace:
             metrics.registry.register(PortalsCollector(
@@ -352,6 +354,10 @@ class Portals:
         if not self.settings.marketplace:
             await self._build("", self.store, self.settings.portal)
             return
+        if isinstance(self.store, PgStore) and self.settings.rate > 0:
+            self.budgets = FleetBudgets(self.store, rate=self.settings.rate,
+                                        burst=self.settings.burst, metrics=self._metrics)
+            await self.budgets.start()
         entries = await self._upgraded(await self.store.entries())
         skipped = 0
         for entry in entries:
@@ -424,14 +430,20 @@ class Portals:
             await budget.start()
 
         def serving(tokens: Authorization) -> tuple[Addresses, Gate, PgBucket | None]:
+            shared = budget
+            if self.budgets is not None and isinstance(self.store, PgStore):
+                # The fleet's budget of this portal, taken from its own row.
+                shared = PgBucket(self.store, rate=settings.rate, burst=settings.burst,
+                                  metrics=self._metrics, key=key, fleet=self.budgets)
+                shared.attach()
             addresses = Addresses(settings.rest_base)
             coalescer = Coalescer(tokens, self._pool, addresses, self._metrics,
                                   time_limit=settings.upstream_timeout)
             gate = tokens.gate = Gate(
                 rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout,
                 coalesce=settings.coalesce, metrics=metrics, send_batch=coalescer.send,
-                shared=budget)
-            return addresses, gate, budget
+                shared=shared)
+            return addresses, gate, shared
 
         portal = Portal(key, tokens, serving)
         if budget is not None:
@@ -611,3 +623,5 @@ class Portals:
                     await task
         for portal in self:
             await portal.aclose()
+        if self.budgets is not None:
+            await self.budgets.aclose()

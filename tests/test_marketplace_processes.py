@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from sidecar.emulator import Portal
@@ -136,6 +137,50 @@ class TestReplicas:
             assert (status, summary["portals"]) == (200, 0)
 
 
+    async def test_replicas_share_each_portals_rate_budget(
+        self, market: Market, market_env: Env, pg_url: str  # noqa: F811
+    ) -> None:
+        """Two replicas send portal A's calls (not coalesced) against A's 2/s, burst 10: A's
+        one budget in the database keeps the fleet under A's limit (two budgets would send
+        twice what it allows); B, with a budget of its own, is served at once meanwhile."""
+        market.a.rate, market.a.burst = 2, 10
+        env = market_env | {"SIDECAR_DB": pg_url, "SIDECAR_RATE": "2", "SIDECAR_BURST": "10",
+                            "SIDECAR_QUEUE_TIMEOUT": "30s"}
+        async with running(env) as one, running(env) as two:
+            await install(one, market.a)
+            await install(one, market.b)
+            await until(lambda: served_everywhere(two, market.b), 15)
+            stop = asyncio.get_running_loop().time() + 8
+            statuses: list[int] = []
+            async with aiohttp.ClientSession() as http:
+
+                async def client(n: int) -> None:
+                    base = (one, two)[n % 2].base
+                    while asyncio.get_running_loop().time() < stop:
+                        async with http.get(
+                                f"{base}/portal/{market.a.member_id}/rest/profile",
+                                headers={"X-Sidecar-Coalesce": "off"}) as response:
+                            await response.read()
+                            statuses.append(response.status)
+
+                async def b_meanwhile() -> float:
+                    await asyncio.sleep(4)
+                    started = asyncio.get_running_loop().time()
+                    status, _ = await call(two, f"/portal/{market.b.member_id}/rest/profile")
+                    assert status == 200
+                    return asyncio.get_running_loop().time() - started
+
+                *_, b_took = await asyncio.gather(*(client(n) for n in range(20)),
+                                                  b_meanwhile())
+        assert statuses
+        assert set(statuses) == {200}, sorted(set(statuses))
+        # Two budgets would send twice what A allows, and A would refuse calls by the dozen
+        # (each absorbed by a retry, so the clients could not tell).
+        print(f"A refused {market.a.stats.limited} of {len(statuses)} calls")
+        assert market.a.stats.limited <= 2, market.a.stats.limited
+        assert b_took < 2.0, b_took
+
+
 async def until(condition: Any, seconds: float) -> None:
     """Wait until the async ``condition`` holds (fail after ``seconds``)."""
     loop = asyncio.get_running_loop()
@@ -143,3 +188,7 @@ async def until(condition: Any, seconds: float) -> None:
     while not await condition():
         assert loop.time() < deadline, "the condition did not come true in time"
         await asyncio.sleep(0.2)
+
+async def served_everywhere(sidecar: Running, portal: Portal) -> bool:
+    """Say whether ``sidecar`` serves ``portal`` yet."""
+    return (await call(sidecar, f"/portal/{portal.member_id}/rest/profile"))[0] == 200
