@@ -181,6 +181,42 @@ class TestReplicas:
         assert b_took < 2.0, b_took
 
 
+    async def test_a_portals_pause_holds_every_replica_and_no_other_portal(
+        self, market: Market, market_env: Env, pg_url: str  # noqa: F811
+    ) -> None:
+        """OPERATION_TIME_LIMIT on portal A at one replica: the other replica does not send
+        that method to A until the pause ends (A answers 429 once), while B's same method
+        goes at once."""
+        env = market_env | {"SIDECAR_DB": pg_url, "SIDECAR_RATE": "10", "SIDECAR_BURST": "50"}
+        async with running(env) as one, running(env) as two:
+            await install(one, market.a)
+            await install(one, market.b)
+            await until(lambda: served_everywhere(two, market.a), 15)
+            await until(lambda: served_everywhere(two, market.b), 15)
+            # Both replicas' gates for A exist (their first calls made them).
+            assert (await call(one, f"/portal/{market.a.member_id}/rest/profile"))[0] == 200
+            market.a.block_method("crm.lead.list", 5)
+            path = f"/portal/{market.a.member_id}/rest/crm.lead.list"
+            first = asyncio.create_task(call(one, path))
+            for _ in range(100):
+                if market.a.stats.time_limited:
+                    break
+                await asyncio.sleep(0.05)
+            assert market.a.stats.time_limited == 1
+            await asyncio.sleep(2.5)  # the replicas read every portal's pauses each second
+            sent = market.a.stats.rest_calls["crm.lead.list"]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            status, _ = await call(two, f"/portal/{market.b.member_id}/rest/crm.lead.list")
+            assert status == 200
+            assert loop.time() - started < 1.0  # B is not paused
+            status, _ = await call(two, path)
+            assert status == 200
+            assert (await first)[0] == 200
+        assert market.a.stats.time_limited == 1
+        assert market.a.stats.rest_calls["crm.lead.list"] == sent + 2
+
+
 async def until(condition: Any, seconds: float) -> None:
     """Wait until the async ``condition`` holds (fail after ``seconds``)."""
     loop = asyncio.get_running_loop()
