@@ -14,22 +14,26 @@ import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
+from yarl import URL
 
 from sidecar import __version__, climarket
 from sidecar.app import create_app, make_oauth, oauth_session, serve
 from sidecar.authinfo import authorize_url, code_hint, describe, iso
 from sidecar.authorization import Authorization
-from sidecar.config import OPTIONS, Settings, load_settings, parse_db, parse_listen
+from sidecar.config import OPTIONS, Listen, Settings, load_settings, parse_db, parse_listen
 from sidecar.errors import ConfigError, OAuthError, SidecarError, StoreError
 from sidecar.grants import ANY_USER, LINK_TTL, issue_link, open_install_window
 from sidecar.logging import AccessLog, Redactor, configure_logging
 from sidecar.pgstore import PgStore
 from sidecar.storage import MOVED, StoredState
 from sidecar.stores import open_store
+
+if TYPE_CHECKING:
+    from sidecar.emulator import Emulator, Portal
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the emulator and the sidecar together, authorized")
     demo.add_argument("--listen", default="127.0.0.1:8080", help="the proxy's host:port")
     demo.add_argument("--log-level", default="warning")
+    demo.add_argument("--portals", type=int, default=1, metavar="N",
+                      help="marketplace mode: N emulated portals (2 to 9), each installing the "
+                      "app, one sidecar holding them all")
     return parser
 
 
@@ -531,9 +538,14 @@ async def _demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bitrix-sidecar: --listen: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if not 1 <= args.portals <= 9:
+        print("bitrix-sidecar: --portals: from 1 to 9", file=sys.stderr)
+        return EXIT_CONFIG
     redactor = configure_logging(fmt="console", level=args.log_level)
     emulator = Emulator()
     emulator.register_app(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
+    if args.portals > 1:
+        return await _demo_portals(args, listen, redactor, emulator)
     with tempfile.TemporaryDirectory(prefix="bitrix-sidecar-demo-") as workdir:
         async with run_emulator(emulator) as base_url:
             settings = Settings(
@@ -561,6 +573,62 @@ async def _demo(args: argparse.Namespace) -> int:
                       "try --listen 127.0.0.1:8081", file=sys.stderr)
                 return EXIT_FAILED
     return 0
+
+
+async def _demo_portals(args: argparse.Namespace, listen: Listen, redactor: Redactor,
+                        emulator: Emulator) -> int:
+    """The demo in marketplace mode: N portals install the app on one sidecar."""
+    from sidecar.emulator import run_emulator  # noqa: PLC0415 - only this command
+    from sidecar.portals import parse_portals  # noqa: PLC0415
+
+    portals = [emulator.add_portal(f"portal{n}") for n in range(1, args.portals + 1)]
+    installs: set[asyncio.Task[tuple[int, str]]] = set()
+    with tempfile.TemporaryDirectory(prefix="bitrix-sidecar-demo-") as workdir:
+        async with run_emulator(emulator) as base_url:
+            settings = Settings(
+                portal="", portal_list=parse_portals(",".join(p.base_url for p in portals)),
+                client_id=DEMO_CLIENT_ID, client_secret=DEMO_CLIENT_SECRET,
+                oauth_url=base_url, scope=("crm", "user"), listen=listen,
+                db_path=Path(workdir) / "tokens.db", log_format="console",
+                log_level=args.log_level,
+            )
+
+            def ready(port: int) -> None:
+                base = f"http://{listen.host}:{port}"
+                for portal in portals:  # each portal installs the app, as a real one would
+                    task = asyncio.create_task(portal.send_install_event(
+                        f"{base}/oauth/install", DEMO_CLIENT_ID))
+                    installs.add(task)
+                    task.add_done_callback(installs.discard)
+                print(_demo_portals_banner(base, portals), flush=True)
+
+            try:
+                await serve(create_app(settings, redactor=redactor), listen,
+                            shutdown_grace=2.0, ready=ready)
+            except OSError as exc:
+                print(f"bitrix-sidecar: cannot listen on {listen}: {exc.strerror}; "
+                      "try --listen 127.0.0.1:8081", file=sys.stderr)
+                return EXIT_FAILED
+    return 0
+
+
+def _demo_portals_banner(base: str, portals: Sequence[Portal]) -> str:
+    first, second = portals[0], portals[1]
+    one, two = URL(first.base_url).raw_authority, URL(second.base_url).raw_authority
+    return f"""
+bitrix-sidecar demo, marketplace mode: one sidecar at {base} holding the authorizations of
+{len(portals)} emulated portals ({', '.join(URL(p.base_url).raw_authority for p in portals)}),
+each of which has just installed the app. Try, from another terminal:
+
+  curl -s {base}/portal/{one}/rest/profile               # by host
+  curl -s {base}/portal/{second.member_id}/rest/profile   # by member_id
+  curl -s {base}/rest/crm.lead.add.json -H 'X-Bitrix-Portal: {two}' -d 'fields[TITLE]=Lead'
+  curl -s {base}/portal/{one}/rest/1/anycode/user.current.json   # a webhook address per portal
+  curl -s {base}/rest/profile                  # no portal named: 400 SIDECAR_PORTAL_REQUIRED
+  curl -s '{base}/token?portal={two}'
+
+Ctrl-C stops it.
+"""
 
 
 def _demo_banner(base: str, portal: str) -> str:

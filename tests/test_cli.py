@@ -192,6 +192,42 @@ class TestDemo:
                 await proc.wait()
 
 
+    async def test_demo_with_two_portals_serves_each_by_name(self) -> None:
+        """``demo --portals 2``: both emulated portals install the app on one sidecar; calls by
+        host prefix and by member_id are served, an unaddressed one is told to name a portal."""
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "demo", "--listen", f"127.0.0.1:{port}",
+            "--portals", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            banner = ""
+            while "Ctrl-C" not in banner:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+                assert line, "demo exited early"
+                banner += line
+            paths = [line.split()[2].removeprefix(f"http://127.0.0.1:{port}")
+                     for line in banner.splitlines()
+                     if line.strip().startswith("curl -s http") and "/portal/" in line]
+            assert len(paths) >= 2, banner
+            for path in paths:
+                for _ in range(50):  # the installs go through the portal's checks first
+                    status, body = await get(f"http://127.0.0.1:{port}{path}")
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert status == 200, (path, body)
+            status, body = await get(f"http://127.0.0.1:{port}/rest/profile")
+            assert (status, body["error"]) == (400, "SIDECAR_PORTAL_REQUIRED")
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
 def test_console_script_is_installed() -> None:
     """The package installs a bitrix-sidecar command beside the interpreter."""
     assert (Path(sys.executable).parent / "bitrix-sidecar").exists()
