@@ -136,7 +136,9 @@ class Scheduler:
     async def _renew(self, key: str) -> None:
         item = self._held.get(key)
         try:
-            if item is not None:
+            # While it waited for a start and a slot, a call may have renewed it, or its pair
+            # gone (an uninstall the watch read): then it is not due any more.
+            if item is not None and item.next_due() <= self._clock():
                 self.started += 1
                 await item.renew("schedule")
         except SidecarError:

@@ -4,7 +4,9 @@ the one renewal schedule, over real SQLite stores and the emulator."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ from sidecar.app import PORTALS, create_admin_app, create_app
 from sidecar.config import Settings
 from sidecar.logging import REDACTED, Redactor
 from sidecar.registry import Portals
+from sidecar.scheduler import Scheduler
 from tests.test_marketplace import Market, Sidecar, host, market, market_settings
 
 __all__ = ["market", "market_settings"]  # fixtures, shared with tests/test_marketplace.py
@@ -83,3 +86,55 @@ class TestWatchRaces:
         assert [portal.key for portal in portals] == [market.b.member_id]
         assert portals.scheduler._held[market.b.member_id] is adopted.tokens
         assert (await first.call(f"/portal/{host(market.b)}/rest/profile"))[0] == 200
+
+
+class Due:
+    """A portal's schedule as the scheduler sees it: due at ``due``; counts its renewals."""
+
+    def __init__(self, due: float) -> None:
+        self.due = due
+        self.renewed = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def next_due(self) -> float:
+        """When it is due."""
+        return self.due
+
+    async def renew(self, trigger: str) -> object:
+        """Renew: held until the test releases it."""
+        self.renewed += 1
+        self.started.set()
+        await self.release.wait()
+        self.due = float("inf")
+        return None
+
+
+class TestScheduler:
+    @pytest.mark.parametrize("later", [float("inf"), 3600.0])
+    async def test_a_renewal_waiting_for_a_slot_is_not_started_once_no_longer_due(
+        self, later: float
+    ) -> None:
+        """A portal due now waits for a free slot; meanwhile a call renews it (due later) or
+        its pair goes (an uninstall seen by the watch: never due). When the slot frees, it is
+        not renewed again: a wasted refresh, or with no pair a crash that holds the slot."""
+        clock = time.time
+        scheduler = Scheduler(rate=0, clock=clock, parallel=1)
+        first, second = Due(clock() - 2), Due(clock() - 1)
+        scheduler.add("first", first)
+        scheduler.add("second", second)
+        running = asyncio.create_task(scheduler.run())
+        try:
+            await asyncio.wait_for(first.started.wait(), 5)
+            await asyncio.sleep(0.05)  # the second is taken from the heap, waiting for the slot
+            second.due = clock() + later if later != float("inf") else later
+            first.release.set()
+            for _ in range(100):
+                if not scheduler._busy and first.renewed and not scheduler._running:
+                    break
+                await asyncio.sleep(0.01)
+            assert (first.renewed, second.renewed) == (1, 0)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
