@@ -138,3 +138,23 @@ class TestScheduler:
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
+
+
+class TestBounded:
+    async def test_on_demand_renewals_leave_one_entry_in_the_schedule(
+        self, market: Market, start_quiet: Callable[..., Any]
+    ) -> None:
+        """On-demand mode (SIDECAR_REFRESH_INTERVAL=0), the one for thousands of portals: a
+        called portal renews about hourly, and each renewal moves its keep-alive 20 days on.
+        The schedule keeps one entry per portal, not one per renewal for 20 days (1,000 per
+        active portal, hundreds of MiB with a few thousand)."""
+        sidecar, portals = await start_quiet(SIDECAR_REFRESH_INTERVAL="0")
+        assert (await sidecar.install(market.a))[0] == 200
+        tokens = portals.find(market.a.member_id.lower()).tokens  # type: ignore[union-attr]
+        for _ in range(30):
+            pair = tokens.pair
+            assert pair is not None
+            await tokens.refresh(pair.access_token, trigger="on_demand")
+        await portals._watch_once()  # the watch reads its own writes back, too
+        assert len(portals.scheduler._heap) <= 2
+        assert (await sidecar.call(f"/portal/{host(market.a)}/rest/profile"))[0] == 200
