@@ -150,7 +150,9 @@ class TestBounded:
         active portal, hundreds of MiB with a few thousand)."""
         sidecar, portals = await start_quiet(SIDECAR_REFRESH_INTERVAL="0")
         assert (await sidecar.install(market.a))[0] == 200
-        tokens = portals.find(market.a.member_id.lower()).tokens  # type: ignore[union-attr]
+        held = portals.find(market.a.member_id.lower())
+        assert held is not None
+        tokens = held.tokens
         for _ in range(30):
             pair = tokens.pair
             assert pair is not None
