@@ -122,6 +122,8 @@ class StoreSync:
         if not self.unsaved or pair is None:
             return True
         async with self._store.locked() as stored:
+            if not self.unsaved:
+                return True  # saved, or removed (an uninstall), while this waited for the lock
             held = self._life.stored
             if (stored.generation != self._unsaved_base and not lost(stored, held)
                     and not older(stored, held)):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from sidecar.config import Settings
 from sidecar.logging import REDACTED, Redactor
 from sidecar.registry import Portals
 from sidecar.scheduler import Scheduler
+from tests.conftest import CLIENT_ID
 from tests.test_marketplace import Market, Sidecar, host, market, market_settings
 
 __all__ = ["market", "market_settings"]  # fixtures, shared with tests/test_marketplace.py
@@ -160,3 +163,31 @@ class TestBounded:
         await portals._watch_once()  # the watch reads its own writes back, too
         assert len(portals.scheduler._heap) <= 2
         assert (await sidecar.call(f"/portal/{host(market.a)}/rest/profile"))[0] == 200
+
+
+class TestUninstall:
+    async def test_an_uninstalled_portals_pair_held_only_in_memory_is_not_written_back(
+        self, market: Market, start_quiet: Callable[..., Any], tmp_path: Path
+    ) -> None:
+        """A's newest pair is held only in memory (the store refused its write during an
+        outage, and the watch has not written it yet) when A's uninstall arrives: the removal
+        clears A's secrets, and closing A's authorization must not write the pair back (the
+        row would be served again by every replica and after a restart)."""
+        sidecar, portals = await start_quiet()
+        assert (await sidecar.install(market.a))[0] == 200
+        held = portals.find(market.a.member_id.lower())
+        assert held is not None
+        tokens = held.tokens
+        # The state a failed write leaves (sidecar.authorization: keep_unsaved after a
+        # StoreError on save_pair), with the store answering again.
+        tokens.sync_state.keep_unsaved(tokens.life.stored.generation)
+        status, body = await market.a.send_uninstall_event(sidecar.url("/oauth/install"),
+                                                           CLIENT_ID)
+        assert status == 200, body
+        with sqlite3.connect(tmp_path / "tokens.db") as raw:
+            row = raw.execute("SELECT access_token, refresh_token, removed_at FROM "
+                              "authorizations WHERE key = ?", (market.a.member_id,)).fetchone()
+        assert row[:2] == (None, None)
+        assert row[2] is not None
+        again, _ = await start_quiet()
+        assert (await again.call(f"/portal/{host(market.a)}/rest/profile"))[0] == 404
