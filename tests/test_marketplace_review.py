@@ -191,3 +191,25 @@ class TestUninstall:
         assert row[2] is not None
         again, _ = await start_quiet()
         assert (await again.call(f"/portal/{host(market.a)}/rest/profile"))[0] == 404
+
+    async def test_a_pair_held_only_in_memory_does_not_undo_another_replicas_uninstall(
+        self, market: Market, start_quiet: Callable[..., Any], tmp_path: Path
+    ) -> None:
+        """The same, with the uninstall handled by another replica on the same store: this
+        one's watch (which writes unsaved pairs first) drops A and writes nothing back."""
+        first, portals = await start_quiet()
+        assert (await first.install(market.a))[0] == 200
+        second, _ = await start_quiet()
+        held = portals.find(market.a.member_id.lower())
+        assert held is not None
+        held.tokens.sync_state.keep_unsaved(held.tokens.life.stored.generation)
+        status, body = await market.a.send_uninstall_event(second.url("/oauth/install"),
+                                                           CLIENT_ID)
+        assert status == 200, body
+        await portals._watch_once()
+        with sqlite3.connect(tmp_path / "tokens.db") as raw:
+            row = raw.execute("SELECT access_token, refresh_token, removed_at FROM "
+                              "authorizations WHERE key = ?", (market.a.member_id,)).fetchone()
+        assert row[:2] == (None, None)
+        assert row[2] is not None
+        assert portals.find(market.a.member_id.lower()) is None
