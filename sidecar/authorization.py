@@ -461,6 +461,9 @@ class Authorization:
             return
         async with self._store.locked():
             await remove(reason)
+            # A pair held only in memory (the store refused it) is the removed portal's too:
+            # writing it later (the watch, aclose) would bring the removed row back.
+            self.sync_state.unsaved = False
         self.life.revoked(reason, now=self._clock())
         self.renewal.recovered(alert=False)
         log.warning("portal_removed", member_id=self.pair.member_id if self.pair else "",

@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, TextIO
@@ -26,8 +26,17 @@ _SECRET_PARAM_RE = re.compile(
     r"application_token|code)=)[^&\s\"'<>]+"
 )
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
-# A run of the characters tokens are made of: a known token is one whole run.
+# A run of the characters tokens are made of: a known token is one whole run, or part of one
+# (next to the digits of a %22, say, or the n of an escaped newline).
 _WORD_RE = re.compile(r"[0-9A-Za-z_-]{6,}")
+_PREFIX = 6  # the shortest secret remembered; tokens inside a run are found by this prefix
+
+
+def _drop(counter: Counter[Any], key: object) -> None:
+    """Count one ``key`` less, forgetting it at none."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class Redactor:
@@ -39,6 +48,8 @@ class Redactor:
         # a few; others go into one pattern with the permanent secrets.
         self._keep = keep
         self._words: OrderedDict[str, None] = OrderedDict()
+        self._prefixes: Counter[str] = Counter()  # the words' first characters
+        self._lengths: Counter[int] = Counter()  # and their lengths
         self._others: deque[str] = deque(maxlen=32)
         self._permanent: set[str] = set()  # the client secret: never forgotten
         self._known: re.Pattern[str] | None = None  # one pattern for the rest
@@ -48,10 +59,16 @@ class Redactor:
         if len(secret) < 6:
             return
         if not permanent and _WORD_RE.fullmatch(secret):
+            if secret in self._words:
+                self._words.move_to_end(secret)
+                return
             self._words[secret] = None
-            self._words.move_to_end(secret)
+            self._prefixes[secret[:_PREFIX]] += 1
+            self._lengths[len(secret)] += 1
             while len(self._words) > self._keep:
-                self._words.popitem(last=False)
+                old, _ = self._words.popitem(last=False)
+                _drop(self._prefixes, old[:_PREFIX])
+                _drop(self._lengths, len(old))
             return
         if permanent:
             self._permanent.add(secret)
@@ -68,13 +85,36 @@ class Redactor:
         if self._known is not None:
             text = self._known.sub(REDACTED, text)
         if self._words:
-            words = self._words
-            text = _WORD_RE.sub(lambda m: REDACTED if m.group() in words else m.group(), text)
+            text = _WORD_RE.sub(self._hide_words, text)
         if "=" in text:
             text = _SECRET_PARAM_RE.sub(rf"\g<1>{REDACTED}", text)
         if "bearer" in text.lower():
             text = _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
         return text
+
+    def _hide_words(self, match: re.Match[str]) -> str:
+        """Hide the known tokens in a run of word characters: the whole run, or the tokens
+        inside it (only a run longer than the shortest token can hold one and more)."""
+        run = match.group()
+        words = self._words
+        if run in words:
+            return REDACTED
+        lengths = self._lengths
+        if len(run) <= min(lengths):
+            return run
+        sizes = sorted(lengths, reverse=True)  # longest first: a token inside one goes whole
+        parts: list[str] = []
+        start = i = 0
+        end = len(run) - _PREFIX
+        while i <= end:
+            if run[i:i + _PREFIX] in self._prefixes:
+                found = next((n for n in sizes if i + n <= len(run) and run[i:i + n] in words), 0)
+                if found:
+                    parts += (run[start:i], REDACTED)
+                    i = start = i + found
+                    continue
+            i += 1
+        return "".join(parts) + run[start:] if parts else run
 
     def _value(self, key: str, value: Any) -> Any:
         if value is None or isinstance(value, bool | int | float):

@@ -604,15 +604,20 @@ class Portals:
                     if stored.pair is None and stored.last_error.startswith(UNINSTALLED):
                         await self.remove(portal)
                         continue
-                self._index(portal)
+                if self._portals.get(key) is portal:  # not removed while the store answered
+                    self._index(portal)
             elif key:
                 stored = await self.store.authorization(key, "").load()
                 pair = stored.pair
                 if pair is not None and self.settings.portals.allows(
                         origin_address(pair.client_endpoint)):
-                    await self._build(key, self.store.authorization(
-                        key, origin_address(pair.client_endpoint)),
-                        origin_address(pair.client_endpoint))
+                    # Under adopt's lock, and only if an install here has not built it while
+                    # the store answered: a second bundle would replace the first, unclosed.
+                    async with self._adopting:
+                        if key not in self._portals:
+                            await self._build(key, self.store.authorization(
+                                key, origin_address(pair.client_endpoint)),
+                                origin_address(pair.client_endpoint))
 
     async def aclose(self) -> None:
         """Stop the watch, the schedule and every portal."""

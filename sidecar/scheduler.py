@@ -48,6 +48,10 @@ class Scheduler:
         self._clock = clock
         self._heap: list[tuple[float, int, str]] = []
         self._held: dict[str, Renewable] = {}
+        # Each key's earliest entry in the heap: a later due pushes nothing (that entry comes
+        # up first and is pushed again at the actual time), so a portal whose renewals move
+        # its keep-alive 20 days on each time holds one entry, not one per renewal.
+        self._queued: dict[str, float] = {}
         self._counter = itertools.count()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(parallel)
@@ -65,17 +69,24 @@ class Scheduler:
     def remove(self, key: str) -> None:
         """Stop scheduling ``key`` (its entries in the heap are dropped when they come up)."""
         self._held.pop(key, None)
+        self._queued.pop(key, None)
 
     def moved(self, key: str) -> None:
         """``key``'s schedule may have moved: put it in the heap at its new time."""
         item = self._held.get(key)
         if item is None:
             return
-        due = item.next_due()
-        if due != float("inf"):
-            heapq.heappush(self._heap, (due, next(self._counter), key))
-            if self._heap[0][2] == key:
-                self._wake.set()
+        self._push(key, item.next_due())
+
+    def _push(self, key: str, due: float) -> None:
+        """Put ``key`` in the heap at ``due``, unless an entry of its comes up no later."""
+        queued = self._queued.get(key)
+        if due == float("inf") or (queued is not None and queued <= due):
+            return
+        self._queued[key] = due
+        heapq.heappush(self._heap, (due, next(self._counter), key))
+        if self._heap[0][2] == key:
+            self._wake.set()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -109,13 +120,14 @@ class Scheduler:
         now = self._clock()
         while self._heap and self._heap[0][0] <= now:
             due, _, key = heapq.heappop(self._heap)
+            if self._queued.get(key) == due:
+                del self._queued[key]
             item = self._held.get(key)
             if item is None or key in self._busy:
                 continue
             actual = item.next_due()
             if actual > now:
-                if actual != float("inf") and actual != due:
-                    heapq.heappush(self._heap, (actual, next(self._counter), key))
+                self._push(key, actual)
                 continue
             return key
         return None
@@ -136,7 +148,9 @@ class Scheduler:
     async def _renew(self, key: str) -> None:
         item = self._held.get(key)
         try:
-            if item is not None:
+            # While it waited for a start and a slot, a call may have renewed it, or its pair
+            # gone (an uninstall the watch read): then it is not due any more.
+            if item is not None and item.next_due() <= self._clock():
                 self.started += 1
                 await item.renew("schedule")
         except SidecarError:

@@ -13,7 +13,7 @@ import structlog
 from sidecar.errors import StoreError
 from sidecar.metrics import Metrics
 from sidecar.states import Life
-from sidecar.storage import PairStore, StoredState, lost, older
+from sidecar.storage import UNINSTALLED, PairStore, StoredState, lost, older
 
 log = structlog.get_logger("sidecar.storesync")
 
@@ -122,6 +122,14 @@ class StoreSync:
         if not self.unsaved or pair is None:
             return True
         async with self._store.locked() as stored:
+            if not self.unsaved:
+                return True  # saved, or removed (an uninstall), while this waited for the lock
+            if stored.pair is None and stored.last_error.startswith(UNINSTALLED):
+                # The portal was uninstalled (another process, or forget --portal): its pair,
+                # ours included, is not to be stored again.
+                self.unsaved = False
+                self._adopt(stored, "store")
+                return True
             held = self._life.stored
             if (stored.generation != self._unsaved_base and not lost(stored, held)
                     and not older(stored, held)):
