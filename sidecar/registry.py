@@ -594,7 +594,8 @@ class Portals:
             if sync.unsaved:
                 await sync.save_unsaved()
         seq, keys = await self.store.changes_since(self._seq)
-        self._seq = seq
+        # The position moves only once every change is taken in: a store that fails halfway
+        # (a database blip) leaves the rest for the next round, not forgotten.
         for key in dict.fromkeys(keys):
             portal = self._portals.get(key)
             if portal is not None:
@@ -618,6 +619,7 @@ class Portals:
                             await self._build(key, self.store.authorization(
                                 key, origin_address(pair.client_endpoint)),
                                 origin_address(pair.client_endpoint))
+        self._seq = seq
 
     async def aclose(self) -> None:
         """Stop the watch, the schedule and every portal."""

@@ -96,7 +96,13 @@ class Scheduler:
         try:
             while True:
                 self._wake.clear()
-                key = self._next()
+                try:
+                    key = self._next()
+                except Exception:
+                    # A bug must not end every portal's renewals: say so loudly, go on slowly.
+                    log.exception("token_schedule_error")
+                    await asyncio.sleep(BACKOFF_MAX / 10)
+                    continue
                 if key is None:
                     delay = self._heap[0][0] - self._clock() if self._heap else None
                     with contextlib.suppress(TimeoutError):
