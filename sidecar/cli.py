@@ -12,7 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -565,14 +565,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 base = f"http://{listen.host}:{port}"
                 print(_demo_banner(base, base_url), flush=True)
 
-            try:
-                await serve(create_app(settings, redactor=redactor), listen,
-                            shutdown_grace=2.0, ready=ready)
-            except OSError as exc:
-                print(f"bitrix-sidecar: cannot listen on {listen}: {exc.strerror}; "
-                      "try --listen 127.0.0.1:8081", file=sys.stderr)
-                return EXIT_FAILED
-    return 0
+            return await _demo_serve(settings, redactor, ready)
 
 
 async def _demo_portals(args: argparse.Namespace, listen: Listen, redactor: Redactor,
@@ -602,13 +595,19 @@ async def _demo_portals(args: argparse.Namespace, listen: Listen, redactor: Reda
                     task.add_done_callback(installs.discard)
                 print(_demo_portals_banner(base, portals), flush=True)
 
-            try:
-                await serve(create_app(settings, redactor=redactor), listen,
-                            shutdown_grace=2.0, ready=ready)
-            except OSError as exc:
-                print(f"bitrix-sidecar: cannot listen on {listen}: {exc.strerror}; "
-                      "try --listen 127.0.0.1:8081", file=sys.stderr)
-                return EXIT_FAILED
+            return await _demo_serve(settings, redactor, ready)
+
+
+async def _demo_serve(settings: Settings, redactor: Redactor,
+                      ready: Callable[[int], None]) -> int:
+    """Serve the demo's sidecar until Ctrl-C."""
+    try:
+        await serve(create_app(settings, redactor=redactor), settings.listen,
+                    shutdown_grace=2.0, ready=ready)
+    except OSError as exc:
+        print(f"bitrix-sidecar: cannot listen on {settings.listen}: {exc.strerror}; "
+              "try --listen 127.0.0.1:8081", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
