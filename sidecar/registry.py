@@ -282,8 +282,8 @@ class Portals:
         if in_path and in_header and in_path != in_header and (
                 by_path is None or by_path is not by_header):
             raise PortalMismatch(
-                    f"the path names the portal {shown_whole(in_path)} and the X-Bitrix-Portal "
-                    f"header {shown_whole(in_header)}: name one portal, or the same in both")
+                f"the path names the portal {shown_whole(in_path)} and the X-Bitrix-Portal "
+                f"header {shown_whole(in_header)}: name one portal, or the same in both")
         portal = by_path or by_header
         if portal is None:
             raise PortalUnknown(f"this sidecar holds no portal {shown_whole(in_path or in_header)}"
@@ -363,7 +363,9 @@ class Portals:
         for entry in entries:
             address = origin_address(entry.state.pair.client_endpoint) if entry.state.pair \
                 else entry.portal
-            if not entry.key or not self.settings.portals.allows(address):
+            if not entry.key or "://" in entry.key or not self.settings.portals.allows(address):
+                # A single-portal sidecar's row (not taken in: see _upgraded), or a portal
+                # BITRIX_PORTAL no longer allows.
                 skipped += 1
                 continue
             await self._build(entry.key, self.store.authorization(entry.key, address), address,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from yarl import URL
 from sidecar.app import create_admin_app, create_app
 from sidecar.config import Settings, load_settings
 from sidecar.emulator import Emulator, Portal, run_emulator, run_portal
+from sidecar.pgstore import PgStore
+from sidecar.storage import TokenPair
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, settings_env
 
 
@@ -415,3 +418,25 @@ class TestUpgrade:
                     break
             await asyncio.sleep(0.1)
         assert response.status == 503
+
+
+class TestPostgresqlUpgrade:
+    async def test_a_single_portal_row_left_behind_is_not_served_as_a_portal(
+        self, market: Market, start: Callable[..., Any], pg_url: str
+    ) -> None:
+        """A database's single-portal row that is not taken in (its authorization is dead) is
+        not served under its address-shaped key beside the portals: only a live pair moves."""
+        answer = market.a.issue_tokens(CLIENT_ID)
+        pair = TokenPair(
+            access_token=str(answer["access_token"]), refresh_token=str(answer["refresh_token"]),
+            expires_at=time.time() + 3600, member_id=str(answer["member_id"]),
+            client_endpoint=str(answer["client_endpoint"]), obtained_at=time.time())
+        store = PgStore(pg_url, portal=market.a.base_url, client_id=CLIENT_ID)
+        async with store, store.locked():
+            await store.save_pair(pair)
+            await store.record_error("the refresh token is dead", reauth_required=True)
+        sidecar = await start(SIDECAR_DB=pg_url)
+        _, summary = await sidecar.status()
+        assert summary["portals"] == 0, summary
+        status, body = await sidecar.call(f"/portal/{market.a.member_id}/rest/profile")
+        assert (status, body["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
