@@ -235,6 +235,7 @@ class AuthFlow:
         try:
             # Any site may link here (the operator's link pasted in a chat, say).
             self._check(request, where, navigation=True)
+            self._one_portal()
             link = request.query.get("link", "")
             await self._may_start(request, where, link, use=False)
         except SidecarError as exc:
@@ -258,6 +259,7 @@ class AuthFlow:
         send it to the portal's approval page."""
         try:
             self._check(request, where)
+            self._one_portal()
             # Posted by our own page only: no other site can press the button for the operator.
             origin = origin_of(request.headers.get("Origin", ""))
             if origin not in {f"http://{request.host}".lower(),
@@ -335,9 +337,18 @@ class AuthFlow:
         response.del_cookie(COOKIE, path="/oauth/callback")
         return response
 
+    def _one_portal(self) -> None:
+        """Refuse the browser flow in marketplace mode: it names no portal to approve on."""
+        if self._single is None:
+            raise BadRequest(
+                "in marketplace mode portals are added by installing the app on them; to "
+                "authorize one as the operator, open the address 'bitrix-sidecar authorize-url "
+                "--portal HOST' prints and run 'bitrix-sidecar authorize <the redirect address>'")
+
     def _check_domain(self, domain: str) -> None:
         if self._single is None:
-            if domain and not self._settings.portals.allows(f"https://{domain}"):
+            if domain and not any(self._settings.portals.allows(f"{scheme}://{domain}")
+                                  for scheme in ("https", "http")):
                 raise Refused(f"the authorization came from {domain}, which BITRIX_PORTAL does "
                               "not allow")
             return

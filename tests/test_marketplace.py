@@ -196,6 +196,22 @@ async def direct(portal: Portal, token: str) -> int:
         return response.status
 
 
+class TestBrowserFlow:
+    async def test_the_browser_flow_points_to_the_cli_in_marketplace_mode(
+        self, start: Callable[..., Any]
+    ) -> None:
+        """/oauth/start names no portal to approve on: it answers 400 with the operator's way
+        (authorize-url --portal, then authorize), and starts nothing."""
+        sidecar = await start()
+        for method in ("GET", "POST"):
+            async with sidecar.proxy.request(
+                    method, "/oauth/start", headers={"Origin": sidecar.url("/").rstrip("/")},
+            ) as response:
+                body = await response.json(content_type=None)
+            assert response.status == 400, body
+            assert "authorize-url --portal" in body["error_description"]
+
+
 class TestOnboarding:
     async def test_an_install_from_a_portal_outside_the_list_is_refused(
         self, market: Market, start: Callable[..., Any]
