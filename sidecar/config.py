@@ -436,6 +436,10 @@ OPTIONS: tuple[Option, ...] = (
            "1024"),
     Option("SIDECAR_MAX_BODY", "--max-body", "max_body", "largest request body accepted",
            parse_size, "16MiB"),
+    Option("SIDECAR_LIST_MAX", "--list-max", "list_max",
+           "largest whole list (X-Bitrix-Pages: all) answered in one JSON body; larger ones "
+           "are refused unless asked for streamed (Accept: application/x-ndjson)",
+           parse_size, "64MiB"),
     Option("SIDECAR_LOG_FORMAT", "--log-format", "log_format", "json or console",
            _choice(LOG_FORMATS), "json"),
     Option("SIDECAR_LOG_LEVEL", "--log-level", "log_level", "debug, info, warning, error",
@@ -501,6 +505,7 @@ class Settings:
     refresh_interval: float = _default("refresh_interval")
     upstream_timeout: float = _default("upstream_timeout")
     max_body: int = _default("max_body")
+    list_max: int = _default("list_max")
     request_timeout: float = _default("request_timeout")
     idle_timeout: float = _default("idle_timeout")
     max_connections: int = _default("max_connections")

@@ -7,11 +7,15 @@ The rules a request must pass live in ``rules``, the neutral call and reply shap
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import structlog
@@ -27,12 +31,16 @@ from sidecar.coalescer import LIMIT_RETRIES
 from sidecar.config import Settings
 from sidecar.errors import (
     BadRequest,
+    ClientGone,
     InternalError,
     MethodNotAllowed,
+    MethodPaused,
+    QueueFull,
     SidecarError,
     UpstreamError,
 )
 from sidecar.limits import Gate
+from sidecar.listmethods import client_params, plan
 from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
 from sidecar.portal import Refusal, network_failure, reset_in
@@ -41,6 +49,7 @@ from sidecar.registry import Portal, Portals
 from sidecar.replies import JSON_TYPE, Call, Reply, Sink, error_reply
 from sidecar.rules import (
     DROP_REQUEST,
+    PAGES_HEADER,
     REQUEST_ID_RE,
     HostPolicy,
     Target,
@@ -55,9 +64,11 @@ from sidecar.rules import (
     strip_query_auth,
 )
 from sidecar.storage import TokenPair
-from sidecar.upstream import BadHeader, Pool
+from sidecar.upstream import BadHeader, Origin, Pool
+from sidecar.wholelist import NDJSON_TYPE, Fetch, answer_streamed, answer_whole
 
 log = structlog.get_logger("sidecar.proxy")
+_T = TypeVar("_T")
 
 _COALESCIBLE_TYPES = frozenset({"", "application/x-www-form-urlencoded", "application/json"})
 # Answers up to this size are read whole (one write to the client); larger ones stream.
@@ -203,7 +214,10 @@ class Proxy:
             return await self._token(call, request_id, portal)
         if call.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET or POST")
+        whole = target.pages or _pages_asked(call)
         body = await self._read_body(call)
+        if whole:
+            return await self._whole_list(call, sink, request_id, target, body, outcome, portal)
         return await self._forward(call, sink, request_id, target, body, outcome, portal)
 
     def _portal_for(self, target: Target | None, call: Call) -> Portal:
@@ -319,6 +333,118 @@ class Proxy:
                 raise self._lost(exc, outcome, sent) from None
             finally:
                 upstream.release()
+
+    # -- whole lists -----------------------------------------------------------------------
+
+    async def _whole_list(  # noqa: PLR0917 - one call's parts
+        self, call: Call, sink: Sink, request_id: str, target: Target, body: bytes,
+        outcome: Outcome, portal: Portal,
+    ) -> Reply:
+        """Fetch every page of a list method for one call (``sidecar.wholelist``)."""
+        if target.suffix == ".xml":
+            raise BadRequest("a whole list is answered in JSON (or NDJSON), not XML")
+        params = client_params(strip_query_auth(target.query), body,
+                               call.content_type if body else "")
+        gate_method = target.method.lower()
+
+        async def send(method: str, params: dict[str, Any]) -> tuple[int, Any]:
+            payload = json.dumps(params).encode()
+            status, answer = await self._exchange(call, portal, method, payload, gate_method,
+                                                  request_id, outcome)
+            try:
+                return status, json.loads(answer)
+            except (ValueError, RecursionError):
+                return status, None
+
+        outcome.reached = True
+        fetch = Fetch(plan(target.method, params), send, portal.gate.pause)
+        if NDJSON_TYPE in call.headers.get("Accept", "").lower():
+            return await answer_streamed(fetch, sink, request_id)
+        return await answer_whole(fetch, request_id, self._settings.list_max)
+
+    async def _exchange(  # noqa: PLR0917 - one request's parts
+        self, call: Call, portal: Portal, method: str, body: bytes, gate_method: str,
+        request_id: str, outcome: Outcome,
+    ) -> tuple[int, bytes]:
+        """Send one request of a long fetch (a JSON POST to ``method``) through the portal's
+        gate, its own slot, with the retry policies of any call; return its status and body.
+
+        Unlike a single call, it waits out a long queue or pause rather than fail (the fetch
+        is under way), and stops as soon as the client hangs up.
+        """
+        tokens, gate = portal.tokens, portal.gate
+        pair = await tokens.get()
+        refreshed, limited, again = False, 0, False
+        while True:
+            if not call.alive():
+                raise ClientGone("the client hung up: the list is fetched no further")
+            try:
+                await self._watched(call, gate.enter(gate_method, alive=call.alive, retry=again,
+                                                     refreshed=refreshed))
+            except (QueueFull, MethodPaused) as exc:
+                await _sleep_while(call, min(exc.retry_after, 1.0))
+                continue
+            again = False
+            pair = tokens.current() or pair
+            origin, path = portal.addresses.target(pair, method, "", "")
+            headers = [("Content-Type", "application/json"), ("X-Request-ID", request_id),
+                       ("Authorization", f"Bearer {pair.access_token}")]
+            sent = time.perf_counter()
+            try:
+                status, payload = await self._watched(
+                    call, self._request(origin, path, headers, body))
+            except (TimeoutError, PortalConnectionError) as exc:
+                raise self._lost(exc, outcome, sent) from None
+            self._upstream_done(outcome, sent)
+            if status not in (401, 429, 503):
+                gate.passed()
+                return status, payload
+            refusal = Refusal.read(status, payload, "")
+            if refusal.auth_error and not refreshed:
+                refreshed = again = outcome.retried = True
+                self._metrics.upstream_retries.labels(reason="auth_error").inc()
+                pair = await tokens.refresh(pair.access_token, trigger="auth_error")
+                continue
+            if refusal.rate_limited and limited < LIMIT_RETRIES:
+                gate.limited()
+                limited += 1
+                again = True
+                self._metrics.upstream_retries.labels(reason="rate_limit").inc()
+                continue
+            if refusal.time_limited:
+                wait = reset_in(payload, "")
+                gate.pause(gate_method, wait)
+                self._metrics.upstream_limited.labels(error="OPERATION_TIME_LIMIT").inc()
+                if not gate.enabled:  # no gate to hold the method: wait here
+                    await _sleep_while(call, wait)
+                continue
+            return status, payload
+
+    async def _request(self, origin: Origin, path: str, headers: list[tuple[str, str]],
+                       body: bytes) -> tuple[int, bytes]:
+        upstream = await self._pool.request("POST", origin, path, headers, body=body,
+                                            time_limit=self._settings.upstream_timeout)
+        try:
+            return upstream.status, await upstream.read()
+        finally:
+            upstream.release()
+
+    @staticmethod
+    async def _watched(call: Call, work: Awaitable[_T]) -> _T:
+        """Await ``work``, abandoning it as soon as the client hangs up (ClientGone)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.2)
+                if done:
+                    return task.result()
+                if not call.alive():
+                    raise ClientGone("the client hung up: the list is fetched no further")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def _lost(self, exc: TimeoutError | PortalConnectionError, outcome: Outcome,
               sent: float) -> SidecarError:
@@ -447,6 +573,26 @@ def token_portal(raw: str) -> str:
     if len(names) != 1:
         raise BadRequest("name one portal: /token?portal=<host or member_id>")
     return portal_name(names[0], "the portal parameter")
+
+
+def _pages_asked(call: Call) -> bool:
+    """Say whether the X-Bitrix-Pages header asks for the whole list; raise BadRequest for a
+    value it does not know."""
+    values = call.headers.getall(PAGES_HEADER, ())
+    if not values:
+        return False
+    if len(values) > 1 or values[0].strip().lower() != "all":
+        raise BadRequest(f"{PAGES_HEADER} takes one value, all (the whole list)")
+    return True
+
+
+async def _sleep_while(call: Call, seconds: float) -> None:
+    """Sleep up to ``seconds``, a fifth of a second at a time, while the client is there."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not call.alive():
+            raise ClientGone("the client hung up: the list is fetched no further")
+        await asyncio.sleep(min(left, 0.2))
 
 
 def _json_answer(answer: Answer, request_id: str) -> Reply:

@@ -16,8 +16,9 @@ from sidecar.errors import BadRequest, NotFound, Refused
 
 # /rest/<method>[.json|.xml] and the inbound-webhook shape /rest/<user>/<code>/<method>[.json|.xml].
 # Matched on the raw request target: no percent-escape, dot segment or second slash gets through.
+# REST 3.0 lives under /rest/api/ in the same two shapes; its methods take no suffix.
 _PATH_RE = re.compile(
-    r"/rest/(?:\d{1,10}/(?P<code>[A-Za-z0-9_]{1,64})/)?"
+    r"/rest/(?P<api>api/)?(?:\d{1,10}/(?P<code>[A-Za-z0-9_]{1,64})/)?"
     r"(?P<method>[A-Za-z][A-Za-z0-9_]{0,63}(?:\.[A-Za-z0-9_]{1,64}){0,15}?)"
     r"(?P<suffix>\.json|\.xml)?",
     re.IGNORECASE,
@@ -30,6 +31,9 @@ _PORTAL_NAME_RE = re.compile(
     rf"(?:{_LABEL}(?:\.{_LABEL})*(?::(?P<port>\d{{1,5}}))?|[a-z0-9_-]{{1,64}})", re.IGNORECASE)
 _PORTAL_NAME_MAX = 253 + 6  # a DNS name and ":65535"
 PORTAL_PREFIX = "/portal/"
+# /all/rest/<method> asks for a list method's whole list, as the X-Bitrix-Pages header does.
+ALL_PREFIX = "/all"
+PAGES_HEADER = "X-Bitrix-Pages"
 PORTAL_HEADER = "X-Bitrix-Portal"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CLIENT_AUTH_PARAMS = frozenset({"auth", "access_token"})
@@ -45,6 +49,7 @@ DROP_REQUEST = HOP_BY_HOP | {
     "x-request-id",  # ours replaces it
     "x-sidecar-key",  # the client key (sidecar.clientkey) is ours alone
     "x-bitrix-portal",  # which portal a call is for: the sidecar's business, not the portal's
+    "x-bitrix-pages",  # a whole list is fetched by the sidecar, page by page
 }
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id"}
 
@@ -55,7 +60,8 @@ class Target:
 
     ``code`` is the webhook shape's code segment ('' without one): never forwarded, it may
     carry the client key. ``portal`` is the portal the path names
-    (``/portal/<portal>/rest/...``), lower-cased; '' without the prefix.
+    (``/portal/<portal>/rest/...``), lower-cased; '' without the prefix. ``api``: a REST 3.0
+    call (``/rest/api/...``). ``pages``: the path asks for the whole list (``/all/rest/...``).
     """
 
     method: str
@@ -63,41 +69,52 @@ class Target:
     query: str
     code: str = ""
     portal: str = ""
+    api: bool = False
+    pages: bool = False
 
 
 def parse_target(raw: str) -> Target:
     """Split and check the raw request target; raise NotFound or BadRequest.
 
-    ``/rest/...`` as always, or the same behind ``/portal/<portal>``, which names the portal
-    the call is for (a host[:port] or a member_id).
+    ``/rest/...`` (REST 3.0: ``/rest/api/...``) as always, or the same behind
+    ``/portal/<portal>``, which names the portal the call is for (a host[:port] or a
+    member_id), and behind ``/all``, which asks for a list method's whole list (``/all`` may
+    come before or after the portal's prefix).
     """
     path, _, query = raw.partition("?")
     portal = ""
+    pages = False
     rest = path
-    if path.startswith(PORTAL_PREFIX):
-        segment, slash, tail = path[len(PORTAL_PREFIX):].partition("/")
+    if rest.startswith(ALL_PREFIX + "/"):
+        pages, rest = True, rest[len(ALL_PREFIX):]
+    if rest.startswith(PORTAL_PREFIX):
+        segment, slash, tail = rest[len(PORTAL_PREFIX):].partition("/")
         portal = portal_name(segment, f"the portal in {PORTAL_PREFIX}<portal>/rest/")
         rest = slash + tail
+        if not pages and rest.startswith(ALL_PREFIX + "/"):
+            pages, rest = True, rest[len(ALL_PREFIX):]
         if not rest.startswith("/rest/"):
             raise BadRequest(
                 f"{show(rest)} after {PORTAL_PREFIX}<portal> is not a REST method address: use "
                 f"{PORTAL_PREFIX}<portal>/rest/<method> or "
                 f"{PORTAL_PREFIX}<portal>/rest/<user_id>/<code>/<method>"
             )
-    elif not path.startswith("/rest/"):
+    elif not rest.startswith("/rest/"):
         raise NotFound(f"bitrix-sidecar serves /rest/<method> only, not {show(path)}")
     match = _PATH_RE.fullmatch(rest)
-    if match is None:
+    api = match is not None and match["api"] is not None
+    if match is None or (api and match["suffix"]):
         # Only the part from /rest/ on is quoted: a long portal name before it must not push
         # a client key in the code segment past show()'s cut, where no scrubbing finds it whole.
         raise BadRequest(
             f"{show(rest)} is not a REST method address: use /rest/<method>, "
-            "/rest/<method>.json or /rest/<user_id>/<code>/<method>"
+            "/rest/<method>.json, /rest/<user_id>/<code>/<method>, or for REST 3.0 "
+            "/rest/api/<method> or /rest/api/<user_id>/<code>/<method>"
         )
     if any(c in query for c in "\r\n\0#"):
         raise BadRequest("the query string holds control characters")
     return Target(match["method"], (match["suffix"] or "").lower(), query, match["code"] or "",
-                  portal)
+                  portal, api, pages)
 
 
 def portal_name(text: str, what: str) -> str:

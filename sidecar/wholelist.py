@@ -1,0 +1,286 @@
+"""Fetch a list method's whole list for one call and answer it whole or streamed as NDJSON.
+
+The plan (strategy and commands) comes from ``listmethods``; the requests go out through a
+``Send`` the proxy gives, which takes a gate slot per request and applies the retry policies
+(auth error, rate limit, time limit) of any call. Here are the two loops and the answer:
+
+* the chain reads 50 ``>ID`` pages a request and stops at the first short or empty page: what
+  the batch returned after it came from references the portal resolved to a whole page, and is
+  thrown away;
+* plain pages read ``start=N`` pages 50 a request until a page has no ``next``.
+
+A page the portal refused ends the fetch: a whole answer becomes the portal's error, a streamed
+one ends with an error line, never silently short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from sidecar.errors import SidecarError
+from sidecar.listmethods import BATCH, PAGE, ListMethod, Plan, items_key, records
+from sidecar.portal import DEFAULT_PAUSE
+from sidecar.replies import JSON_TYPE, Reply, Sink
+
+log = structlog.get_logger("sidecar.wholelist")
+
+# (method, parameters) -> (HTTP status, the portal's JSON answer, or None if it was not JSON)
+Send = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]
+NDJSON_TYPE = "application/x-ndjson"
+# The status a refused command inside a batch stands for (its own answer would have had it).
+_STATUS_OF_ERROR = {
+    "QUERY_LIMIT_EXCEEDED": 503, "OPERATION_TIME_LIMIT": 429, "expired_token": 401,
+    "invalid_token": 401, "ERROR_METHOD_NOT_FOUND": 404, "NOT_FOUND": 404,
+    "ACCESS_DENIED": 403, "insufficient_scope": 403, "INTERNAL_SERVER_ERROR": 500,
+}
+
+
+class ListTooLarge(SidecarError):
+    """A whole list asked for in one answer outgrew SIDECAR_LIST_MAX."""
+
+    code = "SIDECAR_LIST_TOO_LARGE"
+
+
+class PortalRefused(Exception):
+    """The portal refused a page: its status and error body, relayed as they are."""
+
+    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
+        super().__init__(str(body.get("error", "")))
+        self.status = status
+        self.body = dict(body)
+
+
+class BadPage(SidecarError):
+    """A page the portal answered is not what the method's list looks like."""
+
+    code = "SIDECAR_LIST_UNEXPECTED"
+
+
+def _entry(container: Any, key: str) -> Any:
+    """One command's entry in a batch answer's ``result`` or ``result_error`` (None: none)."""
+    return container.get(key) if isinstance(container, Mapping) else None
+
+
+def _as_id(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+@dataclass
+class Fetch:
+    """One whole-list fetch: the pages as they arrive, and what the answer needs to say."""
+
+    plan: Plan
+    send: Send
+    pause: Callable[[str, float], None]  # hold the method (OPERATION_TIME_LIMIT) for seconds
+    items: str = ""
+    requests: int = 0
+    count: int = 0
+    time: Any = None
+    _key_known: bool = field(default=False, init=False)
+
+    async def pages(self) -> AsyncGenerator[list[Any], None]:
+        """Yield each non-empty page of records, in order, until the list ends."""
+        if self.plan.entry is not None:
+            self.items = self.plan.entry.items
+            self._key_known = True
+        source = self._chain() if self.plan.chain else self._pages()
+        async for page in source:
+            self.count += len(page)
+            yield page
+
+    async def _batch(self, commands: dict[str, str]) -> tuple[Any, Any, Any]:
+        """Send one batch; return its results, errors and nexts (refusal raised)."""
+        status, data = await self._send("batch", {"halt": 1, "cmd": commands})
+        inner = data.get("result") if isinstance(data, Mapping) else None
+        if status != 200 or not isinstance(inner, Mapping):
+            raise _refusal(status, data)
+        return inner.get("result"), inner.get("result_error"), inner.get("result_next")
+
+    async def _send(self, method: str, params: dict[str, Any]) -> tuple[int, Any]:
+        self.requests += 1
+        status, data = await self.send(method, params)
+        if isinstance(data, Mapping) and "time" in data:
+            self.time = data["time"]
+        return status, data
+
+    def _failed(self, error: Any) -> bool:
+        """Hold the method on a time limit (say so: the page is asked again); raise otherwise."""
+        body = error if isinstance(error, Mapping) else {"error": "ERROR", "error_description":
+                                                         str(error)}
+        if body.get("error") == "OPERATION_TIME_LIMIT":
+            self.pause(self.plan.method.lower(), _reset_in(self.time))
+            return True
+        raise PortalRefused(_STATUS_OF_ERROR.get(str(body.get("error")), 400), body)
+
+    async def _chain(self) -> AsyncGenerator[list[Any], None]:
+        entry = self.plan.entry
+        assert entry is not None
+        cursor = self.plan.cursor
+        while True:
+            results, errors, _ = await self._batch(
+                Plan(self.plan.method, self.plan.params, entry, True, cursor).commands())
+            for index in range(BATCH):
+                key = f"p{index}"
+                error = _entry(errors, key)
+                if error is not None:
+                    self._failed(error)
+                    break  # held: the gate waits the pause out, then from the cursor on
+                page = self._page(_entry(results, key), entry)
+                self._check_order(page, entry, cursor)
+                if page:
+                    yield page
+                    cursor = page[-1][entry.record_id]
+                if len(page) < PAGE:
+                    return  # whatever followed a short page is not data
+
+    async def _pages(self) -> AsyncGenerator[list[Any], None]:
+        entry = self.plan.entry
+        status, data = await self._send(self.plan.method, {**self.plan.params, "start": 0})
+        if status != 200 or not isinstance(data, Mapping) or "result" not in data:
+            raise _refusal(status, data)
+        result = data["result"]
+        if not self._key_known:
+            self.items = items_key(result, entry)
+            self._key_known = True
+        page = self._page(result, entry)
+        if page:
+            yield page
+        total = data.get("total")
+        start = data.get("next")
+        while isinstance(start, int) and start > 0:
+            left = (total - start) if isinstance(total, int) else PAGE * BATCH
+            count = min(BATCH, max(1, math.ceil(left / PAGE)))
+            results, errors, nexts = await self._batch(
+                Plan(self.plan.method, self.plan.params, entry, False).commands(start, count))
+            for index in range(count):
+                key = f"p{index}"
+                error = _entry(errors, key)
+                if error is not None:
+                    self._failed(error)
+                    break  # held: this page is asked again after the pause
+                page = self._page(_entry(results, key), entry)
+                if page:
+                    yield page
+                following = _entry(nexts, key)
+                start = following if isinstance(following, int) else 0
+                if len(page) < PAGE or not start:
+                    return
+
+    def _page(self, result: Any, entry: ListMethod | None) -> list[Any]:
+        page = records(result, entry)
+        if page is None:
+            raise BadPage(
+                f"the portal's answer to {self.plan.method} is not a page of a list: whole "
+                "lists are for list methods (their result a list, or one list in an object)")
+        return page
+
+    @staticmethod
+    def _check_order(page: list[Any], entry: ListMethod, cursor: Any) -> None:
+        """A chain's page must carry ids above the cursor, ascending: the proof the portal
+        applied the ``>ID`` filter (a page that does not would repeat records)."""
+        last = _as_id(cursor)
+        for record in page:
+            value = _as_id(record.get(entry.record_id)) if isinstance(record, Mapping) else None
+            if value is None or (last is not None and value <= last):
+                raise BadPage(
+                    f"the portal's pages of {entry.name} are not ordered by "
+                    f"{entry.record_id} above the last one seen: the whole list cannot be "
+                    "fetched by id; ask with an order by another field to page by offset")
+            last = value
+
+
+def _reset_in(time_block: Any) -> float:
+    """Seconds until a method's time budget resets, from an answer's ``time`` block."""
+    try:
+        reset = float(time_block["operating_reset_at"])
+    except (TypeError, KeyError, ValueError):
+        return DEFAULT_PAUSE
+    return min(max(reset - time.time() + 1.0, 1.0), 600.0)
+
+
+def _refusal(status: int, data: Any) -> PortalRefused | BadPage:
+    if isinstance(data, Mapping) and isinstance(data.get("error"), str):
+        return PortalRefused(status if status >= 400 else 400, data)
+    return BadPage(f"the portal answered HTTP {status} without a REST answer")
+
+
+async def answer_whole(fetch: Fetch, request_id: str, limit: int) -> Reply:
+    """Fetch every page; answer the method's own shape with all records, ``total`` their
+    number, no ``next``. Past ``limit`` bytes: ListTooLarge."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for page in fetch.pages():
+            for record in page:
+                encoded = json.dumps(record, ensure_ascii=False).encode()
+                size += len(encoded) + 1
+                if size > limit:
+                    raise ListTooLarge(
+                        f"the whole list is larger than SIDECAR_LIST_MAX ({limit} bytes) after "
+                        f"{fetch.count} records: ask for it streamed (Accept: "
+                        f"{NDJSON_TYPE}), narrow the filter, or raise the limit")
+                parts.append(encoded)
+    except PortalRefused as exc:
+        return Reply(exc.status, [JSON_TYPE, ("X-Request-ID", request_id)],
+                     json.dumps(exc.body).encode())
+    records_json = b"[" + b",".join(parts) + b"]"
+    result = (b'{"' + json.dumps(fetch.items)[1:-1].encode() + b'":' + records_json + b"}"
+              if fetch.items else records_json)
+    tail = {"total": len(parts)}
+    if fetch.time is not None:
+        tail["time"] = fetch.time
+    body = b'{"result":' + result + b"," + json.dumps(tail)[1:].encode()
+    return Reply(200, [JSON_TYPE, ("X-Request-ID", request_id),
+                       ("X-Bitrix-Requests", str(fetch.requests))], body)
+
+
+async def answer_streamed(fetch: Fetch, sink: Sink, request_id: str) -> Reply:
+    """Stream one record per line as pages arrive; a failure after the first line ends the
+    answer with an error line. Before it, the failure is the answer."""
+    pages = fetch.pages()
+    try:
+        first = await anext(pages, None)
+    except PortalRefused as exc:
+        return Reply(exc.status, [JSON_TYPE, ("X-Request-ID", request_id)],
+                     json.dumps(exc.body).encode())
+    await sink.start(200, "OK", [("Content-Type", f"{NDJSON_TYPE}; charset=utf-8"),
+                                 ("X-Request-ID", request_id), ("Cache-Control", "no-store")],
+                     None)
+    page = first
+    try:
+        while page is not None:
+            await sink.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n"
+                                      for r in page))
+            page = await anext(pages, None)
+        await sink.finish()
+    except ConnectionResetError:
+        pass  # the client left: fetching stops here
+    except PortalRefused as exc:
+        await _last_line(sink, exc.body)
+    except SidecarError as exc:
+        log.warning("whole_list_cut_short", request_id=request_id, records=fetch.count,
+                    error=exc.code)
+        await _last_line(sink, {"error": exc.code, "error_description": exc.description})
+    finally:
+        await pages.aclose()
+    return Reply(200, [], None)
+
+
+async def _last_line(sink: Sink, error: Mapping[str, Any]) -> None:
+    """End a streamed list with the error that cut it short."""
+    try:
+        await sink.write(json.dumps(dict(error)).encode() + b"\n")
+        await sink.finish()
+    except ConnectionResetError:
+        pass  # the client left meanwhile: nobody to tell
