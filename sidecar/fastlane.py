@@ -63,6 +63,7 @@ from sidecar.laneparse import (
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.replies import Reply, error_reply
+from sidecar.rules import api_path
 
 # A kept-alive client connection idle SIDECAR_IDLE_TIMEOUT is closed; a request must arrive
 # whole (head and body) within SIDECAR_REQUEST_TIMEOUT of its first byte, or it gets a 408
@@ -293,7 +294,7 @@ class FastLane(asyncio.Protocol):
                 try:
                     self._server.proxy.precheck(parsed.call)
                 except SidecarError as exc:
-                    self._refuse(exc)
+                    self._refuse(exc, parsed.call.raw_path)
             return
         self._prechecked = False
         parsed.call.payload = bytes(buffer[parsed.head_length:total])
@@ -397,9 +398,9 @@ class FastLane(asyncio.Protocol):
         self._server.too_slow(seconds, len(self._buffer))
         self._answer_and_close(self._server.timeout_reply())
 
-    def _refuse(self, exc: SidecarError) -> None:
+    def _refuse(self, exc: SidecarError, raw_path: str = "") -> None:
         """Answer a request refused on its head alone, and close (its body is not read)."""
-        reply = error_reply(exc)
+        reply = error_reply(exc, api=api_path(raw_path))
         assert reply.body is not None
         log.info("refused_before_body", error=exc.code, status=reply.status)
         self._answer_and_close(head_bytes(

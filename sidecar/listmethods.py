@@ -25,6 +25,7 @@ from sidecar.errors import BadRequest
 
 PAGE = 50  # records in a list method's page
 BATCH = 50  # commands in one batch request
+API_PAGE = 1000  # the most records a REST 3.0 list page holds (its pagination's limit)
 _AUTH = frozenset({"auth", "access_token"})
 
 
@@ -117,6 +118,7 @@ class Plan:
     entry: ListMethod | None
     chain: bool
     cursor: Any = 0  # the chain's last id seen
+    api: bool = False  # a REST 3.0 list: its own pagination, one page a request
 
     def commands(self, start: int = 0, count: int = BATCH) -> dict[str, str]:
         """The commands of the next batch request: ``p0`` .. ``p<count-1>``.
@@ -177,6 +179,49 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
             # The chain reads each page's last id: it must be in the answer.
             params[select_key] = [*names, entry.filter_id]
     return Plan(method, params, entry, chain=True)
+
+
+def plan_api(method: str, params: dict[str, Any]) -> Plan:
+    """Plan a REST 3.0 list: by ``id`` ascending with an ``id > last`` filter when the
+    caller's order allows (no order, or ``id`` ascending), else by offset."""
+    order = params.get("order")
+    where = params.get("filter")
+    by_id = order in (None, {}, []) or (
+        isinstance(order, Mapping) and len(order) == 1
+        and str(next(iter(order))).lower() == "id"
+        and str(next(iter(order.values()))).upper() == "ASC")
+    if where not in (None, [], {}) and not isinstance(where, list | Mapping):
+        raise BadRequest("a REST 3.0 filter is an array of conditions")
+    if isinstance(where, list) and any(
+            isinstance(c, list) and c and str(c[0]).lower() == "id" for c in where):
+        by_id = False  # the caller bounds the id itself: the chain's own bound would clash
+    params = dict(params)
+    params.pop("pagination", None)
+    if by_id:
+        params["order"] = {"id": "ASC"}
+        select = params.get("select")
+        if isinstance(select, list) and "id" not in select and "*" not in select:
+            params["select"] = [*select, "id"]
+    return Plan(method, params, ListMethod(method, items="items", record_id="id",
+                                           filter_id="id"), by_id, None, api=True)
+
+
+def api_page(plan_: Plan, cursor: Any, offset: int) -> dict[str, Any]:
+    """The parameters of a REST 3.0 list's next page: after ``cursor`` (chain) or from
+    ``offset``."""
+    params = dict(plan_.params)
+    if plan_.chain:
+        where = params.get("filter")
+        conditions = list(where) if isinstance(where, list) else (
+            [where] if isinstance(where, Mapping) and where else [])
+        if cursor is not None:
+            conditions.append(["id", ">", cursor])
+        if conditions:
+            params["filter"] = conditions
+        params["pagination"] = {"limit": API_PAGE}
+    else:
+        params["pagination"] = {"limit": API_PAGE, "offset": offset}
+    return params
 
 
 def _ascending_by_id(params: Mapping[str, Any], entry: ListMethod) -> bool:

@@ -28,8 +28,10 @@ class Addresses:
         self._rest_base = rest_base
         self._origins: dict[str, Origin] = {}
 
-    def target(self, pair: TokenPair, method: str, suffix: str, query: str) -> tuple[Origin, str]:
-        """Where the call goes: the portal's origin and the raw path with the token added."""
+    def target(self, pair: TokenPair, method: str, suffix: str, query: str, *,
+               api: bool = False) -> tuple[Origin, str]:
+        """Where the call goes: the portal's origin and the raw path with the token added
+        (``api``: a REST 3.0 path, the token left to the body)."""
         base = pair.client_endpoint or self._rest_base
         origin = self._origins.get(base)
         if origin is None:
@@ -41,6 +43,9 @@ class Addresses:
             if len(self._origins) > 8:  # the address changes only when a portal is renamed
                 self._origins.clear()
             self._origins[base] = origin
+        if api:  # REST 3.0 reads no parameters from the query: the token goes in the body
+            path = f"{origin.base_path}api/{method}"
+            return origin, f"{path}?{query}" if query else path
         auth = f"auth={pair.access_token}"
         path = f"{origin.base_path}{method}{suffix}?{query}&{auth}" if query \
             else f"{origin.base_path}{method}{suffix}?{auth}"
@@ -63,8 +68,17 @@ class Refusal:
 
     @property
     def auth_error(self) -> bool:
-        """The token is expired or invalid: a fresh one cures it."""
-        return self.status == 401 and self.error in REFRESHABLE
+        """The token is expired or invalid: a fresh one cures it.
+
+        REST 3.0's code for it is undocumented: any code that ends so (``expired_token``,
+        ``..._EXPIREDTOKENEXCEPTION``) counts.
+        """
+        if self.status != 401 or self.error is None:
+            return False
+        if self.error in REFRESHABLE:
+            return True
+        bare = self.error.lower().replace("_", "").removesuffix("exception")
+        return bare.endswith(("expiredtoken", "invalidtoken"))
 
     @property
     def rate_limited(self) -> bool:
@@ -96,6 +110,8 @@ def error_code(payload: bytes, encoding: str) -> str | None:
     except (ValueError, zlib.error):
         return None
     error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):  # REST 3.0: {"error": {"code": ..., "message": ...}}
+        error = error.get("code")
     return error if isinstance(error, str) else None
 
 

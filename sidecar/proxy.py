@@ -40,7 +40,7 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.limits import Gate
-from sidecar.listmethods import client_params, plan
+from sidecar.listmethods import client_params, plan, plan_api
 from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
 from sidecar.portal import Refusal, network_failure, reset_in
@@ -53,6 +53,7 @@ from sidecar.rules import (
     REQUEST_ID_RE,
     HostPolicy,
     Target,
+    api_path,
     filter_headers,
     multipart_boundary,
     parse_target,
@@ -152,7 +153,7 @@ class Proxy:
             response = await self._dispatch(call, sink, request_id, outcome)
         except SidecarError as exc:
             outcome.error = exc.code
-            response = error_reply(exc, request_id=request_id)
+            response = error_reply(exc, request_id=request_id, api=api_path(call.raw_path))
         except Exception as exc:  # a bug of ours: still an answer in Bitrix's shape
             # Only the type and where: an exception's text may hold an address with the token.
             log.error("unexpected_error", request_id=request_id, error=type(exc).__name__,
@@ -160,7 +161,7 @@ class Proxy:
             outcome.error = InternalError.code
             response = error_reply(InternalError(
                 "the sidecar failed unexpectedly; its log has the details (request "
-                f"{request_id})"), request_id=request_id)
+                f"{request_id})"), request_id=request_id, api=api_path(call.raw_path))
         duration = time.perf_counter() - started
         if outcome.method != "/token":
             label = self._metrics.method_label(
@@ -215,7 +216,7 @@ class Proxy:
         if call.method not in ("GET", "POST"):
             raise MethodNotAllowed(f"{call.method} is not accepted: use GET or POST")
         whole = target.pages or _pages_asked(call)
-        body = await self._read_body(call)
+        body = await (self._read_api_body(call) if target.api else self._read_body(call))
         if whole:
             return await self._whole_list(call, sink, request_id, target, body, outcome, portal)
         return await self._forward(call, sink, request_id, target, body, outcome, portal)
@@ -240,6 +241,15 @@ class Proxy:
                 "member_id": pair.member_id,
                 "scope": pair.scope,
             }).encode())
+
+    async def _read_api_body(self, call: Call) -> bytes:
+        """A REST 3.0 body: JSON only (its ``auth`` is replaced in ``ApiBody``)."""
+        body = await call.body(self._settings.max_body)
+        if call.content_type.startswith("multipart/") or (
+                call.content_type == "application/x-www-form-urlencoded" and body):
+            raise BadRequest("REST 3.0 takes a JSON body (Content-Type: application/json), "
+                             f"not {call.content_type}")
+        return body
 
     async def _read_body(self, call: Call) -> bytes:
         body = await call.body(self._settings.max_body)
@@ -266,11 +276,18 @@ class Proxy:
         query = strip_query_auth(target.query)
         headers = filter_headers(call.headers, DROP_REQUEST)
         headers.append(("X-Request-ID", request_id))
-        headers.append(("Authorization", ""))
-        method = target.method.lower()
+        api = ApiBody(body) if target.api else None
+        if api is not None:
+            # REST 3.0: a JSON POST with the token in the body, never in a header.
+            headers = [h for h in headers if h[0].lower() != "content-type"]
+            headers.append(("Content-Type", "application/json"))
+        else:
+            headers.append(("Authorization", ""))
+        method = f"api/{target.method.lower()}" if api is not None else target.method.lower()
         ctype = call.content_type if body else ""
         coalescible = (
             gate.coalesce
+            and api is None  # a REST 3.0 batch fails whole: one client's error fails them all
             and target.suffix != ".xml"
             and ctype in _COALESCIBLE_TYPES
             and call.headers.get("X-Sidecar-Coalesce", "").strip().lower() != "off"
@@ -291,15 +308,18 @@ class Proxy:
                 return _json_answer(answer, request_id)
             pair = tokens.current() or pair
             again = False
-            origin, path = portal.addresses.target(pair, target.method, target.suffix, query)
-            # The header outranks any auth the body may still hide; the parameter serves
-            # servers that read only parameters.
-            headers[-1] = ("Authorization", f"Bearer {pair.access_token}")
+            origin, path = portal.addresses.target(pair, target.method, target.suffix, query,
+                                                   api=api is not None)
+            if api is None:
+                # The header outranks any auth the body may still hide; the parameter serves
+                # servers that read only parameters.
+                headers[-1] = ("Authorization", f"Bearer {pair.access_token}")
             sent = time.perf_counter()
             try:
                 upstream = await self._pool.request(
-                    call.method, origin, path, headers,
-                    body=body if body or call.method == "POST" else None,
+                    "POST" if api is not None else call.method, origin, path, headers,
+                    body=api.with_token(pair.access_token) if api is not None else (
+                        body if body or call.method == "POST" else None),
                     time_limit=self._settings.upstream_timeout,
                 )
             except BadHeader:
@@ -343,28 +363,32 @@ class Proxy:
         """Fetch every page of a list method for one call (``sidecar.wholelist``)."""
         if target.suffix == ".xml":
             raise BadRequest("a whole list is answered in JSON (or NDJSON), not XML")
-        params = client_params(strip_query_auth(target.query), body,
-                               call.content_type if body else "")
-        gate_method = target.method.lower()
+        if target.api:
+            params = ApiBody.params(body)
+            planned = plan_api(target.method, params)
+        else:
+            params = client_params(strip_query_auth(target.query), body,
+                                   call.content_type if body else "")
+            planned = plan(target.method, params)
+        gate_method = f"api/{target.method.lower()}" if target.api else target.method.lower()
 
         async def send(method: str, params: dict[str, Any]) -> tuple[int, Any]:
-            payload = json.dumps(params).encode()
-            status, answer = await self._exchange(call, portal, method, payload, gate_method,
-                                                  request_id, outcome)
+            status, answer = await self._exchange(call, portal, method, params, gate_method,
+                                                  request_id, outcome, api=target.api)
             try:
                 return status, json.loads(answer)
             except (ValueError, RecursionError):
                 return status, None
 
         outcome.reached = True
-        fetch = Fetch(plan(target.method, params), send, portal.gate.pause)
+        fetch = Fetch(planned, send, portal.gate.pause)
         if NDJSON_TYPE in call.headers.get("Accept", "").lower():
-            return await answer_streamed(fetch, sink, request_id)
+            return await answer_streamed(fetch, sink, request_id, api=target.api)
         return await answer_whole(fetch, request_id, self._settings.list_max)
 
     async def _exchange(  # noqa: PLR0917 - one request's parts
-        self, call: Call, portal: Portal, method: str, body: bytes, gate_method: str,
-        request_id: str, outcome: Outcome,
+        self, call: Call, portal: Portal, method: str, params: dict[str, Any],
+        gate_method: str, request_id: str, outcome: Outcome, *, api: bool = False,
     ) -> tuple[int, bytes]:
         """Send one request of a long fetch (a JSON POST to ``method``) through the portal's
         gate, its own slot, with the retry policies of any call; return its status and body.
@@ -375,6 +399,7 @@ class Proxy:
         tokens, gate = portal.tokens, portal.gate
         pair = await tokens.get()
         refreshed, limited, again = False, 0, False
+        payload = json.dumps(params).encode()
         while True:
             if not call.alive():
                 raise ClientGone("the client hung up: the list is fetched no further")
@@ -386,20 +411,24 @@ class Proxy:
                 continue
             again = False
             pair = tokens.current() or pair
-            origin, path = portal.addresses.target(pair, method, "", "")
-            headers = [("Content-Type", "application/json"), ("X-Request-ID", request_id),
-                       ("Authorization", f"Bearer {pair.access_token}")]
+            origin, path = portal.addresses.target(pair, method, "", "", api=api)
+            headers = [("Content-Type", "application/json"), ("X-Request-ID", request_id)]
+            if api:
+                body = json.dumps({**params, "auth": pair.access_token}).encode()
+            else:
+                body = payload
+                headers.append(("Authorization", f"Bearer {pair.access_token}"))
             sent = time.perf_counter()
             try:
-                status, payload = await self._watched(
+                status, answer = await self._watched(
                     call, self._request(origin, path, headers, body))
             except (TimeoutError, PortalConnectionError) as exc:
                 raise self._lost(exc, outcome, sent) from None
             self._upstream_done(outcome, sent)
             if status not in (401, 429, 503):
                 gate.passed()
-                return status, payload
-            refusal = Refusal.read(status, payload, "")
+                return status, answer
+            refusal = Refusal.read(status, answer, "")
             if refusal.auth_error and not refreshed:
                 refreshed = again = outcome.retried = True
                 self._metrics.upstream_retries.labels(reason="auth_error").inc()
@@ -412,13 +441,13 @@ class Proxy:
                 self._metrics.upstream_retries.labels(reason="rate_limit").inc()
                 continue
             if refusal.time_limited:
-                wait = reset_in(payload, "")
+                wait = reset_in(answer, "")
                 gate.pause(gate_method, wait)
                 self._metrics.upstream_limited.labels(error="OPERATION_TIME_LIMIT").inc()
                 if not gate.enabled:  # no gate to hold the method: wait here
                     await _sleep_while(call, wait)
                 continue
-            return status, payload
+            return status, answer
 
     async def _request(self, origin: Origin, path: str, headers: list[tuple[str, str]],
                        body: bytes) -> tuple[int, bytes]:
@@ -573,6 +602,44 @@ def token_portal(raw: str) -> str:
     if len(names) != 1:
         raise BadRequest("name one portal: /token?portal=<host or member_id>")
     return portal_name(names[0], "the portal parameter")
+
+
+class ApiBody:
+    """A REST 3.0 call's JSON body, written again with the current token in ``auth`` for
+    each attempt (the client's own ``auth`` gone).
+
+    A JSON array (REST 3.0's ``batch``) is sent as b24jssdk sends it, an object keyed by the
+    commands' positions beside ``auth``: the portal reads both alike.
+    """
+
+    __slots__ = ("_head",)
+
+    def __init__(self, body: bytes) -> None:
+        kept = self.params(body, batch=True)
+        head = json.dumps(kept)[:-1]
+        self._head = head + (", " if kept else "")
+
+    @staticmethod
+    def params(body: bytes, *, batch: bool = False) -> dict[str, Any]:
+        """The body's parameters less the client's ``auth`` (``batch``: an array is a
+        batch's commands, keyed by position); raise BadRequest for anything else."""
+        data: Any = {}
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):
+                raise BadRequest("the body is not valid JSON: REST 3.0 takes a JSON "
+                                 "object") from None
+        if batch and isinstance(data, list):
+            data = {str(index): item for index, item in enumerate(data)}
+        elif not isinstance(data, dict):
+            raise BadRequest("a REST 3.0 body is a JSON object"
+                             + (" (or a batch's array)" if batch else ""))
+        return {k: v for k, v in data.items() if k.lower() not in ("auth", "access_token")}
+
+    def with_token(self, token: str) -> bytes:
+        """The body with ``auth`` set to ``token``."""
+        return f'{self._head}"auth": {json.dumps(token)}}}'.encode()
 
 
 def _pages_asked(call: Call) -> bool:

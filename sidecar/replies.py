@@ -120,8 +120,13 @@ class Call:
         raise NotImplementedError
 
 
-def error_reply(error: SidecarError, *, request_id: str | None = None) -> Reply:
-    """Answer an error of the sidecar's own, in Bitrix24's shape."""
+def error_reply(error: SidecarError, *, request_id: str | None = None,
+                api: bool = False) -> Reply:
+    """Answer an error of the sidecar's own, in Bitrix24's shape.
+
+    ``api``: on a REST 3.0 path, where ``error`` is an object with a code and a message (the
+    description stays beside it, for a client that reads the old shape).
+    """
     status = next((s for cls, s in STATUS_OF.items() if isinstance(error, cls)), 500)
     headers = [JSON_TYPE]
     if request_id:
@@ -130,5 +135,9 @@ def error_reply(error: SidecarError, *, request_id: str | None = None) -> Reply:
         headers.append(("Allow", "GET, POST"))
     if isinstance(error, QueueFull | MethodPaused | Overloaded):
         headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))
-    body = json.dumps({"error": error.code, "error_description": error.description}).encode()
+    if api:
+        body = json.dumps({"error": {"code": error.code, "message": error.description},
+                           "error_description": error.description}).encode()
+    else:
+        body = json.dumps({"error": error.code, "error_description": error.description}).encode()
     return Reply(status, headers, body)

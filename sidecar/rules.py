@@ -117,6 +117,19 @@ def parse_target(raw: str) -> Target:
                   portal, api, pages)
 
 
+def api_path(raw: str) -> bool:
+    """Say whether a raw target is on a REST 3.0 path (``/rest/api/`` behind any prefixes),
+    even one the rules refuse: its errors take REST 3.0's shape."""
+    path = raw.partition("?")[0]
+    if path.startswith(ALL_PREFIX + "/"):
+        path = path[len(ALL_PREFIX):]
+    if path.startswith(PORTAL_PREFIX):
+        path = "/" + path[len(PORTAL_PREFIX):].partition("/")[2]
+        if path.startswith(ALL_PREFIX + "/"):
+            path = path[len(ALL_PREFIX):]
+    return path.startswith("/rest/api/")
+
+
 def portal_name(text: str, what: str) -> str:
     """Check a portal's name as a call gives it (host[:port] or member_id); return it lower-cased.
 

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from sidecar.errors import SidecarError
-from sidecar.listmethods import BATCH, PAGE, ListMethod, Plan, items_key, records
+from sidecar.listmethods import BATCH, PAGE, ListMethod, Plan, api_page, items_key, records
 from sidecar.portal import DEFAULT_PAUSE
 from sidecar.replies import JSON_TYPE, Reply, Sink
 
@@ -94,7 +94,8 @@ class Fetch:
         if self.plan.entry is not None:
             self.items = self.plan.entry.items
             self._key_known = True
-        source = self._chain() if self.plan.chain else self._pages()
+        source = (self._api() if self.plan.api else
+                  self._chain() if self.plan.chain else self._pages())
         async for page in source:
             self.count += len(page)
             yield page
@@ -177,6 +178,30 @@ class Fetch:
                 if len(page) < PAGE or not start:
                     return
 
+    async def _api(self) -> AsyncGenerator[list[Any], None]:
+        """REST 3.0: one page a request (its batch fails whole), up to 1,000 records. The
+        answer says nothing of more pages, and a method may give fewer than asked for: the
+        list ends at an empty page or one shorter than the longest seen."""
+        entry = self.plan.entry
+        assert entry is not None
+        cursor: Any = None
+        offset = longest = 0
+        while True:
+            status, data = await self._send(self.plan.method,
+                                            api_page(self.plan, cursor, offset))
+            if status != 200 or not isinstance(data, Mapping) or "result" not in data:
+                raise _refusal(status, data)
+            page = self._page(data["result"], entry)
+            if self.plan.chain:
+                self._check_order(page, entry, cursor)
+            if page:
+                yield page
+            longest = max(longest, len(page))
+            if not page or len(page) < longest:
+                return
+            offset += len(page)
+            cursor = page[-1][entry.record_id] if self.plan.chain else None
+
     def _page(self, result: Any, entry: ListMethod | None) -> list[Any]:
         page = records(result, entry)
         if page is None:
@@ -210,7 +235,7 @@ def _reset_in(time_block: Any) -> float:
 
 
 def _refusal(status: int, data: Any) -> PortalRefused | BadPage:
-    if isinstance(data, Mapping) and isinstance(data.get("error"), str):
+    if isinstance(data, Mapping) and isinstance(data.get("error"), str | Mapping):
         return PortalRefused(status if status >= 400 else 400, data)
     return BadPage(f"the portal answered HTTP {status} without a REST answer")
 
@@ -245,7 +270,8 @@ async def answer_whole(fetch: Fetch, request_id: str, limit: int) -> Reply:
                        ("X-Bitrix-Requests", str(fetch.requests))], body)
 
 
-async def answer_streamed(fetch: Fetch, sink: Sink, request_id: str) -> Reply:
+async def answer_streamed(fetch: Fetch, sink: Sink, request_id: str, *,
+                          api: bool = False) -> Reply:
     """Stream one record per line as pages arrive; a failure after the first line ends the
     answer with an error line. Before it, the failure is the answer."""
     pages = fetch.pages()
@@ -271,7 +297,9 @@ async def answer_streamed(fetch: Fetch, sink: Sink, request_id: str) -> Reply:
     except SidecarError as exc:
         log.warning("whole_list_cut_short", request_id=request_id, records=fetch.count,
                     error=exc.code)
-        await _last_line(sink, {"error": exc.code, "error_description": exc.description})
+        await _last_line(sink, {"error": {"code": exc.code, "message": exc.description},
+                                "error_description": exc.description} if api else
+                         {"error": exc.code, "error_description": exc.description})
     finally:
         await pages.aclose()
     return Reply(200, [], None)
