@@ -5,7 +5,8 @@ the `Emulator` instance, so a test can inspect and poke it while the app is serv
 
 This module only re-exports. The parts, each importing only those listed before it:
 model (shared records), wire (the REST wire format), oauth (the OAuth server), rest (REST
-dispatch), batch, crm (leads), account (profile, user.current, app.info) and portal (the
+dispatch), batch, crm (leads), account (profile, user.current, app.info), v3 (REST 3.0 at
+/rest/api/: tasks and the v3 batch) and portal (the
 `Emulator` and its added `Portal`s that assemble them and carry the test controls).
 """
 

@@ -61,6 +61,8 @@ class RestCall:
     headers: dict[str, str]
     body: bytes
     fmt: OutputFormat
+    # "v3" for REST 3.0 requests (/rest/api/...), whose params are the JSON body less `auth`.
+    api: Literal["v2", "v3"] = "v2"
 
 
 class RestError(Exception):

@@ -25,6 +25,7 @@ from sidecar.emulator.crm import Crm
 from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
 from sidecar.emulator.oauth import Identity, IssuedPair, OAuthServer
 from sidecar.emulator.rest import REST_LOG_LIMIT, RestServer
+from sidecar.emulator.v3 import Tasks, V3Server
 
 __all__ = ["EMULATOR_KEY", "PORTAL_KEY", "Emulator", "Portal", "run_emulator", "run_portal"]
 
@@ -64,6 +65,8 @@ class Portal:
         self._rest.add_methods(Batch(self._rest, clock=clock).methods())
         self._rest.add_methods(Account(oauth).methods())
         self._rest.add_methods(self._crm.methods())
+        self._tasks = Tasks(clock=clock)
+        self._v3 = V3Server(self._rest, self._tasks)
 
     def create_app(self) -> web.Application:
         """Build a fresh aiohttp application serving this portal and the shared token endpoint."""
@@ -74,6 +77,9 @@ class Portal:
             app.router.add_post(path, self._oauth.handle_token)
         for path in ("/oauth/authorize/", "/oauth/authorize"):
             app.router.add_get(path, self._handle_authorize, allow_head=False)
+        # REST 3.0 first: the v2 route below would take /rest/api/... as well.
+        app.router.add_get("/rest/api/{tail:.*}", self._v3.handle, allow_head=False)
+        app.router.add_post("/rest/api/{tail:.*}", self._v3.handle)
         app.router.add_get("/rest/{tail:.*}", self._rest.handle, allow_head=False)
         app.router.add_post("/rest/{tail:.*}", self._rest.handle)
         return app
@@ -113,6 +119,15 @@ class Portal:
     def leads(self) -> dict[int, dict[str, Any]]:
         """Expose stored leads by ID, for assertions."""
         return self._crm.leads
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        """Return a stored task as REST 3.0 tasks.task.get answers it (KeyError if none)."""
+        return self._tasks.view(task_id)
+
+    @property
+    def task_count(self) -> int:
+        """How many tasks the portal holds."""
+        return len(self._tasks)
 
     @property
     def base_url(self) -> str:
@@ -164,6 +179,24 @@ class Portal:
         self._rest.call_delay = seconds
 
     @property
+    def v3_flat_errors(self) -> bool:
+        """Whether REST 3.0 answers auth, limit and not-found errors in v2's flat shape."""
+        return self._v3.flat_errors
+
+    @v3_flat_errors.setter
+    def v3_flat_errors(self, flat: bool) -> None:
+        self._v3.flat_errors = flat
+
+    @property
+    def v3_task_page_cap(self) -> int:
+        """The most tasks a tasks.task.list page holds, whatever `limit` asks (default 1000)."""
+        return self._tasks.page_cap
+
+    @v3_task_page_cap.setter
+    def v3_task_page_cap(self, cap: int) -> None:
+        self._tasks.page_cap = cap
+
+    @property
     def signed_in_user(self) -> int:
         """The portal user whose browser approves the app on the authorize page."""
         return self._identity.signed_in_user
@@ -181,6 +214,14 @@ class Portal:
     def register_webhook(self, user_id: int, code: str) -> None:
         """Create an inbound webhook served at /rest/{user_id}/{code}/{method}."""
         self._rest.register_webhook(user_id, code)
+
+    def add_tasks(
+        self, count: int, *, title: str = "Task {id}", responsible_id: int = 1,
+        creator_id: int = 1,
+    ) -> range:
+        """Store ``count`` tasks at once (``title`` formatted with each id); return their ids."""
+        return self._tasks.add_many(count, title=title, responsible_id=responsible_id,
+                                    creator_id=creator_id)
 
     def issue_code(self, client_id: str, *, user_id: int = 1) -> str:
         """Issue an authorization code as if a person (``user_id``) approved the app now."""

@@ -73,6 +73,24 @@ class RestServer:
         """Queue an error answer for the next REST request, which is then logged but not run."""
         self._injected.append(RestError(status, error, description))
 
+    # -- shared with the REST 3.0 endpoint (v3.py) ---------------------------------------------
+
+    def authenticate(self, route: Route, token: str | None) -> Caller:
+        """Check webhook credentials or the access token; raise the Bitrix 401 on failure."""
+        return self._authenticate(route, token)
+
+    def admit(self) -> bool:
+        """Pass one request through the leaky bucket, or refuse it when the bucket is full."""
+        return self._admit()
+
+    def blocked_until(self, method: str) -> float:
+        """Return the clock() time a method's used-up time budget comes back (0: not blocked)."""
+        return self._blocked.get(method, 0.0)
+
+    def take_injected(self) -> RestError | None:
+        """Take the next queued injected failure, if any."""
+        return self._injected.popleft() if self._injected else None
+
     def run(self, caller: Caller, method: str, params: dict[str, Any]) -> MethodResult:
         """Run a known method for a caller, checking its scope."""
         spec = self._methods[method]
