@@ -191,3 +191,15 @@ class Overloaded(SidecarError):
     def __init__(self, description: str, *, retry_after: float) -> None:
         super().__init__(description)
         self.retry_after = retry_after
+
+
+class ListTooLarge(SidecarError):
+    """A whole list asked for in one answer outgrew SIDECAR_LIST_MAX."""
+
+    code = "SIDECAR_LIST_TOO_LARGE"
+
+
+class BadPage(SidecarError):
+    """A page of a whole list is not what the method's list looks like (or is out of order)."""
+
+    code = "SIDECAR_LIST_UNEXPECTED"

@@ -13,11 +13,13 @@ from aiohttp.http import HttpVersion
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import (
+    BadPage,
     BadRequest,
     BodyTooLarge,
     ClientGone,
     ClientKeyRequired,
     ExpectationFailed,
+    ListTooLarge,
     MethodNotAllowed,
     MethodPaused,
     NotAuthorized,
@@ -39,6 +41,8 @@ from sidecar.errors import (
 
 STATUS_OF: dict[type[SidecarError], int] = {
     BadRequest: 400,
+    ListTooLarge: 400,
+    BadPage: 502,
     ClientKeyRequired: 401,
     Refused: 403,
     NotFound: 404,

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from sidecar.errors import SidecarError
+from sidecar.errors import BadPage, ListTooLarge, SidecarError
 from sidecar.listmethods import BATCH, PAGE, ListMethod, Plan, api_page, items_key, records
 from sidecar.portal import DEFAULT_PAUSE
 from sidecar.replies import JSON_TYPE, Reply, Sink
@@ -42,12 +42,6 @@ _STATUS_OF_ERROR = {
 }
 
 
-class ListTooLarge(SidecarError):
-    """A whole list asked for in one answer outgrew SIDECAR_LIST_MAX."""
-
-    code = "SIDECAR_LIST_TOO_LARGE"
-
-
 class PortalRefused(Exception):
     """The portal refused a page: its status and error body, relayed as they are."""
 
@@ -55,12 +49,6 @@ class PortalRefused(Exception):
         super().__init__(str(body.get("error", "")))
         self.status = status
         self.body = dict(body)
-
-
-class BadPage(SidecarError):
-    """A page the portal answered is not what the method's list looks like."""
-
-    code = "SIDECAR_LIST_UNEXPECTED"
 
 
 def _entry(container: Any, key: str) -> Any:
