@@ -276,7 +276,7 @@ async def test_order_filter_and_select(rest: Rest) -> None:
     assert await ids({"filter": {"%TITLE": "deal 1"}}) == list(range(10, 20))
     assert await ids({"filter": {"STAGE_ID": "WON", "<ID": 6}}) == [1, 3, 5]
     assert await ids({"order": {"ID": "DESC"}, "filter": {"<ID": 4}}) == [3, 2, 1]
-    status, body = await rest.call("crm.deal.list", {"select": ["TITLE"], "filter": {"ID": 2}})
+    _, body = await rest.call("crm.deal.list", {"select": ["TITLE"], "filter": {"ID": 2}})
     assert body["result"] == [{"ID": "2", "TITLE": "Deal 02"}]
     _, body = await rest.call(
         "crm.item.list",
