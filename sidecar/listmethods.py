@@ -63,7 +63,7 @@ METHODS: dict[str, ListMethod] = {m.name: m for m in [
     ListMethod("catalog.product.list", items="products", record_id="id", filter_id="id"),
     ListMethod("sale.order.list", items="orders", record_id="id", filter_id="id"),
     ListMethod("lists.element.get", filter="FILTER", order="ELEMENT_ORDER"),
-    ListMethod("user.get", sort_field="sort", chain=False),
+    ListMethod("user.get", sort_field="sort"),
     ListMethod("department.get", sort_field="sort", chain=False),
 ]}
 
@@ -169,7 +169,11 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
         return Plan(method, params, entry, chain=False)
     params = dict(params)
     order_key = _param(params, entry.order) or entry.order
-    params[order_key] = {entry.filter_id: "ASC"}
+    if entry.sort_field:  # user.get: sort=<field>&order=<direction>
+        params[_param(params, entry.sort_field) or entry.sort_field] = entry.filter_id
+        params[order_key] = "ASC"
+    else:
+        params[order_key] = {entry.filter_id: "ASC"}
     select_key = _param(params, "select")
     if select_key is not None:
         select = params[select_key]
@@ -226,10 +230,13 @@ def api_page(plan_: Plan, cursor: Any, offset: int) -> dict[str, Any]:
 
 def _ascending_by_id(params: Mapping[str, Any], entry: ListMethod) -> bool:
     """No order, or the id ascending alone."""
-    if entry.sort_field:
-        return False
     key = _param(params, entry.order)
     order = params.get(key) if key is not None else None
+    if entry.sort_field:
+        sort_key = _param(params, entry.sort_field)
+        field = params.get(sort_key) if sort_key is not None else None
+        return (field in (None, "") or str(field).lower() == entry.filter_id.lower()) and (
+            order in (None, "") or str(order).upper() == "ASC")
     if order in (None, "", [], {}):
         return True
     if not isinstance(order, Mapping) or len(order) != 1:

@@ -380,8 +380,13 @@ class Proxy:
             except (ValueError, RecursionError):
                 return status, None
 
+        async def pause(method: str, seconds: float) -> None:
+            portal.gate.pause(method, seconds)
+            if not portal.gate.enabled:  # no gate to hold the method: wait here
+                await _sleep_while(call, seconds)
+
         outcome.reached = True
-        fetch = Fetch(planned, send, portal.gate.pause)
+        fetch = Fetch(planned, send, pause)
         if NDJSON_TYPE in call.headers.get("Accept", "").lower():
             return await answer_streamed(fetch, sink, request_id, api=target.api)
         return await answer_whole(fetch, request_id, self._settings.list_max)

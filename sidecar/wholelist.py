@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,12 +69,13 @@ class Fetch:
 
     plan: Plan
     send: Send
-    pause: Callable[[str, float], None]  # hold the method (OPERATION_TIME_LIMIT) for seconds
+    pause: Callable[[str, float], Awaitable[None]]  # hold the method (OPERATION_TIME_LIMIT)
     items: str = ""
     requests: int = 0
     count: int = 0
     time: Any = None
     _key_known: bool = field(default=False, init=False)
+    _held: int = field(default=0, init=False)  # time-limit refusals in a row
 
     async def pages(self) -> AsyncGenerator[list[Any], None]:
         """Yield each non-empty page of records, in order, until the list ends."""
@@ -86,6 +86,7 @@ class Fetch:
                   self._chain() if self.plan.chain else self._pages())
         async for page in source:
             self.count += len(page)
+            self._held = 0
             yield page
 
     async def _batch(self, commands: dict[str, str]) -> tuple[Any, Any, Any]:
@@ -103,12 +104,16 @@ class Fetch:
             self.time = data["time"]
         return status, data
 
-    def _failed(self, error: Any) -> bool:
+    async def _failed(self, error: Any) -> bool:
         """Hold the method on a time limit (say so: the page is asked again); raise otherwise."""
         body = error if isinstance(error, Mapping) else {"error": "ERROR", "error_description":
                                                          str(error)}
         if body.get("error") == "OPERATION_TIME_LIMIT":
-            self.pause(self.plan.method.lower(), _reset_in(self.time))
+            # A command's refusal inside a batch does not say when the method comes back:
+            # ask again after 1, 2, 4 ... 60 s (the batch's own time block is the batch's).
+            self._held += 1
+            await self.pause(self.plan.method.lower(),
+                             min(2.0 ** (self._held - 1), DEFAULT_PAUSE))
             return True
         raise PortalRefused(_STATUS_OF_ERROR.get(str(body.get("error")), 400), body)
 
@@ -123,7 +128,7 @@ class Fetch:
                 key = f"p{index}"
                 error = _entry(errors, key)
                 if error is not None:
-                    self._failed(error)
+                    await self._failed(error)
                     break  # held: the gate waits the pause out, then from the cursor on
                 page = self._page(_entry(results, key), entry)
                 self._check_order(page, entry, cursor)
@@ -156,7 +161,7 @@ class Fetch:
                 key = f"p{index}"
                 error = _entry(errors, key)
                 if error is not None:
-                    self._failed(error)
+                    await self._failed(error)
                     break  # held: this page is asked again after the pause
                 page = self._page(_entry(results, key), entry)
                 if page:
@@ -211,15 +216,6 @@ class Fetch:
                     f"{entry.record_id} above the last one seen: the whole list cannot be "
                     "fetched by id; ask with an order by another field to page by offset")
             last = value
-
-
-def _reset_in(time_block: Any) -> float:
-    """Seconds until a method's time budget resets, from an answer's ``time`` block."""
-    try:
-        reset = float(time_block["operating_reset_at"])
-    except (TypeError, KeyError, ValueError):
-        return DEFAULT_PAUSE
-    return min(max(reset - time.time() + 1.0, 1.0), 600.0)
 
 
 def _refusal(status: int, data: Any) -> PortalRefused | BadPage:

@@ -5,13 +5,13 @@ the `Emulator` instance, so a test can inspect and poke it while the app is serv
 
 This module only re-exports. The parts, each importing only those listed before it:
 model (shared records), wire (the REST wire format), oauth (the OAuth server), rest (REST
-dispatch), batch, crm (leads), account (profile, user.current, app.info), v3 (REST 3.0 at
-/rest/api/: tasks and the v3 batch) and portal (the
-`Emulator` and its added `Portal`s that assemble them and carry the test controls).
+dispatch), batch, records (record tables and the list engine), crm (leads), lists (the list
+methods over every table), account (profile, user.current, app.info), v3 (REST 3.0 at
+/rest/api/: tasks and the v3 batch) and portal (the `Emulator` and its added `Portal`s that
+assemble them and carry the test controls).
 """
 
 from sidecar.emulator.batch import BATCH_MAX_LENGTH
-from sidecar.emulator.crm import PAGE_SIZE
 from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
 from sidecar.emulator.oauth import IssuedPair
 from sidecar.emulator.portal import (
@@ -22,6 +22,7 @@ from sidecar.emulator.portal import (
     run_emulator,
     run_portal,
 )
+from sidecar.emulator.records import PAGE_SIZE, Records
 from sidecar.emulator.wire import render_xml
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "IssuedPair",
     "OAuthFailure",
     "Portal",
+    "Records",
     "RestCall",
     "render_xml",
     "run_emulator",

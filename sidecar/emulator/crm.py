@@ -1,21 +1,15 @@
-"""CRM leads: the lead store and the crm.lead.* methods (filters, order, select, pages of 50)."""
+"""CRM leads: the lead table and crm.lead.add/get/update/delete (crm.lead.list is in lists)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from sidecar.emulator.model import Caller, Method, MethodResult, RestError
+from sidecar.emulator.records import PAGE_SIZE, Records
 from sidecar.emulator.wire import iso
 
 __all__ = ["PAGE_SIZE", "Crm"]
-
-PAGE_SIZE = 50
-
-_Ordered = TypeVar("_Ordered", float, str)
-
-_FILTER_KEY = re.compile(r"(>=|<=|!=|>|<|!|=|%)?(.*)", re.DOTALL)
 
 _LEAD_FIELDS = (
     "ID",
@@ -41,102 +35,6 @@ _LEAD_FIELDS = (
 )
 _MULTI_FIELDS = ("PHONE", "EMAIL", "WEB", "IM")
 _READ_ONLY_FIELDS = frozenset({"ID", "DATE_CREATE", "DATE_MODIFY", "HAS_PHONE", "HAS_EMAIL"})
-
-
-def _number(value: Any) -> float | None:
-    """Read a value as a number if it looks like one."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return float(str(value))
-    except ValueError:
-        return None
-
-
-def _equal(actual: Any, expected: Any) -> bool:
-    """Compare a stored field with a filter value, numerically when both are numbers."""
-    a, b = _number(actual), _number(expected)
-    if a is not None and b is not None:
-        return a == b
-    return ("" if actual is None else str(actual)) == str(expected)
-
-
-def _compare(op: str, actual: Any, expected: Any) -> bool:
-    """Apply one filter operator to one stored value."""
-    if op in ("", "="):
-        if isinstance(expected, list):
-            return any(_equal(actual, e) for e in expected)
-        return _equal(actual, expected)
-    if op == "%":
-        return str(expected).lower() in ("" if actual is None else str(actual)).lower()
-    a, b = _number(actual), _number(expected)
-    if a is not None and b is not None:
-        return _ordered(op, a, b)
-    return _ordered(op, "" if actual is None else str(actual), str(expected))
-
-
-def _ordered(op: str, left: _Ordered, right: _Ordered) -> bool:
-    """Apply an ordering operator (>, <, >=, <=) to two values of one type."""
-    if op == ">":
-        return left > right
-    if op == "<":
-        return left < right
-    if op == ">=":
-        return left >= right
-    return left <= right
-
-
-def _matches(view: Mapping[str, Any], conditions: Mapping[str, Any]) -> bool:
-    """Tell whether a lead passes every filter condition."""
-    for raw_key, expected in conditions.items():
-        match = _FILTER_KEY.fullmatch(str(raw_key))
-        op, name = (match.group(1) or "", match.group(2)) if match else ("", str(raw_key))
-        actual = view.get(name, view.get(name.upper()))
-        # Multi-fields (PHONE, EMAIL) match when any of their values does.
-        values = (
-            [item.get("VALUE") for item in actual if isinstance(item, Mapping)]
-            if isinstance(actual, list)
-            else [actual]
-        )
-        if op in ("!", "!="):
-            if any(_compare("=", v, expected) for v in values):
-                return False
-        elif not any(_compare(op, v, expected) for v in values):
-            return False
-    return True
-
-
-def _sort_key(value: Any) -> tuple[int, float, str]:
-    """Order None first, then numbers, then strings, without comparing across types."""
-    if value is None:
-        return (0, 0.0, "")
-    number = _number(value)
-    if number is not None:
-        return (1, number, "")
-    return (2, 0.0, str(value))
-
-
-def _field_key(name: str) -> Callable[[Mapping[str, Any]], tuple[int, float, str]]:
-    """Return a sort key reading one field of a lead view."""
-
-    def key(view: Mapping[str, Any]) -> tuple[int, float, str]:
-        """Sort by the named field."""
-        return _sort_key(view.get(name))
-
-    return key
-
-
-def _names(value: Any) -> list[str]:
-    """Read a `select` parameter given as a list, a PHP map or a single name."""
-    if isinstance(value, Mapping):
-        return [str(v) for v in value.values()]
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, str) and value:
-        return [value]
-    return []
 
 
 def _id_param(params: Mapping[str, Any]) -> int:
@@ -172,8 +70,7 @@ class Crm:
     def __init__(self, *, clock: Callable[[], float]) -> None:
         """Start with no leads; `clock` stamps DATE_CREATE and DATE_MODIFY."""
         self.clock = clock
-        self.leads: dict[int, dict[str, Any]] = {}
-        self._next_lead_id = 1
+        self.leads = Records()
         self._next_multi_id = 1
 
     def methods(self) -> dict[str, Method]:
@@ -181,7 +78,6 @@ class Crm:
         return {
             "crm.lead.add": Method("crm", self._lead_add),
             "crm.lead.get": Method("crm", self._lead_get),
-            "crm.lead.list": Method("crm", self._lead_list),
             "crm.lead.update": Method("crm", self._lead_update),
             "crm.lead.delete": Method("crm", self._lead_delete),
         }
@@ -221,7 +117,7 @@ class Crm:
                 lead[key] = _stored(value)
         lead["DATE_MODIFY"] = iso(self.clock())
 
-    def _lead_view(self, lead: Mapping[str, Any]) -> dict[str, Any]:
+    def lead_view(self, lead: Mapping[str, Any]) -> dict[str, Any]:
         """Return a lead as crm.lead.get shows it: all standard fields, then extras."""
         view: dict[str, Any] = {name: lead.get(name) for name in _LEAD_FIELDS}
         view["HAS_PHONE"] = "Y" if lead.get("PHONE") else "N"
@@ -243,8 +139,7 @@ class Crm:
         """Create a lead; the result is its new integer ID."""
         fields = _fields_param(params)
         # Past any lead stored directly (the emulator's --leads, a test's fixture) too.
-        lead_id = max(self._next_lead_id, max(self.leads, default=0) + 1)
-        self._next_lead_id = lead_id + 1
+        lead_id = self.leads.allocate()
         now = iso(self.clock())
         user = str(caller.user_id)
         lead: dict[str, Any] = {
@@ -263,7 +158,7 @@ class Crm:
     def _lead_get(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Return one lead by `id`."""
         _, lead = self._find_lead(params)
-        return MethodResult(self._lead_view(lead))
+        return MethodResult(self.lead_view(lead))
 
     def _lead_update(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
         """Update a lead's fields; the result is true."""
@@ -278,35 +173,3 @@ class Crm:
         lead_id, _ = self._find_lead(params)
         del self.leads[lead_id]
         return MethodResult(True)
-
-    def _lead_list(self, caller: Caller, params: dict[str, Any]) -> MethodResult:
-        """List leads in pages of 50 with filter, select, order and `start`."""
-        conditions = params.get("filter")
-        views = [self._lead_view(lead) for lead in self.leads.values()]
-        if isinstance(conditions, Mapping):
-            views = [v for v in views if _matches(v, conditions)]
-        order = params.get("order")
-        if isinstance(order, Mapping) and order:
-            # Stable sorts applied from the last key to the first give a multi-key order.
-            for name, direction in reversed(list(order.items())):
-                views.sort(key=_field_key(str(name)), reverse=str(direction).upper() == "DESC")
-        names = _names(params.get("select")) or ["*"]
-        wanted = {n.upper() for n in names} | {"ID"}
-        everything = "*" in wanted
-
-        def pick(view: dict[str, Any]) -> dict[str, Any]:
-            """Keep the selected fields; `*` means every field except multi-fields."""
-            return {
-                k: v
-                for k, v in view.items()
-                if k.upper() in wanted or (everything and k not in _MULTI_FIELDS)
-            }
-
-        start = int(_number(params.get("start")) or 0)
-        if start == -1:
-            # start=-1 asks Bitrix to skip counting: one page, no next, no total.
-            return MethodResult([pick(v) for v in views[:PAGE_SIZE]])
-        start = max(0, start)
-        page = [pick(v) for v in views[start : start + PAGE_SIZE]]
-        more = start + PAGE_SIZE < len(views)
-        return MethodResult(page, next=start + PAGE_SIZE if more else None, total=len(views))

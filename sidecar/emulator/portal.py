@@ -22,8 +22,10 @@ from yarl import URL
 from sidecar.emulator.account import Account
 from sidecar.emulator.batch import Batch
 from sidecar.emulator.crm import Crm
+from sidecar.emulator.lists import Lists
 from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
 from sidecar.emulator.oauth import Identity, IssuedPair, OAuthServer
+from sidecar.emulator.records import Records
 from sidecar.emulator.rest import REST_LOG_LIMIT, RestServer
 from sidecar.emulator.v3 import Tasks, V3Server
 
@@ -62,9 +64,11 @@ class Portal:
             rate=rate, burst=burst, call_delay=call_delay, rest_log_limit=rest_log_limit,
         )
         self._crm = Crm(clock=clock)
+        self._lists = Lists(clock=clock, leads=self._crm.leads, lead_view=self._crm.lead_view)
         self._rest.add_methods(Batch(self._rest, clock=clock).methods())
         self._rest.add_methods(Account(oauth).methods())
         self._rest.add_methods(self._crm.methods())
+        self._rest.add_methods(self._lists.methods())
         self._tasks = Tasks(clock=clock)
         self._v3 = V3Server(self._rest, self._tasks)
 
@@ -116,8 +120,8 @@ class Portal:
         return self._rest.rest_log
 
     @property
-    def leads(self) -> dict[int, dict[str, Any]]:
-        """Expose stored leads by ID, for assertions."""
+    def leads(self) -> Records:
+        """Expose stored leads by ID, for assertions (the "crm.lead" table)."""
         return self._crm.leads
 
     def task(self, task_id: int) -> dict[str, Any]:
@@ -128,6 +132,10 @@ class Portal:
     def task_count(self) -> int:
         """How many tasks the portal holds."""
         return len(self._tasks)
+
+    def records(self, table: str) -> Records:
+        """Return a record table by name ("crm.deal", "tasks.task", "lists.element:47", ...)."""
+        return self._lists.table(table)
 
     @property
     def base_url(self) -> str:
@@ -248,6 +256,26 @@ class Portal:
     ) -> None:
         """Queue an error answer for the next REST request, which is then logged but not run."""
         self._rest.fail_next(status, error, description)
+
+    def seed(
+        self, table: str, count: int, fields: Callable[[int], Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Add ``count`` made-up records to a table (``fields(id)`` adds or overrides fields).
+
+        Tables: "crm.lead", "crm.deal", "crm.contact", "crm.company", "crm.activity",
+        "crm.product", "crm.timeline.comment", "tasks.task", "user", "crm.item:{entityTypeId}"
+        (128 and up; 1-4 are the crm.lead/deal/contact/company tables), "lists.element:{IBLOCK_ID}"
+        and "catalog.product:{iblockId}". Returns the new IDs, ascending.
+        """
+        return self._lists.seed(table, count, fields)
+
+    def add_record(self, table: str, fields: Mapping[str, Any]) -> int:
+        """Add one record holding exactly ``fields`` and a new ID; return the ID."""
+        return self._lists.add(table, fields)
+
+    def clear_records(self, table: str | None = None) -> None:
+        """Remove every record of one table, or of every table (IDs are not handed out again)."""
+        self._lists.clear(table)
 
     def block_method(self, method: str, seconds: float) -> None:
         """Use up a method's time budget: it answers 429 OPERATION_TIME_LIMIT for ``seconds``."""
