@@ -39,6 +39,9 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 DEMO_CLIENT_ID = "local.demo0000000000.00000001"
 DEMO_CLIENT_SECRET = "demo-secret-not-for-production"  # noqa: S105 - the emulator's own app
+DEMO_SCOPE = ("crm", "user", "task")
+DEMO_DEALS = 5000
+DEMO_TASKS = 120
 
 log = structlog.get_logger("sidecar.cli")
 
@@ -543,17 +546,20 @@ async def _demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     redactor = configure_logging(fmt="console", level=args.log_level)
     emulator = Emulator()
-    emulator.register_app(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
+    emulator.register_app(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, scope=",".join(DEMO_SCOPE))
     if args.portals > 1:
         return await _demo_portals(args, listen, redactor, emulator)
     with tempfile.TemporaryDirectory(prefix="bitrix-sidecar-demo-") as workdir:
         async with run_emulator(emulator) as base_url:
+            # Something to list: deals for a whole list, tasks for REST 3.0.
+            emulator.seed("crm.deal", DEMO_DEALS)
+            emulator.add_tasks(DEMO_TASKS)
             settings = Settings(
                 portal=base_url,
                 client_id=DEMO_CLIENT_ID,
                 client_secret=DEMO_CLIENT_SECRET,
                 oauth_url=base_url,
-                scope=("crm", "user"),
+                scope=DEMO_SCOPE,
                 auth_code=emulator.issue_code(DEMO_CLIENT_ID),
                 listen=listen,
                 db_path=Path(workdir) / "tokens.db",
@@ -642,6 +648,16 @@ authorized automatically. Try, from another terminal (no credentials needed):
   curl -s '{base}/rest/crm.lead.get?id=1'
   curl -s {base}/rest/1/anycode/user.current.json      # the inbound-webhook address shape
   curl -s {base}/token                                 # the token itself, for direct calls
+
+REST 3.0 (token in the JSON body, added by the sidecar):
+
+  curl -s {base}/rest/api/tasks.task.get -H 'Content-Type: application/json' \
+       -d '{{"id": 1, "select": ["id", "title"]}}'
+
+A whole list, every page in one call ({DEMO_DEALS} deals; one record per line with NDJSON):
+
+  curl -s '{base}/all/rest/crm.deal.list?select[]=ID&select[]=TITLE' | head -c 300; echo
+  curl -s {base}/all/rest/crm.deal.list -H 'Accept: application/x-ndjson' | wc -l
 
 Ctrl-C stops it.
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
+from sidecar.cli import DEMO_DEALS
 from sidecar.emulator import Emulator
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, free_port
 from tests.processes import Env, cli, get, running
@@ -184,6 +185,16 @@ class TestDemo:
             status, body = await get(f"http://127.0.0.1:{port}/rest/profile")
             assert status == 200
             assert body["result"]["ID"] == "1"
+            # The banner's REST 3.0 call and whole list work as printed.
+            assert f"http://127.0.0.1:{port}/rest/api/tasks.task.get" in banner
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}/rest/api/tasks.task.get",
+                                        json={"id": 1, "select": ["id", "title"]}) as answer:
+                    assert answer.status == 200
+                    assert (await answer.json())["result"]["item"]["id"] == 1
+                async with session.get(f"http://127.0.0.1:{port}/all/rest/crm.deal.list",
+                                       headers={"Accept": "application/x-ndjson"}) as answer:
+                    assert len((await answer.read()).splitlines()) == DEMO_DEALS
             proc.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(proc.wait(), 15) == 0
         finally:
