@@ -456,3 +456,28 @@ class TestPostgresqlUpgrade:
         assert summary["portals"] == 0, summary
         status, body = await sidecar.call(f"/portal/{market.a.member_id}/rest/profile")
         assert (status, body["error"]) == (404, "SIDECAR_PORTAL_UNKNOWN")
+
+
+class TestWholeLists:
+    async def test_each_portal_lists_its_own_records(
+        self, market: Market, start: Callable[..., Any]
+    ) -> None:
+        """A whole list is fetched from the portal the call names, with that portal's token
+        and gate, whichever way it is named."""
+        sidecar = await start()
+        assert (await sidecar.install(market.a))[0] == 200
+        assert (await sidecar.install(market.b))[0] == 200
+        market.a.seed("crm.deal", 3000)
+        market.b.seed("crm.deal", 120)
+        for path, headers, count in (
+            (f"/portal/{host(market.a)}/all/rest/crm.deal.list", {}, 3000),
+            (f"/all/portal/{market.b.member_id}/rest/crm.deal.list", {}, 120),
+            ("/rest/crm.deal.list", {"X-Bitrix-Portal": host(market.a),
+                                     "X-Bitrix-Pages": "all"}, 3000),
+        ):
+            status, body = await sidecar.call(path, **headers)
+            assert status == 200, body
+            assert [int(d["ID"]) for d in body["result"]] == list(range(1, count + 1))
+        status, body = await sidecar.call("/all/rest/crm.deal.list")
+        assert status == 400
+        assert body["error"] == "SIDECAR_PORTAL_REQUIRED"
