@@ -168,6 +168,16 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
     if not _ascending_by_id(params, entry) or _filters_id(params, entry):
         return Plan(method, params, entry, chain=False)
     params = dict(params)
+    cursor: Any = 0
+    filter_key = _param(params, entry.filter)
+    where = params.get(filter_key) if filter_key is not None else None
+    if isinstance(where, Mapping):
+        bound = next((k for k in where if str(k).lower() == f">{entry.filter_id.lower()}"),
+                     None)
+        if bound is not None:  # the caller's own >ID: the chain starts there
+            assert filter_key is not None
+            cursor = where[bound]
+            params[filter_key] = {k: v for k, v in where.items() if k != bound}
     order_key = _param(params, entry.order) or entry.order
     if entry.sort_field:  # user.get: sort=<field>&order=<direction>
         params[_param(params, entry.sort_field) or entry.sort_field] = entry.filter_id
@@ -182,7 +192,7 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
         if not any(str(n) in ("*", entry.filter_id, entry.record_id) for n in names):
             # The chain reads each page's last id: it must be in the answer.
             params[select_key] = [*names, entry.filter_id]
-    return Plan(method, params, entry, chain=True)
+    return Plan(method, params, entry, chain=True, cursor=cursor)
 
 
 def plan_api(method: str, params: dict[str, Any]) -> Plan:
@@ -246,14 +256,18 @@ def _ascending_by_id(params: Mapping[str, Any], entry: ListMethod) -> bool:
 
 
 def _filters_id(params: Mapping[str, Any], entry: ListMethod) -> bool:
-    """The caller's filter has a lower bound on the id of its own (``>ID``, ``>=ID``), which
-    the chain's own ``>ID`` would replace."""
+    """The caller's filter bounds the id in a way the chain cannot take over: ``>=ID``, or a
+    ``>ID`` that is not one whole number."""
     key = _param(params, entry.filter)
     where = params.get(key) if key is not None else None
     if not isinstance(where, Mapping):
         return False
     name = entry.filter_id.lower()
-    return any(str(k).lower() in (f">{name}", f">={name}") for k in where)
+    for k, v in where.items():
+        lowered = str(k).lower()
+        if lowered == f">={name}" or (lowered == f">{name}" and not str(v).isdigit()):
+            return True
+    return False
 
 
 def records(result: Any, entry: ListMethod | None) -> list[Any] | None:

@@ -167,6 +167,13 @@ class TestStrategies:
         response = await sidecar.post("/all/rest/crm.deal.list",
                                       json={"filter": {">ID": 2990}})
         assert ids((await response.json())["result"]) == list(range(2991, 3001))
+        assert response.headers["X-Bitrix-Requests"] == "1"
+        [call] = [c for c in emulator.rest_log if c.method == "batch"]
+        assert "start=-1" in call.params["cmd"]["p0"]
+        assert "filter%5B%3EID%5D=2990" in call.params["cmd"]["p0"]
+        response = await sidecar.post("/all/rest/crm.deal.list",
+                                      json={"filter": {">=ID": 2990}})
+        assert ids((await response.json())["result"]) == list(range(2990, 3001))
 
 
 class TestStreamed:
