@@ -387,9 +387,16 @@ class Proxy:
 
         outcome.reached = True
         fetch = Fetch(planned, send, pause)
-        if NDJSON_TYPE in call.headers.get("Accept", "").lower():
-            return await answer_streamed(fetch, sink, request_id, api=target.api)
-        return await answer_whole(fetch, request_id, self._settings.list_max)
+        streamed = NDJSON_TYPE in call.headers.get("Accept", "").lower()
+        try:
+            if streamed:
+                return await answer_streamed(fetch, sink, request_id, api=target.api,
+                                             write_timeout=self._settings.idle_timeout)
+            return await answer_whole(fetch, request_id, self._settings.list_max)
+        finally:
+            log.info("whole_list", request_id=request_id, method=target.method.lower(),
+                     strategy="api" if planned.api else "chain" if planned.chain else "pages",
+                     streamed=streamed, records=fetch.count, requests=fetch.requests)
 
     async def _exchange(  # noqa: PLR0917 - one request's parts
         self, call: Call, portal: Portal, method: str, params: dict[str, Any],

@@ -15,6 +15,7 @@ one ends with an error line, never silently short.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -255,9 +256,13 @@ async def answer_whole(fetch: Fetch, request_id: str, limit: int) -> Reply:
 
 
 async def answer_streamed(fetch: Fetch, sink: Sink, request_id: str, *,
-                          api: bool = False) -> Reply:
+                          api: bool = False, write_timeout: float = 75.0) -> Reply:
     """Stream one record per line as pages arrive; a failure after the first line ends the
-    answer with an error line. Before it, the failure is the answer."""
+    answer with an error line. Before it, the failure is the answer.
+
+    A client that reads nothing for ``write_timeout`` seconds is cut off, and the fetch stops:
+    it holds one request's records at most, and not for ever.
+    """
     pages = fetch.pages()
     try:
         first = await anext(pages, None)
@@ -270,12 +275,16 @@ async def answer_streamed(fetch: Fetch, sink: Sink, request_id: str, *,
     page = first
     try:
         while page is not None:
-            await sink.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n"
-                                      for r in page))
+            chunk = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in page)
+            await asyncio.wait_for(sink.write(chunk), write_timeout)
             page = await anext(pages, None)
         await sink.finish()
     except ConnectionResetError:
         pass  # the client left: fetching stops here
+    except TimeoutError:
+        log.info("whole_list_reader_stalled", request_id=request_id, records=fetch.count,
+                 seconds=write_timeout)
+        sink.cut()
     except PortalRefused as exc:
         await _last_line(sink, exc.body)
     except SidecarError as exc:

@@ -231,6 +231,28 @@ class TestStreamed:
         assert sent < 1 + math.ceil(COUNT / 2500)
 
 
+    async def test_a_client_that_reads_nothing_is_cut_off(
+            self, list_settings: Callable[..., Settings], aiohttp_client: Callable[..., Any],
+            emulator: Emulator) -> None:
+        """Its answer waits in buffers for SIDECAR_IDLE_TIMEOUT at most: then the connection
+        is cut and the fetch stops, holding one request's records at most meanwhile."""
+        client: Client = await aiohttp_client(create_app(list_settings(idle_timeout="1s")))
+        emulator.seed("crm.deal", 40_000, lambda _: {"COMMENTS": "x" * 2000})
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"GET /all/rest/crm.deal.list HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Accept: application/x-ndjson\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(4)  # reading nothing
+        sent = batches(emulator)
+        await asyncio.sleep(1)
+        assert batches(emulator) == sent < math.ceil(40_000 / 2500)
+        received = b""
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += chunk  # what was buffered, then the cut
+        assert not received.endswith(b"0\r\n\r\n")  # never a complete answer
+        writer.close()
+
+
 class TestWhole:
     async def test_a_time_limit_inside_the_chain_is_waited_out(
             self, sidecar: Client, emulator: Emulator) -> None:
