@@ -448,6 +448,22 @@ class TestLimiter:
         assert emulator.stats.time_limited == 1
         assert len(v3_calls(emulator)) == 2
 
+    async def test_a_short_time_block_is_waited_out_without_the_gate_too(
+        self, v3side: Client, emulator: Emulator,
+    ) -> None:
+        """With the limiter off, the call still waits a short block out once (rather than
+        sending it again at once into the same block); so does a v2 call."""
+        emulator.add_tasks(1)
+        emulator.block_method("tasks.task.get", 1.5)
+        response = await v3side.post("/rest/api/tasks.task.get", json={"id": 1})
+        assert response.status == 200, await response.text()
+        assert emulator.stats.time_limited == 1
+        assert len(v3_calls(emulator)) == 2
+        emulator.block_method("profile", 1.5)
+        response = await v3side.get("/rest/profile")
+        assert response.status == 200, await response.text()
+        assert emulator.stats.time_limited == 2
+
     async def test_queue_full_is_a_v3_503(
         self, start: Callable[..., Any], emulator: Emulator,
     ) -> None:
