@@ -335,6 +335,24 @@ class TestOwnErrors:
         assert await flat_error(response, 405) == "SIDECAR_METHOD_NOT_ALLOWED"
         assert list(emulator.rest_log) == []
 
+    async def test_a_mixed_case_api_segment_gets_the_v3_shape(
+        self, v3side: Client, emulator: Emulator,
+    ) -> None:
+        """/rest/API/... is served as REST 3.0 (the address is read without regard to case),
+        so its refusals take REST 3.0's shape too."""
+        emulator.add_tasks(1)
+        response = await v3side.post("/rest/API/tasks.task.get", json={"id": 1})
+        assert response.status == 200, await response.text()
+        assert v3_calls(emulator)[-1].path == "/rest/api/tasks.task.get"
+        for path in ("/rest/API/tasks.task.get", "/rest/Api/1/x/tasks.task.get",
+                     "/all/rest/aPI/tasks.task.list",
+                     f"/portal/{host_of(emulator)}/all/rest/API/tasks.task.list"):
+            response = await v3side.post(path, data=b"x",
+                                         headers={"Content-Type": "application/json"})
+            assert await own_v3_error(response, 400) == "SIDECAR_BAD_REQUEST", path
+        response = await v3side.get("/rest/API/tasks..get")
+        assert await own_v3_error(response, 400) == "SIDECAR_BAD_REQUEST"
+
     async def test_an_unknown_portal_is_a_v3_404(
         self, v3side: Client, emulator: Emulator,
     ) -> None:
