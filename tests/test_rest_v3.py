@@ -365,6 +365,23 @@ class TestOwnErrors:
         assert await own_v3_error(response, 404) == "SIDECAR_PORTAL_UNKNOWN"
         assert list(emulator.rest_log) == []
 
+    async def test_an_unknown_expectation_is_a_v3_417(
+        self, v3side: Client, emulator: Emulator,
+    ) -> None:
+        """Expect other than 100-continue: 417 in REST 3.0's shape on a v3 path (v2: flat);
+        100-continue is served."""
+        emulator.add_tasks(1)
+        response = await v3side.post("/rest/api/tasks.task.get", json={"id": 1},
+                                     headers={"Expect": "something-else"})
+        assert await own_v3_error(response, 417) == "SIDECAR_EXPECTATION_FAILED"
+        response = await v3side.post("/rest/profile", json={},
+                                     headers={"Expect": "something-else"})
+        assert await flat_error(response, 417) == "SIDECAR_EXPECTATION_FAILED"
+        assert list(emulator.rest_log) == []
+        response = await v3side.post("/rest/api/tasks.task.get", json={"id": 1},
+                                     headers={"Expect": "100-continue"})
+        assert response.status == 200, await response.text()
+
     async def test_a_body_too_large_is_a_v3_413(
         self, start: Callable[..., Any], emulator: Emulator,
     ) -> None:
