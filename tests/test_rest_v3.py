@@ -444,6 +444,33 @@ class TestOwnErrors:
         assert body["error"]["message"] == body["error_description"]
         assert list(emulator.rest_log) == []
 
+    async def test_a_body_too_slow_to_arrive_is_a_v3_408(
+        self, start: Callable[..., Any], emulator: Emulator,
+    ) -> None:
+        """A v3 call whose body stalls past SIDECAR_REQUEST_TIMEOUT: 408 in REST 3.0's shape
+        (its head, and so its path, has arrived); nothing forwarded."""
+        client: Client = await start(request_timeout="0.5")
+        for path, v3 in ((b"/rest/api/tasks.task.get", True), (b"/rest/profile", False)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            try:
+                writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 100\r\n\r\n{\"id\": "
+                             % path)
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert b" 408 " in head.partition(b"\r\n")[0], data
+            error = json.loads(body)
+            assert set(error) == OWN_V3, error
+            if v3:
+                assert error["error"] == {"code": "SIDECAR_REQUEST_TIMEOUT",
+                                          "message": error["error_description"]}
+            else:
+                assert error["error"] == "SIDECAR_REQUEST_TIMEOUT"
+        assert list(emulator.rest_log) == []
+
 
 # -- 3b and 5. the limiter on v3 paths -----------------------------------------------------------
 
