@@ -19,7 +19,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.replies import Call, Reply, error_reply
-from sidecar.rules import show
+from sidecar.rules import api_path, show
 
 
 def web_response(reply: Reply) -> web.Response:
@@ -108,6 +108,8 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the body proper has not started
             return None
-        return error_response(ExpectationFailed(
-            f"Expect: {show(expect)} is not supported (only 100-continue)"))
+        # On a REST 3.0 path in REST 3.0's shape, as the proxy's other refusals there.
+        return web_response(error_reply(ExpectationFailed(
+            f"Expect: {show(expect)} is not supported (only 100-continue)"),
+            api=api_path(request.raw_path)))
     return None

@@ -183,9 +183,10 @@ class DeadlineServer(web.Server):
         log.info("request_too_slow", listener=self.listener, seconds=round(seconds, 1),
                  received=received)
 
-    def timeout_reply(self) -> bytes:
-        """The whole 408 answer, in Bitrix's shape, closing the connection."""
-        reply = error_reply(RequestTimeout(self.timeout_text))
+    def timeout_reply(self, *, api: bool = False) -> bytes:
+        """The whole 408 answer, in Bitrix's shape (``api``: REST 3.0's), closing the
+        connection."""
+        reply = error_reply(RequestTimeout(self.timeout_text), api=api)
         assert reply.body is not None
         return head_bytes(reply.status, reply.reason, reply.headers,
                           f"Content-Length: {len(reply.body)}\r\nConnection: close\r\n", True,

@@ -396,7 +396,10 @@ class FastLane(asyncio.Protocol):
 
     def _too_slow(self, seconds: float) -> None:
         self._server.too_slow(seconds, len(self._buffer))
-        self._answer_and_close(self._server.timeout_reply())
+        # A head already read names the path: a REST 3.0 call is answered in its shape.
+        parsed = self._parsed
+        self._answer_and_close(self._server.timeout_reply(
+            api=parsed is not None and api_path(parsed.call.raw_path)))
 
     def _refuse(self, exc: SidecarError, raw_path: str = "") -> None:
         """Answer a request refused on its head alone, and close (its body is not read)."""

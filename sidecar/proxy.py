@@ -94,8 +94,8 @@ class RequestIds:
 class Outcome:
     """What happened to one call, for its access-log event and the retry policies."""
 
-    __slots__ = ("coalesced", "error", "limited", "method", "paused", "reached", "retried",
-                 "retry_after", "upstream")
+    __slots__ = ("coalesced", "error", "limited", "method", "paused", "paused_for", "reached",
+                 "retried", "retry_after", "upstream")
 
     def __init__(self) -> None:
         self.method = ""
@@ -104,6 +104,7 @@ class Outcome:
         self.retried = False  # sent again after an auth error (at most once)
         self.limited = 0  # sent again after QUERY_LIMIT_EXCEEDED
         self.paused = False  # waited out an OPERATION_TIME_LIMIT once
+        self.paused_for = 0.0  # how long that pause was
         self.retry_after: float | None = None  # what to tell a client the portal paused
         self.upstream = 0.0
         self.error: str | None = None
@@ -343,6 +344,9 @@ class Proxy:
                     again = True
                     continue
                 if self._after_time_limit(refusal, method, outcome, gate):
+                    if not gate.enabled:  # no gate to hold the method: wait here
+                        await _sleep_while(call, outcome.paused_for,
+                                           "the client hung up while its method was paused")
                     continue  # enter() waits out the pause, then it goes again
                 reply = self._answer(upstream, payload, request_id)
                 if outcome.retry_after is not None:
@@ -530,6 +534,7 @@ class Proxy:
         self._metrics.upstream_limited.labels(error="OPERATION_TIME_LIMIT").inc()
         if not outcome.paused and wait <= gate.queue_timeout:
             outcome.paused = True
+            outcome.paused_for = wait
             self._metrics.upstream_retries.labels(reason="time_limit").inc()
             return True
         outcome.retry_after = wait
@@ -665,12 +670,14 @@ def _pages_asked(call: Call) -> bool:
     return True
 
 
-async def _sleep_while(call: Call, seconds: float) -> None:
-    """Sleep up to ``seconds``, a fifth of a second at a time, while the client is there."""
+async def _sleep_while(call: Call, seconds: float,
+                       gone: str = "the client hung up: the list is fetched no further") -> None:
+    """Sleep up to ``seconds``, a fifth of a second at a time, while the client is there
+    (ClientGone, saying ``gone``, once it is not)."""
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         if not call.alive():
-            raise ClientGone("the client hung up: the list is fetched no further")
+            raise ClientGone(gone)
         await asyncio.sleep(min(left, 0.2))
 
 

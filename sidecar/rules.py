@@ -127,7 +127,8 @@ def api_path(raw: str) -> bool:
         path = "/" + path[len(PORTAL_PREFIX):].partition("/")[2]
         if path.startswith(ALL_PREFIX + "/"):
             path = path[len(ALL_PREFIX):]
-    return path.startswith("/rest/api/")
+    # The address is matched without regard to case (/rest/API/... is served as REST 3.0).
+    return path.startswith("/rest/") and path[6:10].lower() == "api/"
 
 
 def portal_name(text: str, what: str) -> str:

@@ -22,7 +22,7 @@ from sidecar.app import create_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator
 from sidecar.errors import BadRequest, NotFound
-from sidecar.rules import parse_target, portal_header
+from sidecar.rules import api_path, parse_target, portal_header
 from tests.conftest import CLIENT_ID
 from tests.test_fastlane import lane
 from tests.test_hostile import one_answer
@@ -94,6 +94,56 @@ class TestGrammar:
                 parse_target(raw)
             text = caught.value.description
             assert KEY in text or no_key_in(text)
+
+    @pytest.mark.parametrize(("raw", "portal", "method", "code", "api", "pages"), [
+        ("/rest/api/tasks.task.list", "", "tasks.task.list", "", True, False),
+        ("/rest/API/tasks.task.get", "", "tasks.task.get", "", True, False),
+        ("/rest/api/7/code_X/tasks.task.add", "", "tasks.task.add", "code_X", True, False),
+        ("/rest/api/batch", "", "batch", "", True, False),
+        ("/all/rest/api/tasks.task.list", "", "tasks.task.list", "", True, True),
+        ("/all/rest/api/1/c/tasks.task.list", "", "tasks.task.list", "c", True, True),
+        ("/all/rest/crm.lead.list", "", "crm.lead.list", "", False, True),
+        ("/portal/a.b/rest/api/tasks.task.list", "a.b", "tasks.task.list", "", True, False),
+        ("/portal/a.b/all/rest/api/1/c/tasks.task.list", "a.b", "tasks.task.list", "c", True,
+         True),
+        ("/all/portal/a.b/rest/api/tasks.task.list", "a.b", "tasks.task.list", "", True, True),
+        ("/all/portal/a.b/rest/crm.deal.list", "a.b", "crm.deal.list", "", False, True),
+    ])
+    def test_rest_v3_and_whole_list_shapes(  # noqa: PLR0917 - one row of the table
+        self, raw: str, portal: str, method: str, code: str, api: bool, pages: bool,
+    ) -> None:
+        """/rest/api/ (REST 3.0) and /all (whole lists), behind the portal's prefix or not."""
+        target = parse_target(f"{raw}?bx24_sdk_ver=1")
+        assert (target.portal, target.method, target.code, target.api, target.pages,
+                target.suffix, target.query) == (portal, method, code, api, pages, "",
+                                                 "bx24_sdk_ver=1")
+        assert api_path(raw) == api
+
+    @pytest.mark.parametrize("raw", [
+        "/rest/api/x.json", "/rest/api/tasks.task.list.xml", "/rest/api/1/c/x.JSON",
+        "/rest/api/", "/rest/api//x", "/rest/api/../token", "/rest/api/./x",
+        "/rest/api/x/..", "/rest/api/%2e%2e/token", "/rest/api%2fx", "/rest/%61pi/x",
+        "/rest/api/1/c/../../token", "/rest/api/1/c/d/x", "/rest/api/api/x",
+        "/rest/api/12345678901/c/x", "/rest/api/1/" + "c" * 65 + "/x", "/rest/api/x;y",
+        "/rest/api/" + "a" * 65, "/rest/api/" + ".".join(["a"] * 17),
+        "/all/rest/api/x.json", "/all/rest/api/../x", "/all/portal/../rest/x",
+        "/all/portal//rest/x", "/all/portal/a/token", "/all/portal/a/all/rest/x",
+        "/portal/a/all/all/rest/api/x", "/portal/a/all/../rest/x", "/portal/a/all//rest/x",
+        "/portal/a/all/portal/a/rest/x", "/portal/x/all/rest/api/../x",
+        "/rest/api/x?a=b#c", "/rest/api/x?a=\r\n",
+    ])
+    def test_bad_v3_and_whole_list_addresses_are_a_400(self, raw: str) -> None:
+        """No suffix for REST 3.0, and /all takes no trick of its own."""
+        with pytest.raises(BadRequest):
+            parse_target(raw)
+
+    @pytest.mark.parametrize("raw", ["/all/all/rest/x", "/all/token", "/all/../token",
+                                     "/all//rest/x", "/ALL/rest/x", "/%61ll/rest/x", "/all",
+                                     "/all/", "/all/oauth/token/", "/all/./rest/x"])
+    def test_not_a_whole_list_address_is_a_404(self, raw: str) -> None:
+        """Only /all/ exactly, once, before /rest/ or the portal's prefix."""
+        with pytest.raises(NotFound):
+            parse_target(raw)
 
     def test_the_header(self) -> None:
         """X-Bitrix-Portal: the same grammar; '' without it; repeated or malformed is a 400."""
@@ -313,4 +363,37 @@ class TestClientKeyWithThePrefix:
             response = await keyed.get(target, headers=headers)
             assert response.status == status, (target, await response.text())
             assert no_key_in(await response.text()), target
+        assert list(emulator.rest_log) == []
+
+    async def test_refusals_of_v3_and_whole_list_paths_do_not_echo_the_key(
+        self, keyed: Client, emulator: Emulator,
+    ) -> None:
+        """The key as the code of a REST 3.0 webhook address (behind /all and the portal's
+        prefix or not): a malformed address, a bad body, an unknown portal are refused in
+        REST 3.0's shape with no piece of the key; the key never reaches the portal."""
+        host = host_of(emulator)
+        long_host = ".".join(["a" * 60] * 4)
+        cases: list[tuple[str, dict[str, str], bytes, int]] = [
+            (f"/rest/api/1/{KEY}/bad..method", {}, b"", 400),
+            (f"/rest/api/1/{KEY}/tasks.task.list.json", {}, b"", 400),
+            (f"/rest/api/1/{KEY}/x/y/z", {}, b"", 400),
+            (f"/all/rest/api/1/{KEY}/bad..method", {}, b"", 400),
+            (f"/portal/{host}/all/rest/api/1/{KEY}/x..y", {}, b"", 400),
+            (f"/all/portal/{host}/rest/api/1/{KEY}/x.xml", {}, b"", 400),
+            (f"/portal/{long_host}/rest/api/1/{KEY}/bad..method", {}, b"", 400),
+            (f"/portal/{'a' * 60}.{'b' * 19}/rest/api/1/{KEY}/bad..method", {}, b"", 400),
+            (f"/rest/api/1/{KEY}/tasks.task.list", {}, b"not json", 400),
+            (f"/rest/api/1/{KEY}/tasks.task.list", {"X-Bitrix-Pages": KEY}, b"", 400),
+            (f"/rest/api/1/{KEY}/tasks.task.list", {"X-Bitrix-Portal": KEY}, b"", 404),
+            (f"/portal/{KEY}/rest/api/1/{KEY}/tasks.task.list", {}, b"", 404),
+            (f"/portal/{host}/rest/api/1/{KEY}/tasks.task.list", {"X-Bitrix-Portal": KEY}, b"",
+             400),
+        ]
+        for target, headers, body, status in cases:
+            response = await keyed.post(target, data=body,
+                                        headers={"Content-Type": "application/json", **headers})
+            text = await response.text()
+            assert response.status == status, (target, text)
+            assert isinstance(json.loads(text)["error"], dict), (target, text)
+            assert no_key_in(text), (target, text)
         assert list(emulator.rest_log) == []

@@ -3,7 +3,8 @@
 Every malformed, oversized, smuggling, slow or odd request gets a clear 4xx in Bitrix24's
 ``{"error", "error_description"}`` shape (also where aiohttp's own HTTP parser refuses a request
 before the handler: ``DeadlineHandler.handle_error``; only aiohttp's router still answers a few
-targets in plain text), nothing reaches the emulator but ``/rest/<method>`` (the emulator below
+targets in plain text), nothing reaches the emulator but ``/rest/<method>`` or
+``/rest/api/<method>`` (REST 3.0, whose refusals take its own shape; the emulator below
 records every HTTP request it receives, on any path), and the sidecar keeps serving others.
 
 The last test checks that across everything this file sent, no token, refresh token or client
@@ -38,14 +39,16 @@ from sidecar.app import TOKENS, create_admin_app, create_app, create_oauth_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator, run_emulator
 from sidecar.errors import ConfigError
+from sidecar.rules import api_path
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock, ProxyTestServer
 
 Client = TestClient[web.Request, web.Application]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HOST = b"Host: 127.0.0.1\r\n"
-# A method address as the portal must see it; the user id and code of webhook shapes are dropped.
-REST_PATH_RE = re.compile(r"/rest/[a-z][a-z0-9_.]*", re.IGNORECASE)
+# A method address as the portal must see it (REST 3.0's under /rest/api/); the user id and
+# code of webhook shapes are dropped.
+REST_PATH_RE = re.compile(r"/rest/(?:api/)?[a-z][a-z0-9_.]*", re.IGNORECASE)
 
 
 # -- an emulator that records every request, on any path ----------------------------------------
@@ -160,15 +163,25 @@ class Answer:
         return "X-Request-ID" not in self.headers
 
     def bitrix_error(self) -> tuple[str, str]:
-        """Return ``error`` and ``error_description``, asserting Bitrix24's error shape."""
+        """Return ``error`` (its code) and ``error_description``, asserting Bitrix24's error
+        shape: v2's flat one, or REST 3.0's error object with the description beside it."""
         assert self.headers.get("Content-Type", "").startswith("application/json"), self
         data = json.loads(self.body)
         assert isinstance(data, dict), self
         error, description = data.get("error"), data.get("error_description")
+        if isinstance(error, dict):
+            assert set(error) == {"code", "message"}, self
+            assert error["message"] == description, self
+            error = error["code"]
         assert isinstance(error, str), self
         assert isinstance(description, str), self
         assert description, self
         return error, description
+
+    @property
+    def v3_shaped(self) -> bool:
+        """Say whether the error came in REST 3.0's shape (``error`` an object)."""
+        return isinstance(json.loads(self.body).get("error"), dict)
 
 
 async def read_answer(reader: asyncio.StreamReader, *, head_only: bool = False) -> Answer | None:
@@ -498,8 +511,112 @@ PORTAL_SEGMENTS = {
                                        b"X-Bitrix-Portal: {portal}")),
 }
 
+# REST 3.0 (/rest/api/, issue 15): the same rules, and no suffix; refused in REST 3.0's shape.
+REST_V3 = {
+    "v3-dot-dot": refused(get(b"/rest/api/../token")),
+    "v3-dot-segment": refused(get(b"/rest/api/./tasks.task.list")),
+    "v3-trailing-dot-segment": refused(get(b"/rest/api/tasks.task.list/.")),
+    "v3-dot-dot-after-method": refused(get(b"/rest/api/tasks.task.list/../../token")),
+    "v3-encoded-dots": refused(get(b"/rest/api/%2e%2e/token")),
+    "v3-double-encoded-dots": refused(get(b"/rest/api/%252e%252e/token")),
+    "v3-overlong-utf8-dots": refused(get(b"/rest/api/%c0%ae%c0%ae/token")),
+    "v3-encoded-slash": refused(get(b"/rest/api%2ftasks.task.list")),
+    "v3-encoded-slash-after-api": refused(get(b"/rest/api/%2ftasks.task.list")),
+    "v3-encoded-api": refused(get(b"/rest/%61pi/tasks.task.list")),
+    "v3-encoded-letter": refused(get(b"/rest/api/t%61sks.task.list")),
+    "v3-double-slash": refused(get(b"/rest/api//tasks.task.list")),
+    "v3-double-slash-before-api": refused(get(b"/rest//api/tasks.task.list")),
+    "v3-backslash": refused(get(b"/rest/api/..\\token")),
+    "v3-path-param": refused(get(b"/rest/api/tasks.task.list;x")),
+    "v3-dot-dot-semicolon": refused(get(b"/rest/api/..;/token")),
+    "v3-json-suffix": refused(get(b"/rest/api/x.json")),
+    "v3-method-json-suffix": refused(get(b"/rest/api/tasks.task.list.json")),
+    "v3-xml-suffix": refused(get(b"/rest/api/tasks.task.list.XML")),
+    "v3-webhook-suffix": refused(get(b"/rest/api/1/x/tasks.task.list.json")),
+    "v3-no-method": refused(get(b"/rest/api/")),
+    "v3-api-twice": refused(get(b"/rest/api/api/tasks.task.list")),
+    "v3-webhook-traversal": refused(get(b"/rest/api/1/x/../../../token")),
+    "v3-webhook-encoded-traversal": refused(get(b"/rest/api/1/x/..%2f..%2ftoken")),
+    "v3-webhook-no-method": refused(get(b"/rest/api/1/x/")),
+    "v3-webhook-extra-segment": refused(get(b"/rest/api/1/x/y/tasks.task.list")),
+    "v3-user-id-of-11-digits": refused(get(b"/rest/api/12345678901/x/tasks.task.list")),
+    "v3-method-of-8000-characters": refused(get(b"/rest/api/" + b"a" * 8000)),
+    "v3-method-of-17-segments": refused(get(b"/rest/api/" + b".".join([b"a"] * 17))),
+    "v3-code-of-65-characters": refused(get(b"/rest/api/1/" + b"c" * 65 + b"/tasks.task.list")),
+    "v3-dollar-method": refused(get(b"/rest/api/$batch")),
+    "v3-encoded-crlf-in-path": refused(get(b"/rest/api/tasks.task.list%0d%0aX-Injected:%201")),
+    "v3-fragment-in-path": refused(get(b"/rest/api/tasks.task.list#c")),
+    "v3-fragment-in-query": refused(get(b"/rest/api/tasks.task.list?a=b#c")),
+    "v3-nul-in-path": by_parser(get(b"/rest/api/tasks\x00.task.list")),
+    "v3-cr-in-path": by_parser(get(b"/rest/api/tasks\r.task.list")),
+    "v3-nul-in-query": by_parser(get(b"/rest/api/tasks.task.list?a=\x00")),
+    "v3-request-line-over-8kb": by_parser(get(b"/rest/api/" + b"a" * 9000)),
+    "v3-trace-http-method": refused(get(b"/rest/api/tasks.task.list", method=b"TRACE"), 405,
+                                    "SIDECAR_METHOD_NOT_ALLOWED"),
+    "v3-form-body": refused(post(b"/rest/api/tasks.task.list", b"auth=x&a=1", FORM)),
+    "v3-multipart-body": refused(post(b"/rest/api/tasks.task.list",
+                                      b'--b\r\ncontent-disposition: form-data; name="auth"'
+                                      b"\r\n\r\nx\r\n--b--\r\n",
+                                      b"multipart/form-data; boundary=b")),
+    "v3-truncated-json": refused(post(b"/rest/api/tasks.task.list", b'{"auth": "x", "f":',
+                                      JSON)),
+    "v3-json-scalar": refused(post(b"/rest/api/tasks.task.list", b'"auth"', JSON)),
+    "v3-json-escaped-garbage": refused(post(b"/rest/api/tasks.task.list", b'{"\\u0061uth": }',
+                                            JSON)),
+    "v3-unknown-portal": refused(get(b"/portal/evil.example/rest/api/tasks.task.list"), 404,
+                                 "SIDECAR_PORTAL_UNKNOWN"),
+}
+# Whole lists (/all/rest/..., issue 15): /all/ comes once, before or after the portal's prefix,
+# and takes no escape, dot segment or slash trick of its own.
+ALL_SEGMENTS = {
+    "all-all": not_found(b"/all/all/rest/profile"),
+    "all-all-v3": not_found(b"/all/all/rest/api/tasks.task.list"),
+    "all-to-token": not_found(b"/all/token"),
+    "all-dot-dot-to-token": not_found(b"/all/../token"),
+    "all-dot-dot-to-rest": not_found(b"/all/../rest/profile"),
+    "all-dot": not_found(b"/all/./rest/profile"),
+    "all-double-slash": not_found(b"/all//rest/profile"),
+    "all-encoded-slash": not_found(b"/all%2frest/profile"),
+    "all-encoded-letter": not_found(b"/%61ll/rest/profile"),
+    "all-upper": not_found(b"/ALL/rest/profile"),
+    "all-alone": not_found(b"/all/"),
+    "all-no-slash": not_found(b"/all"),
+    "all-to-oauth": not_found(b"/all/oauth/token/"),
+    "all-v3-suffix": refused(get(b"/all/rest/api/x.json")),
+    "all-v3-dot-dot": refused(get(b"/all/rest/api/../../token")),
+    "all-portal-dot-dot": refused(get(b"/all/portal/../rest/profile")),
+    "all-portal-empty": refused(get(b"/all/portal//rest/api/tasks.task.list")),
+    "all-portal-then-token": refused(get(b"/all/portal/{portal}/token")),
+    "all-portal-all": refused(get(b"/all/portal/{portal}/all/rest/api/tasks.task.list")),
+    "portal-all-all": refused(get(b"/portal/{portal}/all/all/rest/api/tasks.task.list")),
+    "portal-all-dot-dot": refused(get(b"/portal/{portal}/all/../rest/profile")),
+    "portal-all-double-slash": refused(get(b"/portal/{portal}/all//rest/api/tasks.task.list")),
+    "portal-all-portal": refused(
+        get(b"/portal/{portal}/all/portal/{portal}/rest/api/tasks.task.list")),
+    "portal-x-all-rest-api-dot-dot": refused(get(b"/portal/x/all/rest/api/../x")),
+    "portal-all-v3-suffix": refused(get(b"/portal/{portal}/all/rest/api/tasks.task.list.json")),
+    "all-portal-unknown": refused(get(b"/all/portal/evil.example/rest/api/tasks.task.list"),
+                                  404, "SIDECAR_PORTAL_UNKNOWN"),
+    "all-bad-pages-header": refused(get(b"/rest/api/tasks.task.list", b"X-Bitrix-Pages: 2")),
+    "all-pages-header-twice": refused(get(b"/rest/profile", b"X-Bitrix-Pages: all",
+                                          b"X-Bitrix-Pages: all")),
+    "all-xml": refused(get(b"/all/rest/crm.lead.list.xml")),
+}
+# Every path refused behind /rest/ is refused behind /all and /portal/<portal>/all too.
+ALL_PREFIXED = {
+    f"{label}-prefixed-{name}": refused(
+        case.request.replace(b"GET /rest/", prefix, 1), case.status,
+        case.error or "SIDECAR_BAD_REQUEST")
+    for label, prefix in (("all", b"GET /all/rest/"),
+                          ("portal-all", b"GET /portal/{portal}/all/rest/"),
+                          ("all-portal", b"GET /all/portal/{portal}/rest/"))
+    for name, case in {**TRAVERSAL, **METHOD_NAMES, **REST_V3}.items()
+    if case.by == HANDLER and case.request.startswith(b"GET /rest/")
+}
+
 CASES = {**TRAVERSAL, **TARGETS, **CONTROL_CHARACTERS, **SIZES_AND_FRAMING, **METHOD_NAMES,
-         **BODIES, **PORTAL_PREFIXED, **PORTAL_SEGMENTS}
+         **BODIES, **PORTAL_PREFIXED, **PORTAL_SEGMENTS, **REST_V3, **ALL_SEGMENTS,
+         **ALL_PREFIXED}
 
 
 class TestHostileRequests:
@@ -528,6 +645,9 @@ class TestHostileRequests:
             error, _ = answer.bitrix_error()
             if case.error is not None:
                 assert error == case.error, answer
+            # REST 3.0's refusals in its shape, everyone else's in the flat one.
+            target = case.request.split(b" ", 2)[1].decode("latin-1")
+            assert answer.v3_shaped == api_path(target), answer
         forwarded = emulator.requests[before:]
         if case.by == PORTAL:
             assert len(forwarded) == 1
@@ -1048,7 +1168,9 @@ SEGMENT_PIECES = [
 ]
 PREFIXES = [b"/rest/", b"/rest/1/x/", b"/rest", b"/", b"//", b"", b"/oauth/", b"/token",
             b"http://127.0.0.1/rest/", b"http://evil.example/", b"*", b"/portal/",
-            b"/portal/x/rest/", b"/portal/x/"]
+            b"/portal/x/rest/", b"/portal/x/", b"/rest/api/", b"/rest/api/1/x/", b"/rest/api",
+            b"/all/", b"/all/rest/", b"/all/rest/api/", b"/all/all/", b"/all/portal/",
+            b"/all/portal/x/rest/api/", b"/portal/x/all/", b"/portal/x/all/rest/api/"]
 QUERY_PIECES = [b"a=1", b"auth=x", b"access_token=y", b"%00", b"%0d%0a", b"\x00", b"\xff", b"#",
                 b"&", b"=", b"%", b"fields[TITLE]=x", b"cmd[a]=profile", b"$result[a]", b" "]
 HEADER_NAMES = [b"X-Fuzz", b"X-Bitrix-Portal", b"Content-Type", b"Accept", b"X-Request-ID",
@@ -1076,8 +1198,10 @@ method_names = st.one_of(
     st.from_regex(rb"[A-Za-z][A-Za-z0-9_]{0,10}(\.[A-Za-z0-9_]{1,8}){0,3}", fullmatch=True),
 )
 rest_targets = st.builds(
-    lambda webhook, method, suffix, tail, query: (
-        b"/rest/" + webhook + method + suffix + tail + query),
+    lambda pages, api, webhook, method, suffix, tail, query: (
+        pages + b"/rest/" + api + webhook + method + suffix + tail + query),
+    st.sampled_from([b"", b"", b"/all"]),
+    st.sampled_from([b"", b"api/"]),
     st.sampled_from([b"", b"1/abc/", b"12/x_Y/"]),
     method_names,
     st.sampled_from([b"", b".json", b".xml", b".JSON"]),
