@@ -34,7 +34,15 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.common import Result, cpu_seconds, emulator, free_port, rss_mib, sidecar_process
+from bench.common import (
+    Result,
+    cpu_seconds,
+    emulator,
+    free_port,
+    rss_mib,
+    sidecar_process,
+    wait_port,
+)
 
 RATE, BURST, PAGE = 2.0, 50, 50
 METHOD = "crm.deal.list"
@@ -80,6 +88,7 @@ async def stack(records: int) -> AsyncIterator[Stack]:
                         "--seed", f"crm.deal={records}") as portal, sidecar_process(
             portal, admin_listen=f"127.0.0.1:{admin}") as (pid, port), aiohttp.ClientSession(
             timeout=timeout) as http:
+        await wait_port(admin)
         yield Stack(pid, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", http)
 
 
@@ -173,6 +182,7 @@ STRATEGIES: dict[str, Callable[[Stack], Awaitable[Fetched]]] = {
     "(b) plain pages in batch": lambda s: whole(s, DESC),
     "(c) >ID chain in batch": lambda s: whole(s, ""),
 }
+CHAIN = "(c) >ID chain in batch"
 
 
 def bucket_seconds(requests: int) -> float:
@@ -181,27 +191,29 @@ def bucket_seconds(requests: int) -> float:
 
 
 async def throughput(sizes: list[int], full: bool) -> dict[tuple[str, int], Fetch | None]:
-    """Section 1: each strategy at each size, in a fresh stack (None: computed, not run)."""
+    """Section 1: each strategy at each size, in a fresh stack (None: computed, not run); then
+    the chain at one record more than the largest size, whose last page is short."""
     runs: dict[tuple[str, int], Fetch | None] = {}
     print("| records | strategy | records/s | portal requests | wall s | portal s | "
           "portal requests > 1 s | sidecar CPU s | limit retries | check |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for n in sizes:
-        for name, run in STRATEGIES.items():
-            if run is naive and n > 10_000 and not full:
-                runs[name, n] = None
-                requests = math.ceil(n / PAGE)
-                seconds = bucket_seconds(requests)
-                print(f"| {n:,} | {name} | {n / seconds:,.0f} | {requests:,} | {seconds:,.0f} | "
-                      "| | | | computed (run with --full to measure) |", flush=True)
-                continue
-            async with stack(n) as s:
-                fetch = runs[name, n] = await measure(s, run(s))
-            said = f" (X-Bitrix-Requests {fetch.said})" if fetch.said else ""
-            print(f"| {n:,} | {name} | {n / fetch.seconds:,.0f} | {fetch.requests:,}{said} | "
-                  f"{fetch.seconds:,.1f} | {fetch.portal_seconds:,.1f} | {fetch.slow} | "
-                  f"{fetch.cpu:.1f} | "
-                  f"{fetch.limited} | {fetch.verdict(n)} |", flush=True)
+    plan = [(n, name, run) for n in sizes for name, run in STRATEGIES.items()]
+    plan.append((sizes[-1] + 1, CHAIN, STRATEGIES[CHAIN]))
+    for n, name, run in plan:
+        if run is naive and n > 10_000 and not full:
+            runs[name, n] = None
+            requests = math.ceil(n / PAGE)
+            seconds = bucket_seconds(requests)
+            print(f"| {n:,} | {name} | {n / seconds:,.0f} | {requests:,} | {seconds:,.0f} | "
+                  "| | | | computed (run with --full to measure) |", flush=True)
+            continue
+        async with stack(n) as s:
+            fetch = runs[name, n] = await measure(s, run(s))
+        said = f" (X-Bitrix-Requests {fetch.said})" if fetch.said else ""
+        print(f"| {n:,} | {name} | {n / fetch.seconds:,.0f} | {fetch.requests:,}{said} | "
+              f"{fetch.seconds:,.1f} | {fetch.portal_seconds:,.1f} | {fetch.slow} | "
+              f"{fetch.cpu:.1f} | "
+              f"{fetch.limited} | {fetch.verdict(n)} |", flush=True)
     return runs
 
 
@@ -282,16 +294,19 @@ async def latency(n: int, every: float) -> Fetch | None:
           "fetch wall s | fetch requests (X-Bitrix-Requests) | check |")
     print("|---|---|---|---|---|---|---|---|---|")
     busy_chain = None
-    cases: list[tuple[str, str | None, bool]] = [
-        ("no fetch running", None, False),
-        (f"during the {n:,} >ID chain fetch", "", False),
-        (f"during the {n:,} plain-pages fetch", DESC, False),
-        ("no fetch running, buckets full", None, True),
-        (f"during the {n:,} >ID chain fetch, buckets full at its start", "", True),
-        (f"during the {n:,} plain-pages fetch, buckets full at its start", DESC, True),
+    odd = n + 1  # the chain's last page is short: no emulator table scans (see the summary)
+    cases: list[tuple[str, int, str | None, bool]] = [
+        ("no fetch running", n, None, False),
+        (f"during the {n:,} >ID chain fetch", n, "", False),
+        (f"during the {odd:,} >ID chain fetch", odd, "", False),
+        (f"during the {n:,} plain-pages fetch", n, DESC, False),
+        ("no fetch running, buckets full", n, None, True),
+        (f"during the {n:,} >ID chain fetch, buckets full at its start", n, "", True),
+        (f"during the {odd:,} >ID chain fetch, buckets full at its start", odd, "", True),
+        (f"during the {n:,} plain-pages fetch, buckets full at its start", n, DESC, True),
     ]
-    for name, query, busy in cases:
-        async with stack(n) as s:
+    for name, records, query, busy in cases:
+        async with stack(records) as s:
             async with s.http.get(f"{s.base}/rest/profile") as response:  # warm up
                 await response.read()
             await asyncio.sleep(1.0)  # that slot leaks away
@@ -310,12 +325,12 @@ async def latency(n: int, every: float) -> Fetch | None:
             finally:
                 stop.set()
                 result = await prober
-            if busy and not query:
+            if busy and not query and records == n:
                 busy_chain = fetch
         print(f"| {name} | {result.ok} | {result.p50:.1f} | {result.quantile(0.99):.1f} | "
               f"{max(result.latencies, default=math.nan) * 1000:.1f} | "
               f"{sum(result.errors.values())} | {fetch.seconds:.1f} | {fetch.said} | "
-              f"{fetch.verdict(n)} |", flush=True)
+              f"{fetch.verdict(records)} |", flush=True)
     return busy_chain
 
 
@@ -345,14 +360,18 @@ def summary(runs: dict[tuple[str, int], Fetch | None], n: int, busy_chain: Fetch
         verdict = "under" if busy_chain.seconds < 120 else "NOT under"
         print(f"- (c) from full buckets, sharing them with another client's calls: "
               f"{busy_chain.seconds:.1f} s, {verdict} 2 minutes")
-    chain = runs.get(("(c) >ID chain in batch", n))
+    chain, odd = runs.get((CHAIN, n)), runs.get((CHAIN, n + 1))
     if chain is not None and chain.portal_seconds > max(5.0, chain.seconds / 2):
-        print(f"- the emulator is the bottleneck of the chain: {chain.portal_seconds:.1f} s of "
-              f"its {chain.seconds:.1f} s were spent in portal requests, {chain.slow} of them "
-              "over a second: in the last batch the first page is empty, the following "
-              "commands' `$result[pK][49][ID]` resolve to that empty page (`[]`), and the "
-              "emulator answers each such `>ID` filter by scanning the whole table (49 scans "
-              f"of {n:,} records); the sidecar and the bucket are not")
+        print(f"- the emulator is the bottleneck of the chain at {n:,}: {chain.portal_seconds:.1f} "
+              f"s of its {chain.seconds:.1f} s were portal time, {chain.slow} request(s) over a "
+              "second. After the last full page the next page is empty, the batch's later "
+              "commands' `>ID` filters (`$result[pK][49][ID]`) resolve to that empty page `[]` "
+              f"as the portal resolves them, and the emulator answers each by scanning all "
+              f"{n:,} records, in one process: meanwhile it answers nobody (the single calls "
+              "of section 3 too).")
+        if odd is not None:
+            print(f"  With {n + 1:,} records the last page is short (no scans): "
+                  f"{odd.seconds:.1f} s, {odd.portal_seconds:.1f} s of it portal time.")
 
 
 async def main(args: argparse.Namespace) -> None:
