@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--delay", type=float, default=0.0,
                      help="seconds each REST call takes (to mimic a real portal)")
     emu.add_argument("--leads", type=int, default=0, help="create this many leads at start")
+    emu.add_argument("--seed", type=_seeding, action="append", default=[],
+                     metavar="TABLE=N",
+                     help="fill a list table with N made-up records at start, e.g. "
+                     "crm.deal=100000 (repeatable; tables as Emulator.seed names them)")
     demo = sub.add_parser("demo", help="the emulator and the sidecar together, authorized")
     demo.add_argument("--listen", default="127.0.0.1:8080", help="the proxy's host:port")
     demo.add_argument("--log-level", default="warning")
@@ -513,6 +517,14 @@ def _healthcheck(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def _seeding(value: str) -> tuple[str, int]:
+    """Read the emulator's ``--seed TABLE=N``."""
+    table, _, count = value.rpartition("=")
+    if not table or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not TABLE=N (e.g. crm.deal=100000)")
+    return table, int(count)
+
+
 async def _emulator(args: argparse.Namespace) -> int:
     from sidecar.emulator import Emulator, run_emulator  # noqa: PLC0415 - only this command
 
@@ -520,6 +532,8 @@ async def _emulator(args: argparse.Namespace) -> int:
     emulator = Emulator(rate=args.rate, burst=args.burst, call_delay=args.delay)
     for n in range(1, args.leads + 1):
         emulator.leads[n] = {"ID": str(n), "TITLE": f"Lead {n}", "STATUS_ID": "NEW"}
+    for table, count in args.seed:
+        emulator.seed(table, count)
     emulator.register_app(args.client_id, args.client_secret, redirect_uri=args.redirect_uri)
     async with run_emulator(emulator, host=args.host, port=args.port) as base_url:
         print(f"Bitrix24 emulator at {base_url}\n"

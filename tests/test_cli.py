@@ -239,6 +239,27 @@ class TestDemo:
                 await proc.wait()
 
 
+class TestEmulatorCommand:
+    async def test_seed_fills_list_tables_at_start(self) -> None:
+        """``emulator --seed TABLE=N`` (repeatable) serves N made-up records in that table."""
+        from bench.common import access_token, emulator
+
+        async with emulator("--seed", "crm.deal=120", "--seed", "crm.contact=3") as portal:
+            token = await access_token(portal)
+            status, body = await get(f"{portal}/rest/crm.deal.list?auth={token}&start=100")
+            assert (status, body["total"], len(body["result"])) == (200, 120, 20)
+            assert body["result"][-1]["ID"] == "120"
+            status, body = await get(f"{portal}/rest/crm.contact.list?auth={token}")
+            assert (status, body["total"]) == (200, 3)
+
+    async def test_a_bad_seed_exits_2(self, env: Env) -> None:
+        """A ``--seed`` that is not TABLE=N stops the command with argparse's exit 2."""
+        for bad in ("crm.deal", "crm.deal=many", "=5", "crm.deal=-1"):
+            code, _, err = await cli("emulator", "--seed", bad, env=env)
+            assert code == 2, bad
+            assert "TABLE=N" in err, bad
+
+
 def test_console_script_is_installed() -> None:
     """The package installs a bitrix-sidecar command beside the interpreter."""
     assert (Path(sys.executable).parent / "bitrix-sidecar").exists()
