@@ -348,8 +348,17 @@ def _id_window(
     low, high = 0, len(ids)
     rest: dict[str, Any] = {}
     folded = normal(id_key)
-    for raw_key, value in conditions.items():
+    for raw_key, given in conditions.items():
         op, name = _split_key(str(raw_key))
+        value = given
+        if normal(name) == folded and op in (">", ">=", "<", "<=") and isinstance(
+                value, list | Mapping):
+            # An array in place of a bound compares with its element 0 (see _test): as
+            # bisectable as a number, and an empty one matches nothing, without a scan.
+            first = (value[0] if value else None) if isinstance(value, list) else value.get("0")
+            if first is None:
+                return 0, 0, {}
+            value = _scalar(first)
         number = _number(value) if isinstance(value, str | int | float) else None
         if normal(name) != folded or number is None or op not in (">", ">=", "<", "<=", "=", ""):
             rest[str(raw_key)] = value
