@@ -27,6 +27,9 @@ PAGE = 50  # records in a list method's page
 BATCH = 50  # commands in one batch request
 API_PAGE = 1000  # the most records a REST 3.0 list page holds (its pagination's limit)
 _AUTH = frozenset({"auth", "access_token"})
+# user.get's top-level parameters that are not filter fields (it reads keys upper-cased).
+_USER_GET_OWN = frozenset({"SORT", "ORDER", "START", "SELECT", "FILTER", "ADMIN_MODE",
+                           "IMAGE_RESIZE", "AUTH", "ACCESS_TOKEN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +40,9 @@ class ListMethod:
     ``record_id``: the id's key in a record as the answer has it. ``filter_id``: the id's name in
     a filter (``>ID``) and in an order. ``filter``/``order``: the parameters' names.
     ``sort_field``: the order is given as ``sort=<field>`` and ``order=<ASC|DESC>`` (user.get).
-    ``chain``: the method documents ``start=-1`` and a ``>ID`` filter.
+    ``chain``: the method documents ``start=-1`` and a ``>ID`` filter. ``bare_filter``: without
+    a filter parameter, the method reads its other top-level parameters as the filter
+    (user.get's documented examples pass ``UF_DEPARTMENT`` so).
     """
 
     name: str
@@ -48,6 +53,7 @@ class ListMethod:
     order: str = "order"
     sort_field: str = ""
     chain: bool = True
+    bare_filter: bool = False
 
 
 def _crm(*names: str) -> list[ListMethod]:
@@ -63,7 +69,7 @@ METHODS: dict[str, ListMethod] = {m.name: m for m in [
     ListMethod("catalog.product.list", items="products", record_id="id", filter_id="id"),
     ListMethod("sale.order.list", items="orders", record_id="id", filter_id="id"),
     ListMethod("lists.element.get", filter="FILTER", order="ELEMENT_ORDER"),
-    ListMethod("user.get", sort_field="sort"),
+    ListMethod("user.get", sort_field="sort", bare_filter=True),
     ListMethod("department.get", sort_field="sort", chain=False),
 ]}
 
@@ -165,6 +171,13 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
     entry = known(method)
     if entry is None or not entry.chain:
         return Plan(method, params, entry, chain=False)
+    if entry.bare_filter and _param(params, entry.filter) is None:
+        # The chain's FILTER would make the method ignore the caller's top-level fields:
+        # they move into it, as the method itself would read them.
+        fields = {k: v for k, v in params.items() if k.upper() not in _USER_GET_OWN}
+        if fields:
+            params = {k: v for k, v in params.items() if k not in fields}
+            params[entry.filter] = fields
     if not _ascending_by_id(params, entry) or _filters_id(params, entry):
         return Plan(method, params, entry, chain=False)
     params = dict(params)
