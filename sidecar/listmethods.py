@@ -171,19 +171,27 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
     entry = known(method)
     if entry is None or not entry.chain:
         return Plan(method, params, entry, chain=False)
-    if entry.bare_filter and _param(params, entry.filter) is None:
+    params = dict(params)
+    filter_key = _param(params, entry.filter)
+    if entry.bare_filter and filter_key is None:
         # The chain's FILTER would make the method ignore the caller's top-level fields:
         # they move into it, as the method itself would read them.
         fields = {k: v for k, v in params.items() if k.upper() not in _USER_GET_OWN}
         if fields:
             params = {k: v for k, v in params.items() if k not in fields}
             params[entry.filter] = fields
+            filter_key = entry.filter
+    where = params.get(filter_key) if filter_key is not None else None
+    if isinstance(where, list):
+        # PHP reads an array as keyed 0, 1, ... (nested groups of conditions): so does the
+        # chain, beside which its own >ID bound goes.
+        assert filter_key is not None
+        where = params[filter_key] = {str(i): v for i, v in enumerate(where)}
+    elif where not in (None, "") and not isinstance(where, Mapping):
+        return Plan(method, params, entry, chain=False)  # not a filter the chain can extend
     if not _ascending_by_id(params, entry) or _filters_id(params, entry):
         return Plan(method, params, entry, chain=False)
-    params = dict(params)
     cursor: Any = 0
-    filter_key = _param(params, entry.filter)
-    where = params.get(filter_key) if filter_key is not None else None
     if isinstance(where, Mapping):
         bound = next((k for k in where if str(k).lower() == f">{entry.filter_id.lower()}"),
                      None)

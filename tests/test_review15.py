@@ -91,3 +91,13 @@ class TestFilters:
         # A top-level lower bound of the caller's own starts the chain there.
         assert ids(await whole(sidecar, "/all/rest/user.get", {">ID": 110})) == list(
             range(111, 121))
+
+    async def test_a_filter_given_as_a_list(self, sidecar: Client,
+                                            emulator: Emulator) -> None:
+        """A JSON filter given as an array (PHP reads it as an array keyed 0, 1, ...: nested
+        conditions) is kept, not dropped for the chain's own."""
+        emulator.seed("crm.deal", 120)
+        params = {"filter": [{"LOGIC": "OR", "<ID": 5, ">ID": 115}]}
+        expected = await single_pages(sidecar, "crm.deal.list", params)
+        assert expected == [1, 2, 3, 4, 116, 117, 118, 119, 120]
+        assert ids(await whole(sidecar, "/all/rest/crm.deal.list", params)) == expected
