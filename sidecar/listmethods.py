@@ -126,11 +126,11 @@ class Plan:
     cursor: Any = 0  # the chain's last id seen
     api: bool = False  # a REST 3.0 list: its own pagination, one page a request
 
-    def commands(self, start: int = 0, count: int = BATCH) -> dict[str, str]:
+    def commands(self, start: int = 0, count: int = BATCH, step: int = PAGE) -> dict[str, str]:
         """The commands of the next batch request: ``p0`` .. ``p<count-1>``.
 
         Chain: page ``pN`` filters from the previous page's last record (the first from the
-        cursor). Pages: ``start`` is the first page's offset.
+        cursor). Pages: ``start`` is the first page's offset, ``step`` the method's page size.
         """
         out: dict[str, str] = {}
         for index in range(count):
@@ -144,7 +144,7 @@ class Plan:
                                               f">{entry.filter_id}": where or self.cursor}
                 params["start"] = -1
             else:
-                params["start"] = start + index * PAGE
+                params["start"] = start + index * step
             out[key] = f"{self.method}?{phpquery.encode(params)}"
         return out
 

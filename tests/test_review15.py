@@ -13,6 +13,8 @@ from aiohttp.test_utils import TestClient
 from sidecar.app import create_app
 from sidecar.config import Settings
 from sidecar.emulator import Emulator, run_emulator
+from sidecar.emulator.model import Caller, MethodResult
+from sidecar.emulator.records import php_int
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OffsetClock
 
 Client = TestClient[Any, Any]
@@ -101,3 +103,39 @@ class TestFilters:
         expected = await single_pages(sidecar, "crm.deal.list", params)
         assert expected == [1, 2, 3, 4, 116, 117, 118, 119, 120]
         assert ids(await whole(sidecar, "/all/rest/crm.deal.list", params)) == expected
+
+
+def paged_by(size: int, count: int, hidden: Callable[[int], bool] = lambda _: False) -> Callable[
+        [Caller, dict[str, Any]], MethodResult]:
+    """A list method over records 1..count that pages by ``size`` (``next``, ``total``) and
+    leaves out the ``hidden`` ones from their page (as a method that checks each record's
+    access after the query does), so a page may be short while more follow."""
+
+    def handler(caller: Caller, params: dict[str, Any]) -> MethodResult:
+        start = max(0, php_int(params.get("start")))
+        window = range(start + 1, min(start + size, count) + 1)
+        page = [{"ID": str(n)} for n in window if not hidden(n)]
+        following = start + size if start + size < count else None
+        return MethodResult(page, next=following, total=count)
+
+    return handler
+
+
+class TestPaging:
+    @pytest.mark.parametrize("size", [20, 50, 100])
+    async def test_a_method_whose_page_is_not_50(self, sidecar: Client, emulator: Emulator,
+                                                 size: int) -> None:
+        """A method outside the table that pages by another size: every record once, in
+        order (the offsets are the portal's next, not multiples of 50)."""
+        emulator.add_method("test.odd.list", paged_by(size, 1234))
+        expected = await single_pages(sidecar, "test.odd.list", {})
+        assert expected == list(range(1, 1235))
+        assert ids(await whole(sidecar, "/all/rest/test.odd.list", {})) == expected
+
+    async def test_a_short_page_that_says_more_follow(self, sidecar: Client,
+                                                      emulator: Emulator) -> None:
+        """A page shorter than 50 that still carries next is not the end of the list."""
+        emulator.add_method("test.gappy.list", paged_by(50, 3000, lambda n: 60 < n <= 100))
+        expected = await single_pages(sidecar, "test.gappy.list", {})
+        assert len(expected) == 2960
+        assert ids(await whole(sidecar, "/all/rest/test.gappy.list", {})) == expected
