@@ -26,6 +26,9 @@ from sidecar.errors import BadRequest
 PAGE = 50  # records in a list method's page
 BATCH = 50  # commands in one batch request
 API_PAGE = 1000  # the most records a REST 3.0 list page holds (its pagination's limit)
+# The most bytes of commands one batch request carries: each command repeats the caller's
+# parameters, so a large filter sends fewer pages a request rather than 50 copies of itself.
+BATCH_BYTES = 512 * 1024
 _AUTH = frozenset({"auth", "access_token"})
 # user.get's top-level parameters that are not filter fields (it reads keys upper-cased).
 _USER_GET_OWN = frozenset({"SORT", "ORDER", "START", "SELECT", "FILTER", "ADMIN_MODE",
@@ -147,6 +150,12 @@ class Plan:
                 params["start"] = start + index * step
             out[key] = f"{self.method}?{phpquery.encode(params)}"
         return out
+
+    def per_request(self) -> int:
+        """How many pages one batch request may carry: 50, fewer when the commands are so
+        long that 50 would pass ``BATCH_BYTES``."""
+        line = max(len(line) for line in self.commands(count=2).values())
+        return max(1, min(BATCH, BATCH_BYTES // line))
 
     def _filter_key(self) -> str:
         assert self.entry is not None

@@ -123,10 +123,12 @@ class Fetch:
         entry = self.plan.entry
         assert entry is not None
         cursor = self.plan.cursor
+        count = self.plan.per_request()
         while True:
             results, errors, _ = await self._batch(
-                Plan(self.plan.method, self.plan.params, entry, True, cursor).commands())
-            for index in range(BATCH):
+                Plan(self.plan.method, self.plan.params, entry, True, cursor).commands(
+                    count=count))
+            for index in range(count):
                 key = f"p{index}"
                 error = _entry(errors, key)
                 if error is not None:
@@ -157,9 +159,10 @@ class Fetch:
         # The method's page size is what its first next says (50 for nearly all). A page may
         # come short and still say more follow: next alone ends the list.
         step = start if isinstance(start, int) and start > 0 else PAGE
+        most = self.plan.per_request()
         while isinstance(start, int) and start > 0:
             left = (total - start) if isinstance(total, int) else step * BATCH
-            count = min(BATCH, max(1, math.ceil(left / step)))
+            count = min(most, max(1, math.ceil(left / step)))
             results, errors, nexts = await self._batch(
                 Plan(self.plan.method, self.plan.params, entry, False).commands(
                     start, count, step))

@@ -139,3 +139,20 @@ class TestPaging:
         expected = await single_pages(sidecar, "test.gappy.list", {})
         assert len(expected) == 2960
         assert ids(await whole(sidecar, "/all/rest/test.gappy.list", {})) == expected
+
+
+class TestBounds:
+    @pytest.mark.parametrize("order", [{}, {"ID": "DESC"}])
+    async def test_a_large_parameter_is_not_copied_fifty_times(
+            self, sidecar: Client, emulator: Emulator, order: dict[str, str]) -> None:
+        """Every command of a batch repeats the caller's parameters: 200 KB of them make
+        batches of a few pages (each request under 1 MiB), not 10 MB requests (50 copies held
+        in the sidecar's memory, and refused by the portal)."""
+        emulator.seed("crm.deal", 500)
+        params = {"order": order, "filter": {"%TITLE": "Deal"}, "comment": "x" * 200_000}
+        expected = list(range(1, 501))
+        assert ids(await whole(sidecar, "/all/rest/crm.deal.list", params)) == (
+            expected[::-1] if order else expected)
+        sizes = [len(call.body) for call in emulator.rest_log if call.method == "batch"]
+        assert sizes
+        assert max(sizes) < 1 << 20
