@@ -86,14 +86,24 @@ def client_params(query: str, body: bytes, content_type: str) -> dict[str, Any]:
     """The parameters a list call carries in its query string and body, as the portal reads
     them (the body's win), less the client's own credentials and ``start``.
 
-    Raise BadRequest for a body that is not a JSON object or a form.
+    Raise BadRequest for a body that is not a JSON object or a form, and for parameters
+    nested too deep to be written into a batch's commands.
     """
+    try:
+        params = _client_params(query, body, content_type)
+        phpquery.flatten(params)  # what each command will be written from
+    except RecursionError:
+        raise BadRequest("the parameters are nested too deep") from None
+    return params
+
+
+def _client_params(query: str, body: bytes, content_type: str) -> dict[str, Any]:
     params: dict[str, Any] = phpquery.parse_qs(query) if query else {}
     if body:
         if content_type == "application/json":
             try:
                 data = json.loads(body)
-            except (ValueError, RecursionError):
+            except ValueError:
                 raise BadRequest("the body is not valid JSON") from None
             if not isinstance(data, dict):
                 raise BadRequest("a whole-list call's JSON body must be an object of the "

@@ -156,3 +156,23 @@ class TestBounds:
         sizes = [len(call.body) for call in emulator.rest_log if call.method == "batch"]
         assert sizes
         assert max(sizes) < 1 << 20
+
+    @pytest.mark.parametrize("where", ["query", "form", "json"])
+    async def test_deeply_nested_parameters_are_a_400(self, sidecar: Client,
+                                                      emulator: Emulator, where: str) -> None:
+        """Parameters nested deeper than Python's recursion allows are a bad request in the
+        Bitrix shape, not the sidecar's unexpected failure; nothing reaches the portal."""
+        form = "filter" + "[a]" * 2000 + "=1"
+        body = "{\"filter\": " + "{\"a\": " * 990 + "1" + "}" * 990 + "}"
+        if where == "query":
+            response = await sidecar.get(f"/all/rest/crm.deal.list?{form}")
+        elif where == "form":
+            response = await sidecar.post("/all/rest/crm.deal.list", data=form, headers={
+                "Content-Type": "application/x-www-form-urlencoded"})
+        else:
+            response = await sidecar.post("/all/rest/crm.deal.list", data=body, headers={
+                "Content-Type": "application/json"})
+        assert response.status == 400, await response.text()
+        body = await response.json()
+        assert body["error"] == "SIDECAR_BAD_REQUEST", body
+        assert list(emulator.rest_log) == []
