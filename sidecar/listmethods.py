@@ -26,7 +26,13 @@ from sidecar.errors import BadRequest
 PAGE = 50  # records in a list method's page
 BATCH = 50  # commands in one batch request
 API_PAGE = 1000  # the most records a REST 3.0 list page holds (its pagination's limit)
+# The most bytes of commands one batch request carries: each command repeats the caller's
+# parameters, so a large filter sends fewer pages a request rather than 50 copies of itself.
+BATCH_BYTES = 512 * 1024
 _AUTH = frozenset({"auth", "access_token"})
+# user.get's top-level parameters that are not filter fields (it reads keys upper-cased).
+_USER_GET_OWN = frozenset({"SORT", "ORDER", "START", "SELECT", "FILTER", "ADMIN_MODE",
+                           "IMAGE_RESIZE", "AUTH", "ACCESS_TOKEN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +43,9 @@ class ListMethod:
     ``record_id``: the id's key in a record as the answer has it. ``filter_id``: the id's name in
     a filter (``>ID``) and in an order. ``filter``/``order``: the parameters' names.
     ``sort_field``: the order is given as ``sort=<field>`` and ``order=<ASC|DESC>`` (user.get).
-    ``chain``: the method documents ``start=-1`` and a ``>ID`` filter.
+    ``chain``: the method documents ``start=-1`` and a ``>ID`` filter. ``bare_filter``: without
+    a filter parameter, the method reads its other top-level parameters as the filter
+    (user.get's documented examples pass ``UF_DEPARTMENT`` so).
     """
 
     name: str
@@ -48,6 +56,7 @@ class ListMethod:
     order: str = "order"
     sort_field: str = ""
     chain: bool = True
+    bare_filter: bool = False
 
 
 def _crm(*names: str) -> list[ListMethod]:
@@ -63,7 +72,7 @@ METHODS: dict[str, ListMethod] = {m.name: m for m in [
     ListMethod("catalog.product.list", items="products", record_id="id", filter_id="id"),
     ListMethod("sale.order.list", items="orders", record_id="id", filter_id="id"),
     ListMethod("lists.element.get", filter="FILTER", order="ELEMENT_ORDER"),
-    ListMethod("user.get", sort_field="sort"),
+    ListMethod("user.get", sort_field="sort", bare_filter=True),
     ListMethod("department.get", sort_field="sort", chain=False),
 ]}
 
@@ -77,14 +86,24 @@ def client_params(query: str, body: bytes, content_type: str) -> dict[str, Any]:
     """The parameters a list call carries in its query string and body, as the portal reads
     them (the body's win), less the client's own credentials and ``start``.
 
-    Raise BadRequest for a body that is not a JSON object or a form.
+    Raise BadRequest for a body that is not a JSON object or a form, and for parameters
+    nested too deep to be written into a batch's commands.
     """
+    try:
+        params = _client_params(query, body, content_type)
+        phpquery.flatten(params)  # what each command will be written from
+    except RecursionError:
+        raise BadRequest("the parameters are nested too deep") from None
+    return params
+
+
+def _client_params(query: str, body: bytes, content_type: str) -> dict[str, Any]:
     params: dict[str, Any] = phpquery.parse_qs(query) if query else {}
     if body:
         if content_type == "application/json":
             try:
                 data = json.loads(body)
-            except (ValueError, RecursionError):
+            except ValueError:
                 raise BadRequest("the body is not valid JSON") from None
             if not isinstance(data, dict):
                 raise BadRequest("a whole-list call's JSON body must be an object of the "
@@ -120,11 +139,11 @@ class Plan:
     cursor: Any = 0  # the chain's last id seen
     api: bool = False  # a REST 3.0 list: its own pagination, one page a request
 
-    def commands(self, start: int = 0, count: int = BATCH) -> dict[str, str]:
+    def commands(self, start: int = 0, count: int = BATCH, step: int = PAGE) -> dict[str, str]:
         """The commands of the next batch request: ``p0`` .. ``p<count-1>``.
 
         Chain: page ``pN`` filters from the previous page's last record (the first from the
-        cursor). Pages: ``start`` is the first page's offset.
+        cursor). Pages: ``start`` is the first page's offset, ``step`` the method's page size.
         """
         out: dict[str, str] = {}
         for index in range(count):
@@ -138,9 +157,15 @@ class Plan:
                                               f">{entry.filter_id}": where or self.cursor}
                 params["start"] = -1
             else:
-                params["start"] = start + index * PAGE
+                params["start"] = start + index * step
             out[key] = f"{self.method}?{phpquery.encode(params)}"
         return out
+
+    def per_request(self) -> int:
+        """How many pages one batch request may carry: 50, fewer when the commands are so
+        long that 50 would pass ``BATCH_BYTES``."""
+        line = max(len(line) for line in self.commands(count=2).values())
+        return max(1, min(BATCH, BATCH_BYTES // line))
 
     def _filter_key(self) -> str:
         assert self.entry is not None
@@ -165,12 +190,27 @@ def plan(method: str, params: dict[str, Any]) -> Plan:
     entry = known(method)
     if entry is None or not entry.chain:
         return Plan(method, params, entry, chain=False)
+    params = dict(params)
+    filter_key = _param(params, entry.filter)
+    if entry.bare_filter and filter_key is None:
+        # The chain's FILTER would make the method ignore the caller's top-level fields:
+        # they move into it, as the method itself would read them.
+        fields = {k: v for k, v in params.items() if k.upper() not in _USER_GET_OWN}
+        if fields:
+            params = {k: v for k, v in params.items() if k not in fields}
+            params[entry.filter] = fields
+            filter_key = entry.filter
+    where = params.get(filter_key) if filter_key is not None else None
+    if isinstance(where, list):
+        # PHP reads an array as keyed 0, 1, ... (nested groups of conditions): so does the
+        # chain, beside which its own >ID bound goes.
+        assert filter_key is not None
+        where = params[filter_key] = {str(i): v for i, v in enumerate(where)}
+    elif where not in (None, "") and not isinstance(where, Mapping):
+        return Plan(method, params, entry, chain=False)  # not a filter the chain can extend
     if not _ascending_by_id(params, entry) or _filters_id(params, entry):
         return Plan(method, params, entry, chain=False)
-    params = dict(params)
     cursor: Any = 0
-    filter_key = _param(params, entry.filter)
-    where = params.get(filter_key) if filter_key is not None else None
     if isinstance(where, Mapping):
         bound = next((k for k in where if str(k).lower() == f">{entry.filter_id.lower()}"),
                      None)

@@ -7,7 +7,8 @@ The plan (strategy and commands) comes from ``listmethods``; the requests go out
 * the chain reads 50 ``>ID`` pages a request and stops at the first short or empty page: what
   the batch returned after it came from references the portal resolved to a whole page, and is
   thrown away;
-* plain pages read ``start=N`` pages 50 a request until a page has no ``next``.
+* plain pages read ``start=N`` pages 50 a request until a page has no ``next``
+  (the offsets step by the method's own page size, which its first ``next`` gives).
 
 A page the portal refused ends the fetch: a whole answer becomes the portal's error, a streamed
 one ends with an error line, never silently short.
@@ -122,10 +123,12 @@ class Fetch:
         entry = self.plan.entry
         assert entry is not None
         cursor = self.plan.cursor
+        count = self.plan.per_request()
         while True:
             results, errors, _ = await self._batch(
-                Plan(self.plan.method, self.plan.params, entry, True, cursor).commands())
-            for index in range(BATCH):
+                Plan(self.plan.method, self.plan.params, entry, True, cursor).commands(
+                    count=count))
+            for index in range(count):
                 key = f"p{index}"
                 error = _entry(errors, key)
                 if error is not None:
@@ -153,11 +156,17 @@ class Fetch:
             yield page
         total = data.get("total")
         start = data.get("next")
+        # The method's page size is what its first next says (50 for nearly all). A page may
+        # come short and still say more follow: next alone ends the list.
+        step = start if isinstance(start, int) and start > 0 else PAGE
+        most = self.plan.per_request()
         while isinstance(start, int) and start > 0:
-            left = (total - start) if isinstance(total, int) else PAGE * BATCH
-            count = min(BATCH, max(1, math.ceil(left / PAGE)))
+            left = (total - start) if isinstance(total, int) else step * BATCH
+            count = min(most, max(1, math.ceil(left / step)))
             results, errors, nexts = await self._batch(
-                Plan(self.plan.method, self.plan.params, entry, False).commands(start, count))
+                Plan(self.plan.method, self.plan.params, entry, False).commands(
+                    start, count, step))
+            first = start
             for index in range(count):
                 key = f"p{index}"
                 error = _entry(errors, key)
@@ -168,9 +177,16 @@ class Fetch:
                 if page:
                     yield page
                 following = _entry(nexts, key)
-                start = following if isinstance(following, int) else 0
-                if len(page) < PAGE or not start:
+                if not isinstance(following, int) or following <= 0:
                     return
+                asked = first + index * step
+                if following <= asked:
+                    raise BadPage(
+                        f"the portal's pages of {self.plan.method} do not move on (next "
+                        f"{following} after start {asked}): the list cannot be paged")
+                start = following
+                if following != asked + step:
+                    break  # the pages after it started elsewhere: go on from this next
 
     async def _api(self) -> AsyncGenerator[list[Any], None]:
         """REST 3.0: one page a request (its batch fails whole), up to 1,000 records. The

@@ -67,7 +67,10 @@ def _param(params: Mapping[str, Any], *names: str) -> Any:
 
 
 def _filter(value: Any) -> Mapping[str, Any] | None:
-    """Read a filter parameter: a map, or nothing."""
+    """Read a filter parameter: a map, or nothing. A list is PHP's array keyed 0, 1, ...:
+    each entry a nested group of conditions."""
+    if isinstance(value, list):
+        return {str(index): item for index, item in enumerate(value)}
     return value if isinstance(value, Mapping) else None
 
 

@@ -23,7 +23,7 @@ from sidecar.emulator.account import Account
 from sidecar.emulator.batch import Batch
 from sidecar.emulator.crm import Crm
 from sidecar.emulator.lists import Lists
-from sidecar.emulator.model import EmulatorStats, OAuthFailure, RestCall
+from sidecar.emulator.model import EmulatorStats, Handler, Method, OAuthFailure, RestCall
 from sidecar.emulator.oauth import Identity, IssuedPair, OAuthServer
 from sidecar.emulator.records import Records
 from sidecar.emulator.rest import REST_LOG_LIMIT, RestServer
@@ -268,6 +268,11 @@ class Portal:
         and "catalog.product:{iblockId}". Returns the new IDs, ascending.
         """
         return self._lists.seed(table, count, fields)
+
+    def add_method(self, name: str, handler: Handler, *, scope: str | None = None) -> None:
+        """Serve one more REST method (by lower-case name), alone and inside ``batch``:
+        ``handler(caller, params)`` answers it; ``scope`` is the one an app needs (None: any)."""
+        self._rest.add_methods({name.lower(): Method(scope, handler)})
 
     def add_record(self, table: str, fields: Mapping[str, Any]) -> int:
         """Add one record holding exactly ``fields`` and a new ID; return the ID."""
