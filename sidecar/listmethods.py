@@ -77,6 +77,19 @@ METHODS: dict[str, ListMethod] = {m.name: m for m in [
 ]}
 
 
+# The last segment of methods that write or act (crm.deal.add, ...): a whole list of one
+# would run it and then fail on its answer.
+_ACTIONS = frozenset({"add", "update", "delete", "set", "batch", "bind", "unbind", "register",
+                      "unregister", "send", "import", "upload", "start", "stop", "complete",
+                      "approve", "disapprove", "pause", "renew", "defer", "delegate", "attach",
+                      "detach", "move", "copy", "rename", "execute", "call", "notify"})
+
+
+def not_a_list(method: str) -> bool:
+    """Say whether a method plainly is no list (it writes or acts: ``*.add``, ``batch``)."""
+    return method.lower().rsplit(".", 1)[-1] in _ACTIONS
+
+
 def known(method: str) -> ListMethod | None:
     """The table's entry for a method (by lower-case name), or None."""
     return METHODS.get(method.lower())

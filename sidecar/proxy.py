@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion10
 from yarl import URL
 
+from sidecar import phpquery
 from sidecar.adapter import AiohttpCall, AiohttpSink, web_response
 from sidecar.authorization import Authorization
 from sidecar.batching import Answer, SingleCall, command_line
@@ -35,12 +36,13 @@ from sidecar.errors import (
     InternalError,
     MethodNotAllowed,
     MethodPaused,
+    Overloaded,
     QueueFull,
     SidecarError,
     UpstreamError,
 )
 from sidecar.limits import Gate
-from sidecar.listmethods import client_params, plan, plan_api
+from sidecar.listmethods import client_params, not_a_list, plan, plan_api
 from sidecar.logging import AccessLog
 from sidecar.metrics import Metrics
 from sidecar.portal import Refusal, network_failure, reset_in
@@ -69,6 +71,9 @@ from sidecar.upstream import BadHeader, Origin, Pool
 from sidecar.wholelist import NDJSON_TYPE, Fetch, answer_streamed, answer_whole
 
 log = structlog.get_logger("sidecar.proxy")
+# Whole lists gathered into one answer at once, each up to SIDECAR_LIST_MAX about twice over;
+# more wait their turn with a 503 (a streamed list holds one request's records at most).
+WHOLE_ANSWERS = 4
 _T = TypeVar("_T")
 
 _COALESCIBLE_TYPES = frozenset({"", "application/x-www-form-urlencoded", "application/json"})
@@ -130,6 +135,7 @@ class Proxy:
         self.policy = HostPolicy(settings.listen.host, settings.allowed_hosts)
         self._key = ClientKey(settings.client_key)
         self._ids = RequestIds()
+        self._whole_answers = 0  # whole lists being gathered into one answer each
 
     @property
     def pool(self) -> Pool:
@@ -367,6 +373,15 @@ class Proxy:
         """Fetch every page of a list method for one call (``sidecar.wholelist``)."""
         if target.suffix == ".xml":
             raise BadRequest("a whole list is answered in JSON (or NDJSON), not XML")
+        if not_a_list(target.method):
+            raise BadRequest(f"{target.method} is not a list method: a whole list is for "
+                             "methods that read (crm.deal.list, user.get, ...)")
+        streamed = NDJSON_TYPE in call.headers.get("Accept", "").lower()
+        if not streamed and self._whole_answers >= WHOLE_ANSWERS:
+            raise Overloaded(
+                f"{WHOLE_ANSWERS} whole lists are being gathered into one answer each: ask "
+                "again shortly, or ask for the list streamed (Accept: application/x-ndjson), "
+                "which holds no list in memory", retry_after=5)
         if target.api:
             params = ApiBody.params(body)
             planned = plan_api(target.method, params)
@@ -391,12 +406,15 @@ class Proxy:
 
         outcome.reached = True
         fetch = Fetch(planned, send, pause)
-        streamed = NDJSON_TYPE in call.headers.get("Accept", "").lower()
         try:
             if streamed:
                 return await answer_streamed(fetch, sink, request_id, api=target.api,
                                              write_timeout=self._settings.idle_timeout)
-            return await answer_whole(fetch, request_id, self._settings.list_max)
+            self._whole_answers += 1
+            try:
+                return await answer_whole(fetch, request_id, self._settings.list_max)
+            finally:
+                self._whole_answers -= 1
         finally:
             log.info("whole_list", request_id=request_id, method=target.method.lower(),
                      strategy="api" if planned.api else "chain" if planned.chain else "pages",
@@ -415,7 +433,9 @@ class Proxy:
         tokens, gate = portal.tokens, portal.gate
         pair = await tokens.get()
         refreshed, limited, again = False, 0, False
-        payload = json.dumps(params).encode()
+        # As a form, the way the batch's own commands carry the parameters: a JSON true,
+        # false or null would reach the first page and the later ones differently.
+        payload = phpquery.encode(params).encode()
         while True:
             if not call.alive():
                 raise ClientGone("the client hung up: the list is fetched no further")
@@ -428,12 +448,14 @@ class Proxy:
             again = False
             pair = tokens.current() or pair
             origin, path = portal.addresses.target(pair, method, "", "", api=api)
-            headers = [("Content-Type", "application/json"), ("X-Request-ID", request_id)]
             if api:
+                headers = [("Content-Type", "application/json"), ("X-Request-ID", request_id)]
                 body = json.dumps({**params, "auth": pair.access_token}).encode()
             else:
+                headers = [("Content-Type", "application/x-www-form-urlencoded"),
+                           ("X-Request-ID", request_id),
+                           ("Authorization", f"Bearer {pair.access_token}")]
                 body = payload
-                headers.append(("Authorization", f"Bearer {pair.access_token}"))
             sent = time.perf_counter()
             try:
                 status, answer = await self._watched(
@@ -450,11 +472,15 @@ class Proxy:
                 self._metrics.upstream_retries.labels(reason="auth_error").inc()
                 pair = await tokens.refresh(pair.access_token, trigger="auth_error")
                 continue
-            if refusal.rate_limited and limited < LIMIT_RETRIES:
+            if refusal.rate_limited:
+                # The portal's bucket was fuller than ours: the fetch is under way, so it waits
+                # (backing off once the usual retries are spent) rather than lose its progress.
                 gate.limited()
                 limited += 1
                 again = True
                 self._metrics.upstream_retries.labels(reason="rate_limit").inc()
+                if limited > LIMIT_RETRIES or not gate.enabled:
+                    await _sleep_while(call, min(2.0 ** max(limited - LIMIT_RETRIES, 0), 30.0))
                 continue
             if refusal.time_limited:
                 wait = reset_in(answer, "")

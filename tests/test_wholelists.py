@@ -339,7 +339,62 @@ class TestWhole:
         assert max(waits) < 1.0, waits  # a slot or two at 10/s, not the fetch's 40
 
 
+    async def test_the_portals_rate_limit_is_outlasted(
+            self, list_settings: Callable[..., Settings], aiohttp_client: Callable[..., Any],
+            emulator: Emulator) -> None:
+        """QUERY_LIMIT_EXCEEDED more times than a single call retries: a fetch under way backs
+        off and goes on rather than lose what it has."""
+        client: Client = await aiohttp_client(create_app(list_settings(rate="1000",
+                                                                       burst="100")))
+        emulator.seed("crm.deal", 3000)
+        for _ in range(7):
+            emulator.fail_next_rest(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+        response = await client.get("/all/rest/crm.deal.list")
+        assert response.status == 200
+        assert ids((await response.json())["result"]) == list(range(1, 3001))
+
+    async def test_whole_answers_gathered_at_once_are_capped(
+            self, sidecar: Client, emulator: Emulator) -> None:
+        """Each holds its list in memory: past four at once, a 503 says to come back (or to
+        stream, which holds none)."""
+        emulator.seed("crm.deal", 3000)
+        emulator.call_delay = 0.5
+        answers = await asyncio.gather(*(sidecar.get("/all/rest/crm.deal.list")
+                                         for _ in range(6)))
+        refused = [a for a in answers if a.status == 503]
+        assert len(refused) == 2
+        assert (await refused[0].json())["error"] == "SIDECAR_OVERLOADED"
+        assert refused[0].headers["Retry-After"] == "5"
+        for answer in answers:
+            if answer.status == 200:
+                assert len((await answer.json())["result"]) == 3000
+        streamed = await asyncio.gather(*(sidecar.get("/all/rest/crm.deal.list",
+                                                      headers=NDJSON) for _ in range(6)))
+        for answer in streamed:
+            assert len((await answer.read()).splitlines()) == 3000
+
+    async def test_the_first_page_goes_as_the_batch_commands_do(
+            self, sidecar: Client, emulator: Emulator) -> None:
+        """A form, like each command inside the batch: a JSON true is "1" on every page."""
+        emulator.seed("crm.deal", 120)
+        response = await sidecar.post("/all/rest/crm.deal.list",
+                                      json={"order": {"ID": "DESC"}, "filter": {"OPENED": True}})
+        assert response.status == 200
+        first = next(c for c in emulator.rest_log if c.method == "crm.deal.list")
+        assert first.headers["Content-Type"] == "application/x-www-form-urlencoded"
+        assert first.params["filter"] == {"OPENED": "1"}
+
+
 class TestRefused:
+    @pytest.mark.parametrize("method", ["crm.deal.add", "batch", "crm.deal.update",
+                                        "tasks.task.delete"])
+    async def test_a_method_that_writes(self, sidecar: Client, emulator: Emulator,
+                                        method: str) -> None:
+        response = await sidecar.post(f"/all/rest/{method}", json={"fields": {"TITLE": "x"}})
+        assert response.status == 400
+        assert "not a list method" in (await response.json())["error_description"]
+        assert len(emulator.rest_log) == 0
+
     @pytest.mark.parametrize(("path", "headers", "text"), [
         ("/rest/crm.deal.list", {"X-Bitrix-Pages": "some"}, "X-Bitrix-Pages"),
         ("/all/rest/crm.deal.list.xml", {}, "XML"),
